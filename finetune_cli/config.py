@@ -1,0 +1,702 @@
+"""The experiment config: schema, YAML loading, `--set` overrides, errors.
+
+Everything a run does is declared here and validated before any TensorFlow
+work starts. The schema is strict: unknown keys are errors with a "did you
+mean" hint, values are typed, and cross-field rules are checked with messages
+that name the key path. This module never imports TensorFlow or Keras.
+
+Relative paths in a config (`data.dir`, `data.csv`, `model.weights`,
+`experiment.output_dir`) are resolved against the current working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Discriminator
+from pydantic import Field
+from pydantic import Tag
+from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic import model_validator
+
+from finetune_cli import applications
+from finetune_cli.errors import ConfigError
+
+# --------------------------------------------------------------------------
+# YAML: safe, floats like `1e-3` are floats, duplicate keys are errors.
+# --------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float and rejects duplicate keys.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so `1e-3` would
+    arrive as the string "1e-3"; users write learning rates exactly so.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text safely; errors name the source, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (safe subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+
+
+# --------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Experiment(_Strict):
+    """Names the run and where it is written."""
+
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 42
+    output_dir: str = "runs"
+    # The metric that picks the best epoch of each phase and `best.keras`.
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    tensorboard: bool = False
+
+
+class Split(_Strict):
+    """Stratified fractions used when `data.dir` has no train/val/test folders."""
+
+    train: float = Field(0.8, gt=0, le=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                "train + val + test must add up to 1. Received: "
+                f"train={self.train}, val={self.val}, test={self.test} "
+                f"(sum {total:g})"
+            )
+        return self
+
+
+class Data(_Strict):
+    """Where the images are and how they are fed.
+
+    Exactly one of `dir` (folder per class, optionally under train/, val/,
+    test/) or `csv` (a `path,label` manifest, paths relative to the CSV).
+    """
+
+    dir: Optional[str] = None
+    csv: Optional[str] = None
+    split: Split = Split()
+    image_size: tuple[int, int] = (224, 224)
+    batch_size: int = Field(32, ge=1)
+    # Allow CSV paths outside the CSV's folder (e.g. absolute paths).
+    allow_outside_root: bool = False
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v):
+        return (v, v) if isinstance(v, int) else v
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        if min(v) < 1:
+            raise ValueError(f"sizes must be positive. Received: {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dir is None) == (self.csv is None):
+            raise ValueError(
+                "set exactly one of `data.dir` (folder per class) or "
+                f"`data.csv` (path,label manifest). Received: dir={self.dir!r}, "
+                f"csv={self.csv!r}"
+            )
+        return self
+
+
+class Model(_Strict):
+    """The pretrained base: any image classifier in `keras.applications`."""
+
+    name: str = "MobileNetV2"
+    # "imagenet" (downloads), "none" (random init) or a path to a .h5 /
+    # .weights.h5 file of the base without its top.
+    weights: str = "imagenet"
+    pooling: Literal["avg", "max"] = "avg"
+    # Extra keyword arguments of the application constructor, e.g. alpha.
+    options: dict[str, Union[int, float, str, bool]] = {}
+    # Override the BatchNormalization momentum of the base (useful when
+    # training a base from scratch on little data). null keeps the default.
+    bn_momentum: Optional[float] = Field(None, gt=0, lt=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        try:
+            return applications.get(v).name
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return "none" if v is None else v
+
+    @field_validator("options")
+    @classmethod
+    def _reserved(cls, v):
+        reserved = {"weights", "include_top", "input_shape", "pooling", "classes"}
+        bad = sorted(reserved & set(v))
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)} are set by finetune-cli (use model.weights, "
+                f"model.pooling, data.image_size). Received: {bad}"
+            )
+        return v
+
+
+class HeadLayer(_Strict):
+    """One layer of the classification head, before the output layer."""
+
+    type: Literal["dense", "dropout", "batchnorm"]
+    units: Optional[int] = Field(None, ge=1)
+    activation: Optional[str] = None
+    l2: Optional[float] = Field(None, ge=0)
+    rate: Optional[float] = Field(None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self):
+        allowed = {
+            "dense": {"units", "activation", "l2"},
+            "dropout": {"rate"},
+            "batchnorm": set(),
+        }[self.type]
+        given = {k for k in ("units", "activation", "l2", "rate")
+                 if getattr(self, k) is not None}
+        extra = sorted(given - allowed)
+        if extra:
+            raise ValueError(
+                f"a {self.type} layer takes {sorted(allowed) or 'no options'}. "
+                f"Received: {extra}"
+            )
+        if self.type == "dense" and self.units is None:
+            raise ValueError("a dense layer needs `units`. Received: units=None")
+        if self.type == "dropout" and self.rate is None:
+            raise ValueError("a dropout layer needs `rate`. Received: rate=None")
+        return self
+
+
+class Augmentation(_Strict):
+    """One Keras preprocessing op applied to training batches only."""
+
+    type: Literal[
+        "flip", "rotation", "zoom", "translation", "contrast", "brightness"
+    ]
+    # Fraction: of a full turn (rotation), of the size (zoom, translation),
+    # of the intensity range (contrast, brightness).
+    factor: Optional[float] = Field(None, gt=0, le=1)
+    mode: Optional[Literal["horizontal", "vertical", "horizontal_and_vertical"]] = (
+        None
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self):
+        if self.type == "flip":
+            if self.factor is not None:
+                raise ValueError("flip takes `mode`, not `factor`. Received: "
+                                 f"factor={self.factor}")
+            self.mode = self.mode or "horizontal"
+        else:
+            if self.mode is not None:
+                raise ValueError(f"{self.type} takes `factor`, not `mode`. "
+                                 f"Received: mode={self.mode!r}")
+            if self.factor is None:
+                raise ValueError(f"{self.type} needs `factor`. Received: "
+                                 "factor=None")
+        return self
+
+
+class TrainableLayers(_Strict):
+    """Which base layers train: exactly one of `top`, `from_layer`, `regex`."""
+
+    top: Optional[int] = Field(None, ge=1)
+    from_layer: Optional[str] = None
+    regex: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("top", "from_layer", "regex")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `top` (the top N layers), `from_layer` "
+                "(that layer and all after it) or `regex` (names matching). "
+                f"Received: {given or 'none of them'}"
+            )
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"invalid regex: {e}. Received: "
+                                 f"{self.regex!r}") from None
+        return self
+
+
+def _trainable_tag(v):
+    return "mode" if isinstance(v, str) else "layers"
+
+
+Trainable = Annotated[
+    Union[
+        Annotated[Literal["none", "all"], Tag("mode")],
+        Annotated[TrainableLayers, Tag("layers")],
+    ],
+    Discriminator(_trainable_tag),
+]
+_UNION_TAGS = {"mode", "layers"}
+
+_OPTIMIZER_PARAMS = {
+    "adam": {"beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay"},
+    "adamw": {"beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay"},
+    "sgd": {"momentum", "nesterov", "weight_decay"},
+    "rmsprop": {"rho", "momentum", "epsilon", "centered", "weight_decay"},
+}
+_COMMON_OPTIMIZER_PARAMS = {"clipnorm", "clipvalue", "global_clipnorm"}
+
+
+class Optimizer(_Strict):
+    """A Keras optimizer by name with its parameters (not the learning rate)."""
+
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    beta_1: Optional[float] = Field(None, gt=0, lt=1)
+    beta_2: Optional[float] = Field(None, gt=0, lt=1)
+    epsilon: Optional[float] = Field(None, gt=0)
+    amsgrad: Optional[bool] = None
+    weight_decay: Optional[float] = Field(None, ge=0)
+    momentum: Optional[float] = Field(None, ge=0, lt=1)
+    nesterov: Optional[bool] = None
+    rho: Optional[float] = Field(None, gt=0, lt=1)
+    centered: Optional[bool] = None
+    clipnorm: Optional[float] = Field(None, gt=0)
+    clipvalue: Optional[float] = Field(None, gt=0)
+    global_clipnorm: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _params_fit(self):
+        allowed = _OPTIMIZER_PARAMS[self.name] | _COMMON_OPTIMIZER_PARAMS
+        given = self.params()
+        bad = sorted(set(given) - allowed)
+        if bad:
+            raise ValueError(
+                f"{self.name} does not take {bad}; it takes "
+                f"{sorted(allowed)}. Received: {bad}"
+            )
+        return self
+
+    def params(self) -> dict:
+        """The parameters set by the user, as Keras keyword arguments."""
+        return {k: v for k, v in self.model_dump().items()
+                if k != "name" and v is not None}
+
+
+class Schedule(_Strict):
+    """Learning-rate schedule over the phase's steps.
+
+    constant; cosine (to `alpha` x LR); exponential (x `decay_rate` per
+    epoch); warmup (linear from 0, then constant). `warmup_epochs` adds a
+    linear warmup to constant and cosine.
+    """
+
+    name: Literal["constant", "cosine", "exponential", "warmup"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    alpha: float = Field(0.0, ge=0, le=1)
+    decay_rate: float = Field(0.9, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.name == "warmup" and self.warmup_epochs == 0:
+            self.warmup_epochs = 1.0
+        if self.name == "exponential" and self.warmup_epochs:
+            raise ValueError(
+                "exponential decay has no warmup; use cosine or warmup. "
+                f"Received: warmup_epochs={self.warmup_epochs}"
+            )
+        return self
+
+
+class EarlyStopping(_Strict):
+    monitor: str = "val_loss"
+    patience: int = Field(3, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class ReduceLROnPlateau(_Strict):
+    monitor: str = "val_loss"
+    factor: float = Field(0.2, gt=0, lt=1)
+    patience: int = Field(2, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class Callbacks(_Strict):
+    early_stopping: Optional[EarlyStopping] = None
+    reduce_lr_on_plateau: Optional[ReduceLROnPlateau] = None
+
+
+_MONITORS = {"loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+class Phase(_Strict):
+    """One step of the schedule: what trains, how, for how long."""
+
+    name: str
+    epochs: int = Field(ge=1)
+    trainable: Trainable = "none"
+    # frozen: BatchNormalization layers never train and stay in inference
+    # mode, even inside the unfrozen range. train: they train (batch
+    # statistics, moving averages and gamma/beta update) when unfrozen.
+    batchnorm: Literal["frozen", "train"] = "frozen"
+    optimizer: Optimizer = Optimizer()
+    learning_rate: float = Field(1e-3, gt=0)
+    schedule: Schedule = Schedule()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # null (none), "auto" (balanced: n / (k * count)) or {class: weight}.
+    class_weight: Union[Literal["auto"], dict[str, float], None] = None
+    callbacks: Callbacks = Callbacks()
+
+    @model_validator(mode="after")
+    def _rules(self):
+        cbs = self.callbacks
+        for key, cb in (("early_stopping", cbs.early_stopping),
+                        ("reduce_lr_on_plateau", cbs.reduce_lr_on_plateau)):
+            if cb is not None and cb.monitor not in _MONITORS:
+                raise ValueError(
+                    f"callbacks.{key}.monitor must be one of "
+                    f"{sorted(_MONITORS)}. Received: {cb.monitor!r}"
+                )
+        if cbs.reduce_lr_on_plateau is not None and (
+            self.schedule.name != "constant" or self.schedule.warmup_epochs
+        ):
+            raise ValueError(
+                "callbacks.reduce_lr_on_plateau needs a constant learning "
+                "rate; it cannot be combined with a schedule. Received: "
+                f"schedule={self.schedule.name!r}"
+            )
+        if isinstance(self.class_weight, dict):
+            bad = {k: v for k, v in self.class_weight.items() if v <= 0}
+            if bad:
+                raise ValueError(f"class weights must be positive. Received: "
+                                 f"{bad}")
+        return self
+
+
+class Runtime(_Strict):
+    # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    xla: bool = False
+
+
+class Config(_Strict):
+    """A whole experiment."""
+
+    experiment: Experiment = Experiment()
+    data: Data
+    model: Model = Model()
+    head: list[HeadLayer] = []
+    augmentation: list[Augmentation] = []
+    phases: list[Phase] = Field(min_length=1)
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        app = applications.get(self.model.name)
+        h, w = self.data.image_size
+        if min(h, w) < app.min_size:
+            raise _KeyError(
+                ("data", "image_size"),
+                f"{app.name} needs images of at least {app.min_size}x"
+                f"{app.min_size}. Received: data.image_size={[h, w]}",
+            )
+        if (
+            app.imagenet_fixed_size
+            and self.model.weights == "imagenet"
+            and (h, w) != (app.default_size, app.default_size)
+        ):
+            raise _KeyError(
+                ("data", "image_size"),
+                f"{app.name} with ImageNet weights only accepts "
+                f"{app.default_size}x{app.default_size}. Received: "
+                f"data.image_size={[h, w]}",
+            )
+        names = [p.name for p in self.phases]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _KeyError(
+                    ("phases", i, "name"),
+                    f"phase names must be unique. Received: {name!r} twice",
+                )
+        return self
+
+
+class _KeyError(ValueError):
+    """A cross-field error that knows the key path it is about."""
+
+    def __init__(self, loc, message):
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+# --------------------------------------------------------------------------
+# Loading, overrides, errors
+# --------------------------------------------------------------------------
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read, override and validate a config file.
+
+    Args:
+        path: the YAML file.
+        overrides: `key.path=value` strings (values parsed as YAML), applied
+            in order on top of the file; list items by index (`phases.1.epochs=3`).
+
+    Raises:
+        ConfigError: naming the file, the key path and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections "
+            f"(experiment, data, model, ...). Received: {type(raw).__name__}"
+        )
+    raw = apply_overrides(raw, overrides)
+    return validate(raw, source=str(path))
+
+
+def validate(raw: dict, source: str = "config") -> Config:
+    """Validate a raw mapping into a `Config`, or raise one `ConfigError`."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source)) from None
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply `key.path=value` overrides to a raw config mapping (a copy)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--set expects key.path=value. Received: {item!r}"
+            )
+        value = parse_yaml(text, f"--set {key}")
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth]) or "the config"
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit():
+                    raise ConfigError(
+                        f"--set {key}: {where} is a list; use an index. "
+                        f"Received: {part!r}"
+                    )
+                index = int(part)
+                if not -len(node) <= index < len(node):
+                    raise ConfigError(
+                        f"--set {key}: {where} has {len(node)} entries "
+                        f"(indices 0-{len(node) - 1}). Received: {index}"
+                    )
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(
+                    f"--set {key}: {where} is a value, not a section. "
+                    f"Received: {node!r}"
+                )
+    return raw
+
+
+def _model_at(loc) -> Optional[type]:
+    """The schema class that owns the keys at `loc` (None if not a section)."""
+    cls: Any = Config
+    for part in loc:
+        if part in _UNION_TAGS:
+            continue
+        if isinstance(part, int):
+            continue  # list items: the element type was taken already
+        field = cls.model_fields.get(part) if _is_model(cls) else None
+        if field is None:
+            return None
+        cls = _model_in(field.annotation)
+        if cls is None:
+            return None
+    return cls if _is_model(cls) else None
+
+
+def _is_model(cls) -> bool:
+    return isinstance(cls, type) and issubclass(cls, BaseModel)
+
+
+def _model_in(annotation):
+    """The BaseModel inside Optional[...], list[...], Union[...] if any."""
+    if _is_model(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _path(loc) -> str:
+    return ".".join(str(p) for p in loc if p not in _UNION_TAGS) or "(top level)"
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    """One readable message from pydantic errors: key path, expectation, value."""
+    lines = []
+    for err in error.errors(include_url=False):
+        loc = tuple(err["loc"])
+        kind = err["type"]
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _KeyError):
+            lines.append(f"{_path(ctx_error.loc)}: {ctx_error.message}")
+            continue
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            key = str(loc[-1])
+            known = list(parent.model_fields) if parent else []
+            hint = _did_you_mean(key, known)
+            allowed = f" Allowed here: {', '.join(known)}." if known else ""
+            lines.append(
+                f"{_path(loc)}: unknown key{hint}.{allowed} "
+                f"Received: {key}={err['input']!r}"
+            )
+            continue
+        msg = err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if kind == "missing":
+            lines.append(f"{_path(loc)}: required key is missing")
+            continue
+        if kind == "literal_error":
+            expected = (err.get("ctx") or {}).get("expected", "")
+            options = re.findall(r"'([^']*)'", expected)
+            hint = (
+                _did_you_mean(str(err["input"]), options)
+                if isinstance(err["input"], str)
+                else ""
+            )
+            if "mode" in loc:  # the string form of `trainable`
+                expected += (" or a mapping {top: N}, {from_layer: NAME} or "
+                             "{regex: PATTERN}")
+            lines.append(
+                f"{_path(loc)}: expected one of {expected}{hint}. "
+                f"Received: {_path(loc)}={err['input']!r}"
+            )
+            continue
+        if "Received" in msg:
+            lines.append(f"{_path(loc)}: {msg}")
+        else:
+            lines.append(
+                f"{_path(loc)}: {msg[:1].lower() + msg[1:]}. "
+                f"Received: {_path(loc)}={err['input']!r}"
+            )
+    head = f"invalid config {source}:"
+    if len(lines) == 1:
+        return f"{head} {lines[0]}"
+    return "\n  ".join([head, *lines])
+
+
+def _did_you_mean(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config (defaults filled in) as YAML that reloads to it."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def json_schema() -> dict:
+    """JSON Schema of the config file, for editor completion."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "finetune-cli experiment config"
+    return schema

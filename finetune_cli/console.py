@@ -1,0 +1,155 @@
+"""Console output: rich for people at a terminal, plain lines for logs.
+
+When stdout is a terminal, tables are drawn with rich and epochs show a
+progress bar. When it is not (CI logs, cron mail, a pipe), the same content
+comes out as plain, line-by-line text with no colour or cursor movement.
+`quiet` keeps only warnings and errors. A run's log file gets everything,
+plain, whatever the terminal shows.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+class Output:
+    """Where the CLI and the training loop report what they do.
+
+    Args:
+        file: the stream for normal output. Defaults to stdout.
+        quiet: print only warnings and errors.
+        plain: force plain output (None: plain unless `file` is a terminal).
+    """
+
+    def __init__(
+        self,
+        file: Optional[TextIO] = None,
+        *,
+        quiet: bool = False,
+        plain: Optional[bool] = None,
+        err_file: Optional[TextIO] = None,
+    ):
+        self.console = Console(file=file or sys.stdout, highlight=False,
+                               soft_wrap=False)
+        self.err = Console(file=err_file or sys.stderr, highlight=False)
+        self.plain = (not self.console.is_terminal) if plain is None else plain
+        if self.plain:
+            self.console = Console(file=file or sys.stdout, highlight=False,
+                                   no_color=True, force_terminal=False,
+                                   width=max(self.console.width, 120))
+        self.quiet = quiet
+        self._log: Optional[Console] = None
+        self._log_file = None
+
+    # -- log file ---------------------------------------------------------
+
+    def attach_log(self, path) -> None:
+        """Also write everything, plain, to `path` (appending)."""
+        self._log_file = open(path, "a", encoding="utf-8")
+        self._log = Console(file=self._log_file, no_color=True, width=120,
+                            force_terminal=False, highlight=False)
+
+    def close(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file, self._log = None, None
+
+    def _emit(self, renderable, *, style=None, always=False):
+        if not self.quiet or always:
+            self.console.print(renderable, style=None if self.plain else style)
+        if self._log is not None:
+            self._log.print(renderable)
+
+    # -- messages ---------------------------------------------------------
+
+    def info(self, message: str) -> None:
+        self._emit(escape(message))
+
+    def step(self, message: str) -> None:
+        """A headline: bold at a terminal, '== ... ==' in plain text."""
+        text = escape(message)
+        self._emit(f"== {text} ==" if self.plain else f"[bold]{text}[/bold]")
+
+    def success(self, message: str) -> None:
+        self._emit(escape(message), style="green")
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"warning: {escape(message)}",
+                       style=None if self.plain else "yellow")
+        if self._log is not None:
+            self._log.print(f"warning: {escape(message)}")
+
+    def error(self, kind: str, message: str) -> None:
+        self.err.print(f"{kind}: {escape(message)}",
+                       style=None if self.plain else "bold red")
+        if self._log is not None:
+            self._log.print(f"{kind}: {escape(message)}")
+
+    def table(self, title: str, columns, rows) -> None:
+        table = Table(title=title, box=box.ASCII if self.plain else box.ROUNDED,
+                      title_justify="left")
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*(escape(str(c)) for c in row))
+        self._emit(table)
+
+    def text(self, text: str) -> None:
+        """Raw text (YAML, JSON) to stdout, even with --quiet."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    # -- progress ---------------------------------------------------------
+
+    def progress(self, total: Optional[int], description: str):
+        """A progress bar at a terminal; a no-op object otherwise."""
+        if self.plain or self.quiet:
+            return _NoProgress()
+        from rich.progress import BarColumn
+        from rich.progress import MofNCompleteColumn
+        from rich.progress import Progress
+        from rich.progress import TextColumn
+        from rich.progress import TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+            console=self.console, transient=True,
+        )
+        return _RichProgress(progress, total, description)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, advance=1, status=""):
+        pass
+
+
+class _RichProgress:
+    def __init__(self, progress, total, description):
+        self._progress = progress
+        self._total = total
+        self._description = description
+
+    def __enter__(self):
+        self._progress.start()
+        self._task = self._progress.add_task(self._description,
+                                             total=self._total, status="")
+        return self
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+        return False
+
+    def update(self, advance=1, status=""):
+        self._progress.update(self._task, advance=advance, status=status)

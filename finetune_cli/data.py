@@ -1,0 +1,320 @@
+"""The data pipeline: find the images, split them, feed them to Keras.
+
+Two layouts are understood (`data.dir` or `data.csv`):
+
+- a folder per class, either directly (`flowers/roses/*.jpg`, split by the
+  stratified fractions in `data.split` with `experiment.seed`) or under
+  `train/`, `val/` and optionally `test/`;
+- a CSV manifest with a `path,label` header (and optionally `split`), paths
+  relative to the CSV's folder.
+
+Class names are sorted folder names or sorted labels; their order is the
+model's output order and is written to `labels.txt`. Images may be JPEG, PNG,
+BMP or GIF (first frame); grayscale and RGBA images are converted to RGB.
+Indexing uses only the file system; TensorFlow is imported when a
+`tf.data.Dataset` is built.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import random
+from pathlib import Path
+
+from finetune_cli.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class DataIndex:
+    """Every image of the experiment, by split, with integer labels."""
+
+    class_names: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    source: str
+
+    def counts(self, split: str) -> list[int]:
+        counts = [0] * len(self.class_names)
+        for _, label in self.splits.get(split, []):
+            counts[label] += 1
+        return counts
+
+    def files(self, split: str) -> list[str]:
+        return [path for path, _ in self.splits.get(split, [])]
+
+    def labels(self, split: str) -> list[int]:
+        return [label for _, label in self.splits.get(split, [])]
+
+
+def index_data(data, seed: int) -> DataIndex:
+    """Find and split the images declared by a `data` config section.
+
+    Raises:
+        DataError: naming the folder, CSV row or class at fault.
+    """
+    if data.csv is not None:
+        return _index_csv(data, seed)
+    return _index_folders(data, seed)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _class_files(folder: Path, key: str) -> list[Path]:
+    files, strays = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and _is_image(p):
+            files.append(p)
+        elif p.is_file():
+            strays.append(p)
+    if strays:
+        shown = ", ".join(str(p) for p in strays[:3])
+        more = f" and {len(strays) - 3} more" if len(strays) > 3 else ""
+        raise DataError(
+            f"{key}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
+            f" in a class folder: {shown}{more}"
+        )
+    return files
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith("."))
+
+
+def _index_folders(data, seed: int) -> DataIndex:
+    root = Path(data.dir)
+    if not root.is_dir():
+        raise DataError(f"data.dir: folder not found: {root}")
+    subdirs = {p.name for p in _class_dirs(root)}
+    if "train" in subdirs:
+        return _index_split_folders(root, subdirs)
+    class_dirs = _class_dirs(root)
+    if not class_dirs:
+        raise DataError(
+            f"data.dir: {root} has no class folders; expected one folder per "
+            "class (or train/, val/, test/ folders of class folders)"
+        )
+    per_class = {}
+    for d in class_dirs:
+        files = _class_files(d, "data.dir")
+        if not files:
+            raise DataError(f"data.dir: class {d.name!r} has no images: {d}")
+        per_class[d.name] = [str(f) for f in files]
+    return _split_stratified(per_class, data.split, seed, str(root))
+
+
+def _index_split_folders(root: Path, subdirs: set[str]) -> DataIndex:
+    if "val" not in subdirs:
+        raise DataError(
+            f"data.dir: {root} has train/ but no val/ folder; add val/ (and "
+            "optionally test/), or put class folders directly in data.dir to "
+            "split by data.split"
+        )
+    class_names = [d.name for d in _class_dirs(root / "train")]
+    if not class_names:
+        raise DataError(f"data.dir: {root / 'train'} has no class folders")
+    splits = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        samples = []
+        for d in _class_dirs(folder):
+            if d.name not in class_names:
+                raise DataError(
+                    f"data.dir: class {d.name!r} is in {split}/ but not in "
+                    f"train/; classes in train/: {', '.join(class_names)}"
+                )
+            files = _class_files(d, "data.dir")
+            if split == "train" and not files:
+                raise DataError(f"data.dir: class {d.name!r} has no images: {d}")
+            samples += [(str(f), class_names.index(d.name)) for f in files]
+        splits[split] = samples
+    return DataIndex(class_names, splits, str(root))
+
+
+def _split_stratified(per_class: dict[str, list[str]], split, seed, source):
+    """Split each class by the fractions; the same seed gives the same split."""
+    class_names = sorted(per_class)
+    splits = {s: [] for s in SPLITS}
+    for label, name in enumerate(class_names):
+        files = sorted(per_class[name])
+        # A per-class RNG: adding images to one class leaves the others' split.
+        random.Random(f"{seed}:{name}").shuffle(files)
+        n = len(files)
+        n_val = max(1, round(n * split.val))
+        n_test = max(1, round(n * split.test)) if split.test > 0 else 0
+        if n - n_val - n_test < 1:
+            need = 2 + (split.test > 0)
+            raise DataError(
+                f"class {name!r} has {n} image(s); splitting it into train, "
+                f"val{' and test' if split.test > 0 else ''} needs at least "
+                f"{need}"
+            )
+        parts = {
+            "val": files[:n_val],
+            "test": files[n_val:n_val + n_test],
+            "train": files[n_val + n_test:],
+        }
+        for s, paths in parts.items():
+            splits[s] += [(p, label) for p in paths]
+    if not splits["test"]:
+        del splits["test"]
+    return DataIndex(class_names, splits, source)
+
+
+def _index_csv(data, seed: int) -> DataIndex:
+    csv_path = Path(data.csv)
+    if not csv_path.is_file():
+        raise DataError(f"data.csv: file not found: {csv_path}")
+    root = csv_path.parent.resolve()
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            header = rows and list(rows[0]) or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"data.csv: cannot read {csv_path}: {e}") from None
+    if not rows:
+        raise DataError(f"data.csv: {csv_path} has no rows")
+    if "path" not in header or "label" not in header:
+        raise DataError(
+            f"data.csv: {csv_path} needs a header with `path` and `label` "
+            f"(optionally `split`). Received: {header}"
+        )
+    has_split = "split" in header
+    per_class: dict[str, list[str]] = {}
+    by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not rel or not label:
+            raise DataError(f"data.csv: {csv_path} line {i}: empty path or label")
+        path = (root / rel).resolve()
+        if not data.allow_outside_root and not path.is_relative_to(root):
+            raise DataError(
+                f"data.csv: {csv_path} line {i}: {rel!r} points outside the "
+                f"CSV's folder {root} (set data.allow_outside_root: true to "
+                "allow it)"
+            )
+        if not path.is_file():
+            raise DataError(f"data.csv: {csv_path} line {i}: file not found: {rel}")
+        if not _is_image(path):
+            raise DataError(
+                f"data.csv: {csv_path} line {i}: not an image file (expected "
+                f"{', '.join(IMAGE_EXTENSIONS)}): {rel}"
+            )
+        if has_split:
+            split = (row.get("split") or "").strip()
+            if split not in SPLITS:
+                raise DataError(
+                    f"data.csv: {csv_path} line {i}: split must be one of "
+                    f"{', '.join(SPLITS)}. Received: {split!r}"
+                )
+            by_split[split].append((str(path), label))
+        else:
+            per_class.setdefault(label, []).append(str(path))
+    if not has_split:
+        return _split_stratified(per_class, data.split, seed, str(csv_path))
+    class_names = sorted({label for label in (lb for _, lb in by_split["train"])})
+    if not by_split["train"] or not by_split["val"]:
+        raise DataError(
+            f"data.csv: {csv_path} has a split column but no "
+            f"{'train' if not by_split['train'] else 'val'} rows"
+        )
+    splits = {}
+    for split, items in by_split.items():
+        unknown = sorted({lb for _, lb in items} - set(class_names))
+        if unknown:
+            raise DataError(
+                f"data.csv: {csv_path}: labels {unknown} appear in {split} "
+                "rows but not in train rows"
+            )
+        if items:
+            splits[split] = [(p, class_names.index(lb)) for p, lb in items]
+    return DataIndex(class_names, splits, str(csv_path))
+
+
+# --------------------------------------------------------------------------
+# tf.data
+# --------------------------------------------------------------------------
+
+
+def load_image(path, image_size):
+    """Read, decode (to RGB) and resize one image: float32, 0-255, [H, W, 3]."""
+    import tensorflow as tf
+
+    raw = tf.io.read_file(path)
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.image.resize(image, image_size)
+
+
+def make_dataset(
+    samples,
+    num_classes: int,
+    image_size,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    augmenter=None,
+):
+    """A batched `tf.data.Dataset` of (float32 pixels 0-255, one-hot labels).
+
+    Args:
+        samples: (path, label) pairs.
+        shuffle: reshuffle every epoch (training), deterministically per seed.
+        augmenter: a Keras layer applied to training batches only.
+    """
+    import tensorflow as tf
+
+    paths = [p for p, _ in samples]
+    labels = [lb for _, lb in samples]
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    if shuffle:
+        ds = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True)
+    size = tuple(image_size)
+    ds = ds.map(
+        lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.batch(batch_size)
+    if augmenter is not None:
+        ds = ds.map(
+            lambda x, y: (augmenter(x, training=True), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def build_augmenter(augmentation, seed: int):
+    """A `keras.Sequential` of preprocessing layers, or None when empty."""
+    if not augmentation:
+        return None
+    import keras
+
+    layers = []
+    for i, a in enumerate(augmentation):
+        s = seed + i
+        if a.type == "flip":
+            layers.append(keras.layers.RandomFlip(a.mode, seed=s))
+        elif a.type == "rotation":
+            layers.append(keras.layers.RandomRotation(a.factor, seed=s))
+        elif a.type == "zoom":
+            layers.append(keras.layers.RandomZoom((-a.factor, a.factor), seed=s))
+        elif a.type == "translation":
+            layers.append(keras.layers.RandomTranslation(a.factor, a.factor, seed=s))
+        elif a.type == "contrast":
+            layers.append(keras.layers.RandomContrast(a.factor, seed=s))
+        elif a.type == "brightness":
+            layers.append(
+                keras.layers.RandomBrightness(a.factor, value_range=(0, 255), seed=s)
+            )
+    return keras.Sequential(layers, name="augmentation")

@@ -1,0 +1,62 @@
+"""What a run ran on: versions, devices, git commit (for environment.json)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+
+def git_commit(cwd=".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+            text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def devices() -> list[dict]:
+    """The devices TensorFlow found, CPU first."""
+    import tensorflow as tf
+
+    found = []
+    for d in tf.config.list_physical_devices():
+        entry = {"name": d.name, "type": d.device_type}
+        if d.device_type == "GPU":
+            try:
+                details = tf.config.experimental.get_device_details(d)
+                entry["model"] = details.get("device_name")
+                entry["compute_capability"] = details.get("compute_capability")
+            except Exception:  # noqa: BLE001 - details are best effort
+                pass
+        found.append(entry)
+    return found
+
+
+def has_gpu() -> bool:
+    return any(d["type"] == "GPU" for d in devices())
+
+
+def describe(argv=None) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from finetune_cli import __version__
+
+    return {
+        "finetune_cli": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "numpy": np.__version__,
+        "cuda_build": tf.test.is_built_with_cuda(),
+        "devices": devices(),
+        "git_commit": git_commit(),
+        "argv": list(argv if argv is not None else sys.argv),
+    }

@@ -1,0 +1,56 @@
+"""Errors the user can act on, each with its documented exit code.
+
+The CLI turns any `FinetuneError` into one message and its exit code, with
+no traceback (unless `--debug`). Anything else is a bug and exits with 1.
+
+| code | meaning |
+| ---- | ------- |
+| 0 | success |
+| 1 | unexpected error (a bug: rerun with `--debug` and report it) |
+| 2 | usage or config error |
+| 3 | data error (missing, unreadable or inconsistent images/labels) |
+| 4 | a quality gate failed |
+| 5 | interrupted; the run can be resumed |
+"""
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_GATE = 4
+EXIT_INTERRUPTED = 5
+
+
+class FinetuneError(Exception):
+    """Base class: a problem the user can fix, reported without traceback."""
+
+    exit_code = EXIT_UNEXPECTED
+    kind = "error"
+
+
+class ConfigError(FinetuneError):
+    """The config, an override or a command-line option is invalid."""
+
+    exit_code = EXIT_CONFIG
+    kind = "config error"
+
+
+class DataError(FinetuneError):
+    """The data does not match what the config declares."""
+
+    exit_code = EXIT_DATA
+    kind = "data error"
+
+
+class GateError(FinetuneError):
+    """A quality gate failed."""
+
+    exit_code = EXIT_GATE
+    kind = "gate failed"
+
+
+class InterruptedRun(FinetuneError):
+    """The run stopped early on a signal; its state can be resumed."""
+
+    exit_code = EXIT_INTERRUPTED
+    kind = "interrupted"

@@ -1,0 +1,282 @@
+"""The model builder: raw pixels -> preprocessing -> base -> head -> softmax.
+
+The built model takes float32 pixels in 0-255, shape [batch, H, W, 3], and
+returns class probabilities. The application's own `preprocess_input` is
+expressed with built-in Keras layers (Rescaling, Normalization, a fixed 1x1
+convolution for the RGB->BGR flip), so a saved `.keras` file takes raw
+pixels and loads in safe mode with no code of ours.
+
+Only Keras APIs are used here, so the same code runs on any Keras backend.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from finetune_cli import applications
+from finetune_cli.applications import suggest
+from finetune_cli.errors import ConfigError
+
+PREPROCESS_NAME = "preprocess"
+OUTPUT_NAME = "predictions"
+
+# ImageNet statistics used by keras.applications.imagenet_utils.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def build_preprocessing(app: applications.Application, name=PREPROCESS_NAME):
+    """The application's `preprocess_input` as a Keras Sequential of built-ins.
+
+    Returns None for applications that rescale inside themselves.
+    """
+    import keras
+    import numpy as np
+
+    if app.preprocess == "none":
+        return None
+    if app.preprocess == "tf":
+        layers = [keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32")]
+    elif app.preprocess == "torch":
+        layers = [
+            keras.layers.Rescaling(1 / 255.0, dtype="float32"),
+            keras.layers.Normalization(
+                mean=list(_TORCH_MEAN),
+                variance=[s * s for s in _TORCH_STD],
+                dtype="float32",
+            ),
+        ]
+    elif app.preprocess == "caffe":
+        # out[..., i] = in[..., 2 - i] - mean_bgr[i]: a fixed 1x1 convolution.
+        flip = np.zeros((1, 1, 3, 3), dtype="float32")
+        for i in range(3):
+            flip[0, 0, 2 - i, i] = 1.0
+        conv = keras.layers.Conv2D(
+            3,
+            1,
+            kernel_initializer=keras.initializers.Constant(flip),
+            bias_initializer=keras.initializers.Constant(
+                [-m for m in _CAFFE_MEAN_BGR]
+            ),
+            trainable=False,
+            dtype="float32",
+            name="rgb_to_bgr_minus_mean",
+        )
+        layers = [conv]
+    else:  # pragma: no cover - the registry only holds the modes above
+        raise ValueError(f"unknown preprocess mode {app.preprocess!r}")
+    seq = keras.Sequential(layers, name=name)
+    seq.trainable = False
+    return seq
+
+
+def build_base(model_cfg, image_size):
+    """The application without its top, pooled to a feature vector.
+
+    Raises:
+        ConfigError: weights file missing or not matching the architecture,
+            ImageNet download failing, or options the constructor rejects.
+    """
+    app = applications.get(model_cfg.name)
+    weights = model_cfg.weights
+    if weights == "none":
+        keras_weights = None
+    elif weights == "imagenet":
+        keras_weights = "imagenet"
+    else:
+        if not os.path.isfile(weights):
+            raise ConfigError(f"model.weights: file not found: {weights}")
+        if not weights.endswith((".h5", ".hdf5", ".weights.h5")):
+            raise ConfigError(
+                "model.weights: expected imagenet, none or a .h5 / .weights.h5 "
+                f"file. Received: {weights!r}"
+            )
+        keras_weights = weights
+    h, w = image_size
+    try:
+        base = app.constructor()(
+            include_top=False,
+            weights=keras_weights,
+            input_shape=(h, w, 3),
+            pooling=model_cfg.pooling,
+            **model_cfg.options,
+        )
+    except TypeError as e:
+        raise ConfigError(
+            f"model.options: {app.name} does not accept these options: {e}. "
+            f"Received: {model_cfg.options}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - Keras raises many kinds here
+        if keras_weights not in (None, "imagenet"):
+            raise ConfigError(
+                f"model.weights: {weights} does not fit {app.name} "
+                f"(include_top=False, input {h}x{w}, options "
+                f"{model_cfg.options}): {_first_line(e)}"
+            ) from None
+        if keras_weights == "imagenet" and _looks_like_download(e):
+            raise ConfigError(
+                f"model.weights: could not download ImageNet weights for "
+                f"{app.name} ({_first_line(e)}). On a machine without "
+                "internet, set model.weights to a local .h5 file."
+            ) from None
+        raise ConfigError(f"model: {app.name} rejected the config: "
+                          f"{_first_line(e)}") from None
+    if model_cfg.bn_momentum is not None:
+        import keras
+
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = model_cfg.bn_momentum
+    return base
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _looks_like_download(e: Exception) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in ("url", "download", "fetch", "connection",
+                                   "resolve", "network", "http"))
+
+
+def build_head(head_cfg, num_classes: int):
+    """The head layers (from the config) and the float32 softmax output."""
+    import keras
+
+    layers = []
+    for i, spec in enumerate(head_cfg):
+        if spec.type == "dense":
+            reg = keras.regularizers.L2(spec.l2) if spec.l2 else None
+            layers.append(keras.layers.Dense(
+                spec.units,
+                activation=spec.activation or "relu",
+                kernel_regularizer=reg,
+                name=f"head_{i}_dense",
+            ))
+        elif spec.type == "dropout":
+            layers.append(keras.layers.Dropout(spec.rate, name=f"head_{i}_dropout"))
+        elif spec.type == "batchnorm":
+            layers.append(keras.layers.BatchNormalization(name=f"head_{i}_batchnorm"))
+    # float32 output: softmax under float16 loses too much precision.
+    layers.append(keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME
+    ))
+    return layers
+
+
+def build_model(cfg, num_classes: int):
+    """The full classifier for a config; returns (model, base)."""
+    import keras
+
+    app = applications.get(cfg.model.name)
+    h, w = cfg.data.image_size
+    base = build_base(cfg.model, (h, w))
+    inputs = keras.Input((h, w, 3), name="image", dtype="float32")
+    x = inputs
+    preprocess = build_preprocessing(app)
+    if preprocess is not None:
+        x = preprocess(x)
+    # training=False as the Keras guide does. Note that Keras 3 overrides it
+    # with the outer `training` during fit (keras-team/keras#20285), so the
+    # BN policy is enforced through `trainable` in `apply_trainable`.
+    x = base(x, training=False)
+    for layer in build_head(cfg.head, num_classes):
+        x = layer(x)
+    model = keras.Model(inputs, x, name=f"{app.name.lower()}_classifier")
+    return model, base
+
+
+def find_base(model):
+    """The application sub-model inside a model built by `build_model`."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and layer.name != PREPROCESS_NAME:
+            return layer
+    raise ValueError(f"no base model found in {model.name}")
+
+
+def base_layers(base):
+    """The base's layers that `top: N` counts (every layer but the input)."""
+    import keras
+
+    return [l for l in base.layers if not isinstance(l, keras.layers.InputLayer)]
+
+
+def select_layers(base, trainable, key: str) -> list[str]:
+    """Names of the base layers a phase's `trainable` spec unfreezes.
+
+    Args:
+        trainable: "none", "all" or a `TrainableLayers` config.
+        key: the config key path, for error messages.
+
+    Raises:
+        ConfigError: a missing layer name, a too-large N or a regex that
+            matches nothing, naming `key`.
+    """
+    layers = base_layers(base)
+    names = [l.name for l in layers]
+    if trainable == "none":
+        return []
+    if trainable == "all":
+        return names
+    if trainable.top is not None:
+        if trainable.top > len(names):
+            raise ConfigError(
+                f"{key}.top: {base.name} has {len(names)} layers. "
+                f"Received: top={trainable.top}"
+            )
+        return names[-trainable.top:]
+    if trainable.from_layer is not None:
+        if trainable.from_layer not in names:
+            raise ConfigError(
+                f"{key}.from_layer: no layer named {trainable.from_layer!r} "
+                f"in {base.name}{suggest(trainable.from_layer, names)}. "
+                f"Received: from_layer={trainable.from_layer!r}"
+            )
+        return names[names.index(trainable.from_layer):]
+    pattern = re.compile(trainable.regex)
+    chosen = [n for n in names if pattern.search(n)]
+    if not chosen:
+        raise ConfigError(
+            f"{key}.regex: matches no layer of {base.name} (e.g. "
+            f"{', '.join(names[-3:])}). Received: regex={trainable.regex!r}"
+        )
+    return chosen
+
+
+def apply_trainable(model, base, layer_names, batchnorm: str):
+    """Set what trains for a phase: the named base layers and the head.
+
+    Under `batchnorm: frozen`, BatchNormalization layers of the base stay
+    non-trainable, which in Keras 3 also keeps them in inference mode (moving
+    statistics used and never updated). The caller must recompile.
+    """
+    import keras
+
+    chosen = set(layer_names)
+    # Setting a container's flag sets all its sublayers: do it first.
+    base.trainable = bool(chosen)
+    if chosen:
+        for layer in base_layers(base):
+            train = layer.name in chosen
+            if batchnorm == "frozen" and isinstance(
+                layer, keras.layers.BatchNormalization
+            ):
+                train = False
+            layer.trainable = train
+    for layer in model.layers:
+        if layer is base or layer.name == PREPROCESS_NAME:
+            continue
+        if not isinstance(layer, keras.layers.InputLayer):
+            layer.trainable = True
+
+
+def count_params(weights) -> int:
+    import math
+
+    return int(sum(math.prod(w.shape) for w in weights))

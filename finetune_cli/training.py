@@ -1,0 +1,513 @@
+"""Phases and training: run a config's schedule and write the run directory.
+
+`finetune(config)` does, in order:
+
+1. checks everything that can be checked without training: the data (index,
+   split, class weights), the weights file, the model build and every
+   phase's layer selection. Any problem is raised here, before a run folder
+   exists.
+2. creates the run folder and writes the resolved config, labels.txt and
+   environment.json; prints the devices and the plan (per phase: trainable
+   layers and parameters, BN mode, optimizer, LR, epochs).
+3. runs the phases in order. Each phase sets what trains, recompiles with its
+   own optimizer, schedule, loss and callbacks, and trains from the epoch the
+   previous one stopped at (one continuous epoch count and history). At the
+   end of a phase its best weights (by `experiment.monitor`) are restored and
+   carried into the next one.
+4. writes `best.keras` (best epoch of the whole run), `last.keras` (latest
+   epoch), `history.csv`, `metrics.json`, `base.weights.h5` (the fine-tuned
+   base, loadable with `model.weights: <path>`), and marks the run completed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from finetune_cli import config as config_lib
+from finetune_cli import data as data_lib
+from finetune_cli import model as model_lib
+from finetune_cli.console import Output
+from finetune_cli.errors import ConfigError
+from finetune_cli.errors import DataError
+from finetune_cli.errors import FinetuneError
+from finetune_cli.errors import InterruptedRun
+from finetune_cli.rundir import RunDir
+from finetune_cli.rundir import atomic_path
+
+
+@dataclasses.dataclass
+class PhasePlan:
+    """What one phase will do, resolved against the built model."""
+
+    index: int
+    phase: config_lib.Phase
+    layer_names: list[str]
+    trainable_params: int
+    frozen_params: int
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    run_dir: Path
+    metrics: dict
+    history: list[dict]
+
+
+# --------------------------------------------------------------------------
+# Pre-flight (no run folder yet)
+# --------------------------------------------------------------------------
+
+
+def resolve_class_weight(phase, index: int, data_index) -> Optional[dict]:
+    """Keras `class_weight` for a phase: None, balanced, or by class name."""
+    cw = phase.class_weight
+    if cw is None:
+        return None
+    counts = data_index.counts("train")
+    n, k = sum(counts), len(counts)
+    if cw == "auto":
+        return {i: n / (k * c) for i, c in enumerate(counts) if c}
+    unknown = sorted(set(cw) - set(data_index.class_names))
+    if unknown:
+        raise ConfigError(
+            f"phases.{index}.class_weight: unknown classes {unknown}; the "
+            f"classes are {', '.join(data_index.class_names)}"
+        )
+    return {i: float(cw.get(name, 1.0))
+            for i, name in enumerate(data_index.class_names)}
+
+
+def plan_phases(model, base, phases) -> list[PhasePlan]:
+    """Resolve each phase's layer selection and count what it trains."""
+    plans = []
+    for i, phase in enumerate(phases):
+        names = model_lib.select_layers(base, phase.trainable,
+                                        f"phases.{i}.trainable")
+        model_lib.apply_trainable(model, base, names, phase.batchnorm)
+        plans.append(PhasePlan(
+            index=i,
+            phase=phase,
+            layer_names=names,
+            trainable_params=model_lib.count_params(model.trainable_weights),
+            frozen_params=model_lib.count_params(model.non_trainable_weights),
+        ))
+    return plans
+
+
+# --------------------------------------------------------------------------
+# Optimizer, schedule, loss, callbacks
+# --------------------------------------------------------------------------
+
+
+def build_learning_rate(phase, steps_per_epoch: int):
+    """A float or a `keras.optimizers.schedules` object for one phase.
+
+    Schedules count the phase's own optimizer steps, from 0.
+    """
+    import keras
+
+    lr = phase.learning_rate
+    sched = phase.schedule
+    total = max(1, steps_per_epoch * phase.epochs)
+    warm = min(total - 1, int(round(sched.warmup_epochs * steps_per_epoch)))
+    if sched.name == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=steps_per_epoch, decay_rate=sched.decay_rate)
+    if sched.name == "constant" and warm <= 0:
+        return lr
+    # Cosine with alpha=1 is flat: that is "warmup then constant".
+    alpha = sched.alpha if sched.name == "cosine" else 1.0
+    if warm <= 0:
+        return keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=total, alpha=alpha)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total - warm), alpha=alpha,
+        warmup_target=lr, warmup_steps=warm)
+
+
+def build_optimizer(phase, steps_per_epoch: int):
+    """The phase's optimizer through `keras.optimizers.get`."""
+    import keras
+
+    return keras.optimizers.get({
+        "class_name": phase.optimizer.name,
+        "config": {
+            "learning_rate": build_learning_rate(phase, steps_per_epoch),
+            **phase.optimizer.params(),
+        },
+    })
+
+
+def compile_phase(model, phase, steps_per_epoch: int, num_classes: int,
+                  jit_compile: bool):
+    import keras
+
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    model.compile(
+        optimizer=build_optimizer(phase, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(
+            label_smoothing=phase.label_smoothing),
+        metrics=metrics,
+        jit_compile=jit_compile,
+    )
+
+
+def current_lr(model) -> float:
+    import keras
+
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+def _improved(monitor: str, value, best) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor.endswith("loss") else value > best
+
+
+def _make_callbacks_class():
+    """Callback classes, defined lazily so this module imports without Keras."""
+    import keras
+
+    class RunCallback(keras.callbacks.Callback):
+        """History, checkpoints, best weights of the phase, console lines.
+
+        One instance lives through all phases so the history, the epoch count
+        and the best-of-run checkpoint are continuous.
+        """
+
+        def __init__(self, run: RunDir, out: Output, monitor: str,
+                     steps_per_epoch: int):
+            super().__init__()
+            self.run = run
+            self.out = out
+            self.monitor = monitor
+            self.steps = steps_per_epoch
+            self.rows: list[dict] = []
+            self.best_run = None
+            self.best_run_epoch = None
+            self.phase_name = ""
+            self._progress = None
+
+        def start_phase(self, name: str):
+            self.phase_name = name
+            self.best_phase = None
+            self.best_phase_epoch = None
+            self.best_phase_weights = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.monotonic()
+            self._progress = self.out.progress(
+                self.steps, f"epoch {epoch + 1} ({self.phase_name})")
+            self._progress.__enter__()
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            self._progress.update(1, f"loss {loss:.4f}" if loss is not None else "")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._progress.__exit__(None, None, None)
+            logs = dict(logs or {})
+            lr = current_lr(self.model)
+            row = {"epoch": epoch + 1, "phase": self.phase_name, "lr": lr,
+                   "seconds": round(time.monotonic() - self._t0, 3)}
+            row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
+            self.rows.append(row)
+            value = logs.get(self.monitor)
+            if _improved(self.monitor, value, self.best_phase):
+                self.best_phase, self.best_phase_epoch = value, epoch + 1
+                self.best_phase_weights = [w.numpy() for w in self.model.weights]
+            if _improved(self.monitor, value, self.best_run):
+                self.best_run, self.best_run_epoch = value, epoch + 1
+                save_model(self.model, self.run / "best.keras")
+            save_model(self.model, self.run / "last.keras")
+            write_history(self.run / "history.csv", self.rows)
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
+                              if k != "learning_rate")
+            self.out.info(f"epoch {epoch + 1:>3} [{self.phase_name}] {shown}  "
+                          f"lr {lr:.2e}  ({row['seconds']:.1f}s)")
+
+        def restore_phase_best(self):
+            if self.best_phase_weights is not None:
+                for w, v in zip(self.model.weights, self.best_phase_weights):
+                    w.assign(v)
+
+    return RunCallback
+
+
+def phase_callbacks(phase, run: RunDir, tensorboard: bool):
+    import keras
+
+    cbs = []
+    es = phase.callbacks.early_stopping
+    if es is not None:
+        mode = "min" if es.monitor.endswith("loss") else "max"
+        cbs.append(keras.callbacks.EarlyStopping(
+            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
+            mode=mode))
+    rl = phase.callbacks.reduce_lr_on_plateau
+    if rl is not None:
+        mode = "min" if rl.monitor.endswith("loss") else "max"
+        cbs.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=rl.monitor, factor=rl.factor, patience=rl.patience,
+            min_lr=rl.min_lr, mode=mode, verbose=0))
+    if tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard")))
+    return cbs
+
+
+def save_model(model, path) -> None:
+    """Save a `.keras` file atomically."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def write_history(path, rows) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    from finetune_cli.rundir import atomic_write
+
+    atomic_write(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------
+# Runtime
+# --------------------------------------------------------------------------
+
+
+def configure_runtime(cfg, gpu: bool) -> dict:
+    """Seeds and the dtype policy; returns what was chosen."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.experiment.seed)
+    mp = cfg.runtime.mixed_precision
+    mixed = mp == "on" or (mp == "auto" and gpu)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    return {"mixed_precision": mixed, "xla": cfg.runtime.xla}
+
+
+def plan_rows(plans, steps_per_epoch: int):
+    rows = []
+    for p in plans:
+        ph = p.phase
+        if ph.trainable == "none":
+            what = "head only"
+        elif ph.trainable == "all":
+            what = f"all {len(p.layer_names)} base layers"
+        elif ph.trainable.top is not None:
+            what = f"top {ph.trainable.top} base layers"
+        elif ph.trainable.from_layer is not None:
+            what = f"from {ph.trainable.from_layer} ({len(p.layer_names)} layers)"
+        else:
+            what = f"regex {ph.trainable.regex} ({len(p.layer_names)} layers)"
+        sched = ph.schedule.name
+        if ph.schedule.warmup_epochs and sched != "warmup":
+            sched += f" +{ph.schedule.warmup_epochs:g} ep warmup"
+        bn = "inference (frozen)" if ph.batchnorm == "frozen" else "train"
+        if not p.layer_names:
+            bn = "inference (frozen)"
+        rows.append([
+            str(p.index + 1), ph.name, what, f"{p.trainable_params:,}",
+            f"{p.frozen_params:,}", bn, ph.optimizer.name,
+            f"{ph.learning_rate:g}", sched, str(ph.epochs),
+        ])
+    return rows
+
+
+PLAN_COLUMNS = ["#", "phase", "trains", "trainable params", "frozen params",
+                "BN mode", "optimizer", "LR", "schedule", "epochs"]
+
+
+# --------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------
+
+
+def finetune(cfg, out: Optional[Output] = None, argv=None) -> FinetuneResult:
+    """Fine-tune a model as a config declares; see the module docstring.
+
+    Raises:
+        ConfigError, DataError: before any training (nothing written).
+        InterruptedRun: on Ctrl-C; the run is marked failed with the reason.
+    """
+    out = out or Output()
+    exp = cfg.experiment
+    index = data_lib.index_data(cfg.data, exp.seed)
+    class_weights = [resolve_class_weight(p, i, index)
+                     for i, p in enumerate(cfg.phases)]
+    num_classes = len(index.class_names)
+    if num_classes < 2:
+        raise DataError(f"{index.source}: need at least 2 classes. Received: "
+                        f"{index.class_names}")
+
+    from finetune_cli import environment
+
+    env = environment.describe(argv)
+    gpu = any(d["type"] == "GPU" for d in env["devices"])
+    runtime = configure_runtime(cfg, gpu)
+    model, base = model_lib.build_model(cfg, num_classes)
+    plans = plan_phases(model, base, cfg.phases)
+
+    batch = cfg.data.batch_size
+    steps = max(1, math.ceil(len(index.splits["train"]) / batch))
+
+    run = RunDir.create(exp.output_dir, exp.name)
+    run.set_status("running")
+    out.attach_log(run / "log.txt")
+    try:
+        run.write_text("config.yaml", config_lib.to_yaml(cfg))
+        run.write_text("labels.txt", "\n".join(index.class_names) + "\n")
+        run.write_json("environment.json", env)
+        run.write_json("split.json", {s: {"files": len(v), "per_class": dict(
+            zip(index.class_names, index.counts(s)))} for s, v in index.splits.items()})
+        result = _train(cfg, out, run, index, model, base, plans, class_weights,
+                        steps, runtime, env)
+    except KeyboardInterrupt:
+        run.set_status("failed", reason="interrupted by the user (Ctrl-C)")
+        raise InterruptedRun(f"interrupted; partial results in {run.path}") from None
+    except FinetuneError as e:
+        run.set_status("failed", reason=str(e))
+        raise
+    except Exception as e:
+        run.set_status("failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        out.close()
+    return result
+
+
+def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
+           runtime, env) -> FinetuneResult:
+    exp = cfg.experiment
+    out.step(f"finetune {exp.name} -> {run.path}")
+    gpus = [d for d in env["devices"] if d["type"] == "GPU"]
+    out.info("devices: " + (", ".join(
+        f"{d['name']} ({d.get('model') or 'GPU'})" for d in gpus)
+        if gpus else "CPU only (no GPU found by TensorFlow)"))
+    out.info(f"precision: {'mixed_float16' if runtime['mixed_precision'] else 'float32'}"
+             f"; XLA: {'on' if runtime['xla'] else 'off'}")
+    out.info(f"data: {index.source}: {len(index.class_names)} classes, " + ", ".join(
+        f"{s} {len(v)}" for s, v in index.splits.items()))
+    out.info(f"model: {cfg.model.name} ({cfg.model.weights} weights), "
+             f"{model_lib.count_params(model.weights):,} parameters, input "
+             f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}")
+    out.table("plan", PLAN_COLUMNS, plan_rows(plans, steps))
+
+    augmenter = data_lib.build_augmenter(cfg.augmentation, exp.seed)
+    train_ds = data_lib.make_dataset(
+        index.splits["train"], len(index.class_names), cfg.data.image_size,
+        cfg.data.batch_size, shuffle=True, seed=exp.seed, augmenter=augmenter)
+    val_ds = data_lib.make_dataset(
+        index.splits["val"], len(index.class_names), cfg.data.image_size,
+        cfg.data.batch_size)
+
+    RunCallback = _make_callbacks_class()
+    tracker = RunCallback(run, out, exp.monitor, steps)
+    epoch = 0
+    phase_metrics = []
+    for plan, cw in zip(plans, class_weights):
+        phase = plan.phase
+        out.step(f"phase {plan.index + 1}/{len(plans)}: {phase.name}")
+        model_lib.apply_trainable(model, base, plan.layer_names, phase.batchnorm)
+        compile_phase(model, phase, steps, len(index.class_names), runtime["xla"])
+        tracker.start_phase(phase.name)
+        history = _fit(model, train_ds, val_ds, epoch, phase, cw,
+                       [tracker, *phase_callbacks(phase, run, exp.tensorboard)])
+        ran = len(history.epoch)
+        epoch += ran
+        tracker.restore_phase_best()
+        results = model.evaluate(val_ds, verbose=0, return_dict=True)
+        entry = {
+            "phase": phase.name,
+            "epochs_run": ran,
+            "last_epoch": epoch,
+            "best_epoch": tracker.best_phase_epoch,
+            "optimizer": type(model.optimizer).__name__,
+            "val_loss": float(results["loss"]),
+            "val_accuracy": float(results["accuracy"]),
+        }
+        phase_metrics.append(entry)
+        run.write_json("metrics.json", {"phases": phase_metrics})
+        out.success(
+            f"phase {phase.name}: val_accuracy {entry['val_accuracy']:.4f}, "
+            f"val_loss {entry['val_loss']:.4f} (best epoch {entry['best_epoch']}, "
+            f"{ran} epochs)")
+
+    # The run's model is its best epoch overall.
+    best = _load_best(run / "best.keras")
+    if best is not None:
+        for w, v in zip(model.weights, best.weights):
+            w.assign(v.numpy())
+    _save_base(base, run)
+    metrics = {
+        "monitor": exp.monitor,
+        "best_epoch": tracker.best_run_epoch,
+        "best_value": tracker.best_run,
+        "phases": phase_metrics,
+        "classes": index.class_names,
+    }
+    final = model.evaluate(val_ds, verbose=0, return_dict=True)
+    metrics["val"] = {"loss": float(final["loss"]),
+                      "accuracy": float(final["accuracy"])}
+    if index.splits.get("test"):
+        test_ds = data_lib.make_dataset(
+            index.splits["test"], len(index.class_names), cfg.data.image_size,
+            cfg.data.batch_size)
+        test = model.evaluate(test_ds, verbose=0, return_dict=True)
+        metrics["test"] = {"loss": float(test["loss"]),
+                           "accuracy": float(test["accuracy"])}
+    run.write_json("metrics.json", metrics)
+    run.set_status("completed")
+    run.mark_latest()
+    summary = f"best {exp.monitor} {tracker.best_run:.4f} at epoch {tracker.best_run_epoch}"
+    if "test" in metrics:
+        summary += f"; test accuracy {metrics['test']['accuracy']:.4f}"
+    out.success(f"done: {summary}. Run folder: {run.path}")
+    return FinetuneResult(run.path, metrics, tracker.rows)
+
+
+def _save_base(base, run):
+    with atomic_path(run / "base.weights.h5") as tmp:
+        base.save_weights(str(tmp))
+
+
+def _load_best(path):
+    import keras
+
+    if not Path(path).is_file():
+        return None
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def _fit(model, train_ds, val_ds, epoch, phase, class_weight, callbacks):
+    import tensorflow as tf
+
+    try:
+        return model.fit(
+            train_ds, validation_data=val_ds, initial_epoch=epoch,
+            epochs=epoch + phase.epochs, class_weight=class_weight,
+            callbacks=callbacks, verbose=0, shuffle=False)
+    except tf.errors.ResourceExhaustedError:
+        raise FinetuneError(
+            "out of memory on the device during training; lower "
+            "data.batch_size (or data.image_size) and try again") from None
+    except tf.errors.InvalidArgumentError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "decode" in msg.lower() or "image" in msg.lower():
+            raise DataError(f"an image could not be decoded during training: "
+                            f"{msg}") from None
+        raise
