@@ -32,7 +32,7 @@ class Application:
         """The `keras.applications` constructor (imports Keras)."""
         import keras
 
-        return getattr(getattr(keras.applications, self.module), self.name)
+        return getattr(keras.applications, self.name)
 
     def preprocess_input(self):
         """The application's own `preprocess_input` (imports Keras)."""

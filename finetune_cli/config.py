@@ -168,7 +168,7 @@ class Model(_Strict):
     weights: str = "imagenet"
     pooling: Literal["avg", "max"] = "avg"
     # Extra keyword arguments of the application constructor, e.g. alpha.
-    options: dict[str, Union[int, float, str, bool]] = {}
+    options: dict[str, Any] = {}
     # Override the BatchNormalization momentum of the base (useful when
     # training a base from scratch on little data). null keeps the default.
     bn_momentum: Optional[float] = Field(None, gt=0, lt=1)

@@ -74,7 +74,7 @@ def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
     c1 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
     t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
     bg = c0 * (1 - t) + c1 * t
-    bg = np.broadcast_to(bg, (size, size, 3)) + nprng.normal(0, 18, (size, size, 3))
+    bg = np.broadcast_to(bg, (size, size, 3)) + nprng.normal(0, 10, (size, size, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     mean = (c0 + c1) / 2
@@ -83,7 +83,7 @@ def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
         fill = tuple(rng.randint(0, 255) for _ in range(3))
         if np.abs(np.array(fill) - mean).sum() > 180:
             break
-    r = size * rng.uniform(0.22, 0.38)
+    r = size * rng.uniform(0.28, 0.42)
     cx = rng.uniform(r + 1, size - r - 1)
     cy = rng.uniform(r + 1, size - r - 1)
     angle = rng.uniform(0, 2 * math.pi)

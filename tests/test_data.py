@@ -1,0 +1,132 @@
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune_cli import config as config_lib
+from finetune_cli import data as data_lib
+from finetune_cli.errors import DataError
+
+
+def data_cfg(**kw):
+    kw.setdefault("split", {"train": 0.5, "val": 0.25, "test": 0.25})
+    return config_lib.Data(**kw)
+
+
+def test_folder_classes_and_counts(shapes_dir):
+    index = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=0)
+    assert index.class_names == ["circle", "square", "star", "triangle"]
+    assert index.counts("train") == [4, 4, 4, 4]
+    assert index.counts("val") == [2, 2, 2, 2]
+    assert index.counts("test") == [2, 2, 2, 2]
+    every = sorted(index.files("train") + index.files("val") + index.files("test"))
+    assert len(every) == len(set(every)) == 32
+
+
+def test_seeded_split_is_reproducible(shapes_dir):
+    a = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=5)
+    b = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=5)
+    c = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=6)
+    assert a.splits == b.splits
+    assert a.splits != c.splits
+
+
+def test_split_folders_layout(tmp_path, shapes_dir):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            src = next((shapes_dir / "circle").glob("*.jpg"))
+            for i in range(3 if split == "train" else 1):
+                (d / f"{i}.jpg").write_bytes(src.read_bytes())
+    index = data_lib.index_data(data_cfg(dir=str(tmp_path)), seed=0)
+    assert index.class_names == ["a", "b"]
+    assert index.counts("train") == [3, 3] and index.counts("val") == [1, 1]
+    assert "test" not in index.splits
+    (tmp_path / "val" / "c").mkdir()
+    with pytest.raises(DataError, match="class 'c' is in val/ but not in train/"):
+        data_lib.index_data(data_cfg(dir=str(tmp_path)), seed=0)
+
+
+def write_csv(path, rows, header=("path", "label")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_csv_manifest(shapes_dir):
+    rows = [(f"{p.parent.name}/{p.name}", p.parent.name)
+            for p in sorted(shapes_dir.glob("*/*"))]
+    manifest = write_csv(shapes_dir / "manifest.csv", rows)
+    try:
+        index = data_lib.index_data(data_cfg(csv=str(manifest)), seed=0)
+        assert index.class_names == ["circle", "square", "star", "triangle"]
+        assert sum(index.counts("train")) + sum(index.counts("val")) + sum(
+            index.counts("test")) == 32
+        folder = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=0)
+        # Same files, same seed: the CSV splits like the folders do.
+        assert sorted(index.files("val")) == sorted(
+            str(Path(p).resolve()) for p in folder.files("val"))
+    finally:
+        manifest.unlink()
+
+
+@pytest.mark.parametrize(
+    "rows, fragment",
+    [
+        ([("../outside.jpg", "a")], "points outside the CSV's folder"),
+        ([("missing.jpg", "a")], "line 2: file not found: missing.jpg"),
+        ([("notes.txt", "a")], "not an image file"),
+        ([("", "a")], "empty path or label"),
+    ],
+)
+def test_csv_bad_rows(tmp_path, rows, fragment):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    (tmp_path / "sub" / "notes.txt").write_text("x")
+    manifest = write_csv(tmp_path / "sub" / "m.csv", rows)
+    with pytest.raises(DataError, match=fragment):
+        data_lib.index_data(data_cfg(csv=str(manifest)), seed=0)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="data.dir: folder not found"):
+        data_lib.index_data(data_cfg(dir=str(tmp_path / "nope")), seed=0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "1.png")
+    with pytest.raises(DataError, match="class 'b' has no images"):
+        data_lib.index_data(data_cfg(dir=str(tmp_path)), seed=0)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "1.png")
+    with pytest.raises(DataError, match="class 'a' has 1 image.*at least 3"):
+        data_lib.index_data(data_cfg(dir=str(tmp_path)), seed=0)
+    (tmp_path / "a" / "README.txt").write_text("x")
+    with pytest.raises(DataError, match="not an image file.*README.txt"):
+        data_lib.index_data(data_cfg(dir=str(tmp_path)), seed=0)
+
+
+@pytest.mark.parametrize("mode, ext", [("L", "png"), ("RGBA", "png"),
+                                       ("P", "gif"), ("RGB", "bmp"),
+                                       ("LA", "png"), ("RGB", "jpg")])
+def test_any_image_mode_decodes_to_rgb(tmp_path, mode, ext):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / f"img.{ext}"
+    img.save(path)
+    out = np.asarray(data_lib.load_image(str(path), (16, 12)))
+    assert out.shape == (16, 12, 3) and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 255
+
+
+def test_dataset_batches_one_hot(shapes_dir):
+    index = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=0)
+    ds = data_lib.make_dataset(index.splits["train"], 4, (32, 32), 5)
+    batches = list(ds)
+    assert [int(x.shape[0]) for x, _ in batches] == [5, 5, 5, 1]
+    labels = np.concatenate([np.asarray(y) for _, y in batches])
+    assert labels.shape == (16, 4) and np.all(labels.sum(1) == 1)
+    np.testing.assert_array_equal(labels.argmax(1), index.labels("train"))
