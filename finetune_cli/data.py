@@ -255,6 +255,27 @@ def load_image(path, image_size):
     return tf.image.resize(image, image_size)
 
 
+def find_unreadable(paths, limit: int = 5) -> list[tuple[str, str]]:
+    """Files TensorFlow cannot decode, with the reason (at most `limit`).
+
+    Used to name the culprit when decoding fails inside a `tf.data` pipeline,
+    whose own error does not say which file it was reading.
+    """
+    import tensorflow as tf
+
+    bad = []
+    for path in paths:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3,
+                               expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+            reason = (e.message or str(e)).strip().splitlines()[0]
+            bad.append((path, reason))
+            if len(bad) >= limit:
+                break
+    return bad
+
+
 def make_dataset(
     samples,
     num_classes: int,

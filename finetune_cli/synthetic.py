@@ -29,10 +29,11 @@ TASKS = {
     "target": ("ring", "cross", "diamond", "hexagon"),
 }
 
-# (format, PIL mode) cycled over the images of each class.
-_FORMATS = [("jpg", "RGB")] * 6 + [("png", "RGB"), ("png", "L"),
-                                   ("png", "RGBA"), ("bmp", "RGB"),
-                                   ("gif", "P")]
+# (format, PIL mode) cycled over the images of each class; the unusual ones
+# come early so even a handful of images per class has them all.
+_FORMATS = [("jpg", "RGB"), ("png", "L"), ("png", "RGBA"), ("jpg", "RGB"),
+            ("bmp", "RGB"), ("jpg", "RGB"), ("gif", "P"), ("jpg", "RGB"),
+            ("png", "RGB"), ("jpg", "RGB"), ("jpg", "RGB")]
 
 
 def _polygon(cx, cy, radius, sides, angle, ratio=1.0):

@@ -426,7 +426,8 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         compile_phase(model, phase, steps, len(index.class_names), runtime["xla"])
         tracker.start_phase(phase.name)
         history = _fit(model, train_ds, val_ds, epoch, phase, cw,
-                       [tracker, *phase_callbacks(phase, run, exp.tensorboard)])
+                       [tracker, *phase_callbacks(phase, run, exp.tensorboard)],
+                       index)
         ran = len(history.epoch)
         epoch += ran
         tracker.restore_phase_best()
@@ -493,7 +494,8 @@ def _load_best(path):
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
-def _fit(model, train_ds, val_ds, epoch, phase, class_weight, callbacks):
+def _fit(model, train_ds, val_ds, epoch, phase, class_weight, callbacks,
+         index):
     import tensorflow as tf
 
     try:
@@ -505,9 +507,12 @@ def _fit(model, train_ds, val_ds, epoch, phase, class_weight, callbacks):
         raise FinetuneError(
             "out of memory on the device during training; lower "
             "data.batch_size (or data.image_size) and try again") from None
-    except tf.errors.InvalidArgumentError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "decode" in msg.lower() or "image" in msg.lower():
-            raise DataError(f"an image could not be decoded during training: "
-                            f"{msg}") from None
-        raise
+    except tf.errors.InvalidArgumentError:
+        # tf.data does not say which file failed: find it.
+        files = index.files("train") + index.files("val")
+        bad = data_lib.find_unreadable(files)
+        if not bad:
+            raise
+        listed = "; ".join(f"{p}: {why}" for p, why in bad)
+        raise DataError(f"image(s) could not be decoded during training: "
+                        f"{listed}") from None

@@ -213,6 +213,36 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
     assert "\x1b[" not in text  # plain output when not a terminal
 
 
+def test_training_data_has_grayscale_rgba_gif_bmp(shapes_dir, tmp_path):
+    """The end-to-end run above trains and validates on these files."""
+    from PIL import Image
+
+    cfg = make_config(shapes_dir, tmp_path)
+    index = data_lib.index_data(cfg.data, 3)
+    files = index.files("train") + index.files("val")
+    modes = {(Image.open(f).mode, f.rsplit(".", 1)[1]) for f in files}
+    assert {("L", "png"), ("RGBA", "png"), ("P", "gif"), ("RGB", "bmp")} <= modes
+
+
+def test_corrupt_image_fails_with_data_error_and_failed_status(tmp_path):
+    from finetune_cli import synthetic
+
+    data = tmp_path / "data"
+    synthetic.generate(data, "source", per_class=4, size=32)
+    (data / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    path = tmp_path / "c.yaml"
+    raw = tiny_config(data, tmp_path)
+    raw["data"]["split"] = {"train": 1 - 0.25, "val": 0.25, "test": 0.0}
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["finetune", str(path)])
+    assert result.exit_code == 3, result.output
+    assert "could not be decoded" in result.output
+    assert "Traceback" not in result.output
+    (run,) = [p for p in (tmp_path / "runs" / "t").iterdir()]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "decoded" in status["reason"]
+
+
 def test_cli_finetune_with_overrides_never_overwrites(shapes_dir, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config(shapes_dir, tmp_path)))
