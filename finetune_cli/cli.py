@@ -103,6 +103,146 @@ def finetune(
     _run(out, debug, job)
 
 
+def _render_evaluation(out: Output, ev) -> None:
+    from finetune_cli.evaluation import fmt
+
+    m = ev.metrics
+    out.step(f"evaluate {m['model']} on {m['data']} ({m['split']}, "
+             f"{m['num_samples']} images)")
+    s = m["summary"]
+    out.table("metrics", ["metric", "value"],
+              [[("top_%d_accuracy" % m["top_k"]) if k == "top_k_accuracy" else k,
+                fmt(v)] for k, v in s.items()])
+    out.table("per class", ["class", "precision", "recall", "f1", "support"],
+              [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]),
+                v["support"]] for c, v in m["per_class"].items()])
+    if m["most_confused"]:
+        out.table("most confused", ["true", "predicted", "count"],
+                  [[p["true"], p["predicted"], p["count"]]
+                   for p in m["most_confused"][:5]])
+    out.info(f"report: {ev.out_dir / 'report.html'}")
+
+
+@app.command()
+def evaluate(
+    target: Annotated[Path, typer.Argument(
+        help="A run folder (uses best.keras) or a .keras file with labels.txt "
+             "beside it.", show_default=False)],
+    config: Annotated[Optional[Path], typer.Option(
+        help="Take the data (and split) from this config instead of the "
+             "run's.")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Evaluate on this folder of class folders (all images) or CSV.")] = None,
+    split: Annotated[str, typer.Option(help="Which split of the data.")] = "test",
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output folder. Default: RUN/eval/<name or split>.")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Name of the evaluation folder under RUN/eval/.")] = None,
+    top_k: Annotated[int, typer.Option(help="k of top-k accuracy.")] = 5,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print only the metrics JSON to stdout.")] = False,
+    fail_under: Annotated[Optional[list[str]], typer.Option(
+        metavar="METRIC=VALUE",
+        help="Gate: fail (exit 4) when METRIC is below VALUE. Repeatable.")] = None,
+    fail_over: Annotated[Optional[list[str]], typer.Option(
+        metavar="METRIC=VALUE",
+        help="Gate: fail (exit 4) when METRIC (log_loss, ece) is above VALUE.")] = None,
+    compare_to: Annotated[Optional[Path], typer.Option(
+        help="Gate: fail (exit 4) when worse than this run or model on the "
+             "same images.")] = None,
+    tolerance: Annotated[float, typer.Option(
+        help="How much worse --compare-to allows.")] = 0.005,
+    compare_metric: Annotated[str, typer.Option(
+        help="Metric --compare-to compares.")] = "accuracy",
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Held-out metrics, per-class report, confusion matrix, plots, gates.
+
+    Exit codes: 0 all gates passed, 4 a gate failed, 2/3 config/data errors.
+    """
+    out = Output(quiet=quiet or json_out, plain=plain)
+
+    def job():
+        from finetune_cli import evaluation
+
+        under = evaluation.parse_gates(fail_under, "--fail-under")
+        over = evaluation.parse_gates(fail_over, "--fail-over")
+        if compare_metric not in evaluation.METRIC_KEYS:
+            raise_config(f"--compare-metric: expected one of "
+                         f"{', '.join(evaluation.METRIC_KEYS)}. Received: "
+                         f"{compare_metric!r}")
+        cfg = _load(config, set_) if config is not None else None
+        _quiet_tensorflow()
+        ev = evaluation.evaluate(target, config=cfg, data=data, split=split,
+                                 out=out_dir, name=name, top_k=top_k)
+        if json_out:
+            out.text(json.dumps(ev.metrics, indent=2))
+        else:
+            _render_evaluation(out, ev)
+        evaluation.gate(ev, fail_under=under, fail_over=over,
+                        compare_to=compare_to, tolerance=tolerance,
+                        compare_metric=compare_metric)
+        if under or over or compare_to is not None:
+            out.success("all gates passed")
+
+    _run(out, debug, job)
+
+
+@app.command()
+def predict(
+    target: Annotated[Path, typer.Argument(
+        help="A run folder or a .keras file with labels.txt beside it.",
+        show_default=False)],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files and/or folders (searched recursively).",
+        show_default=False)],
+    top_k: Annotated[int, typer.Option(help="How many labels per image.")] = 3,
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write predictions to a .csv or .json file.")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Batch inference on image files, with labels.
+
+    Unreadable images are reported by name; the others are still predicted,
+    and the exit code is then 3.
+    """
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        _quiet_tensorflow()
+        from finetune_cli import evaluation
+        from finetune_cli.errors import DataError
+
+        rows = evaluation.predict(target, images, top_k=top_k)
+        if out_file is not None:
+            evaluation.write_predictions(rows, out_file)
+        out.table("predictions", ["file", "label", "confidence", f"top {top_k}"],
+                  [[r["file"], r["label"] or "-",
+                    evaluation.fmt(r["confidence"]),
+                    ", ".join(f"{t['label']} {t['probability']:.3f}"
+                              for t in r["top_k"]) or r["error"]]
+                   for r in rows])
+        if out_file is not None:
+            out.info(f"wrote {len(rows)} rows to {out_file}")
+        bad = [r for r in rows if r["error"]]
+        if bad:
+            raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(
+                f"{r['file']}: {r['error']}" for r in bad[:5]))
+
+    _run(out, debug, job)
+
+
+def raise_config(message: str):
+    from finetune_cli.errors import ConfigError
+
+    raise ConfigError(message)
+
+
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
     """Print the resolved config (defaults and overrides applied) as YAML."""

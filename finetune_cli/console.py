@@ -37,12 +37,15 @@ class Output:
     ):
         self.console = Console(file=file or sys.stdout, highlight=False,
                                soft_wrap=False)
-        self.err = Console(file=err_file or sys.stderr, highlight=False)
+        # Messages are never wrapped: one error is one line in a log.
+        self.err = Console(file=err_file or sys.stderr, highlight=False,
+                           soft_wrap=True)
         self.plain = (not self.console.is_terminal) if plain is None else plain
         if self.plain:
             self.console = Console(file=file or sys.stdout, highlight=False,
                                    no_color=True, force_terminal=False,
-                                   width=max(self.console.width, 120))
+                                   width=max(self.console.width, 120),
+                                   soft_wrap=True)
         self.quiet = quiet
         self._log: Optional[Console] = None
         self._log_file = None
@@ -53,7 +56,8 @@ class Output:
         """Also write everything, plain, to `path` (appending)."""
         self._log_file = open(path, "a", encoding="utf-8")
         self._log = Console(file=self._log_file, no_color=True, width=120,
-                            force_terminal=False, highlight=False)
+                            force_terminal=False, highlight=False,
+                            soft_wrap=True)
 
     def close(self) -> None:
         if self._log_file is not None:

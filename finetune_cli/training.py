@@ -472,6 +472,16 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         metrics["test"] = {"loss": float(test["loss"]),
                            "accuracy": float(test["accuracy"])}
     run.write_json("metrics.json", metrics)
+    if index.splits.get("test"):
+        # The held-out report, as `finetune-cli evaluate RUN` would write it.
+        from finetune_cli import evaluation
+
+        _save_best_if_missing(model, run)
+        ev = evaluation.evaluate(run.path, config=cfg, split="test")
+        metrics["test"].update(ev.metrics["summary"])
+        metrics["test"]["report"] = str(ev.out_dir / "report.html")
+        run.write_json("metrics.json", metrics)
+        out.info(f"test report: {ev.out_dir / 'report.html'}")
     run.set_status("completed")
     run.mark_latest()
     summary = f"best {exp.monitor} {tracker.best_run:.4f} at epoch {tracker.best_run_epoch}"
@@ -479,6 +489,12 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         summary += f"; test accuracy {metrics['test']['accuracy']:.4f}"
     out.success(f"done: {summary}. Run folder: {run.path}")
     return FinetuneResult(run.path, metrics, tracker.rows)
+
+
+def _save_best_if_missing(model, run):
+    # A run whose monitor never produced a number has no best.keras yet.
+    if not (run / "best.keras").is_file():
+        save_model(model, run / "best.keras")
 
 
 def _save_base(base, run):

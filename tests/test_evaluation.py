@@ -1,0 +1,251 @@
+"""evaluate / predict: metrics agree with scikit-learn, files are real,
+gates exit with their own code."""
+
+import csv
+import html.parser
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune_cli import config as config_lib
+from finetune_cli import data as data_lib
+from finetune_cli import evaluation
+from finetune_cli import model as model_lib
+from finetune_cli import training
+from finetune_cli.cli import app
+from finetune_cli.console import Output
+from finetune_cli.errors import EXIT_GATE
+
+from conftest import tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(shapes_dir, tmp_path_factory):
+    """A small finished run with a test split (finetune writes eval/test)."""
+    tmp = tmp_path_factory.mktemp("evalrun")
+    raw = tiny_config(shapes_dir, tmp, phases=[
+        {"name": "head", "epochs": 3, "learning_rate": 3e-2},
+        {"name": "top", "epochs": 1, "trainable": {"top": 5},
+         "learning_rate": 1e-3}])
+    return training.finetune(config_lib.validate(raw), Output(file=open("/dev/null", "w"))).run_dir
+
+
+def test_numpy_metrics_equal_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    n, c = 200, 5
+    y = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c)) + 2.0 * np.eye(c)[y] * rng.uniform(0, 1, (n, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    names = list("abcde")
+    m = evaluation.compute_metrics(y, probs, names, top_k=3)
+    pred = probs.argmax(1)
+    assert m["summary"]["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert m["summary"]["top_k_accuracy"] == pytest.approx(
+        sk.top_k_accuracy_score(y, probs, k=3, labels=range(c)))
+    assert m["summary"]["log_loss"] == pytest.approx(sk.log_loss(y, probs, labels=range(c)))
+    np.testing.assert_array_equal(m["confusion_matrix"], sk.confusion_matrix(y, pred))
+    p, r, f, s = sk.precision_recall_fscore_support(y, pred, zero_division=0)
+    for i, name in enumerate(names):
+        got = m["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == \
+            pytest.approx((p[i], r[i], f[i], s[i]))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = sk.precision_recall_fscore_support(y, pred, average=avg,
+                                                        zero_division=0)
+        assert m["summary"][f"{avg}_precision"] == pytest.approx(p)
+        assert m["summary"][f"{avg}_recall"] == pytest.approx(r)
+        assert m["summary"][f"{avg}_f1"] == pytest.approx(f)
+    cm = np.array(m["confusion_matrix"])
+    worst = m["most_confused"][0]
+    i, j = names.index(worst["true"]), names.index(worst["predicted"])
+    assert worst["count"] == cm[~np.eye(c, dtype=bool)].max() == cm[i, j]
+
+
+def test_ece_by_hand():
+    # Four predictions at confidence 0.8, two right: |0.5 - 0.8| = 0.3.
+    probs = np.array([[0.8, 0.2]] * 4)
+    y = np.array([0, 0, 1, 1])
+    assert evaluation.expected_calibration_error(y, probs) == pytest.approx(0.3)
+    # Perfectly calibrated: confidence 1.0, all right.
+    assert evaluation.expected_calibration_error(np.array([0, 1]),
+                                                 np.eye(2)) == pytest.approx(0.0)
+
+
+def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
+    sk = pytest.importorskip("sklearn.metrics")
+    import keras
+
+    out = run_dir / "eval" / "test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = config_lib.load_config(run_dir / "config.yaml")
+    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    model = keras.saving.load_model(run_dir / "best.keras", safe_mode=True)
+    x = np.stack([np.asarray(data_lib.load_image(f, (32, 32)))
+                  for f in index.files("test")])
+    probs = model.predict(x, verbose=0)
+    y = np.array(index.labels("test"))
+    pred = probs.argmax(1)
+    assert metrics["num_samples"] == len(y) == 8
+    assert metrics["summary"]["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    np.testing.assert_array_equal(metrics["confusion_matrix"],
+                                  sk.confusion_matrix(y, pred, labels=range(4)))
+    f1 = sk.f1_score(y, pred, average=None, labels=range(4), zero_division=0)
+    assert [metrics["per_class"][c]["f1"] for c in metrics["classes"]] == \
+        pytest.approx(f1)
+    assert metrics["summary"]["log_loss"] == pytest.approx(
+        sk.log_loss(y, probs.astype("float64"), labels=range(4)), rel=1e-5)
+    # The run's metrics.json carries the test report's summary.
+    run_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run_metrics["test"]["accuracy"] == pytest.approx(
+        metrics["summary"]["accuracy"])
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["file"] for r in rows] == index.files("test")
+    assert [r["predicted"] for r in rows] == [metrics["classes"][i] for i in pred]
+    per_class = list(csv.DictReader(open(out / "per_class.csv")))
+    assert [r["class"] for r in per_class] == metrics["classes"]
+
+
+def test_pngs_are_real_images_and_report_has_every_section(run_dir):
+    out = run_dir / "eval" / "test"
+    with Image.open(out / "confusion_matrix.png") as im:
+        assert im.format == "PNG" and im.size == (900, 400)
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1100, 400)
+
+    class Sections(html.parser.HTMLParser):
+        ids, images = set(), []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if "id" in attrs:
+                self.ids.add(attrs["id"])
+            if tag == "img":
+                self.images.append(attrs["src"])
+
+    parser = Sections()
+    parser.feed((out / "report.html").read_text())
+    assert {"summary", "per-class", "confusion", "most-confused", "curves",
+            "mistakes"} <= parser.ids
+    # Self-contained: every picture is inline and decodes.
+    import base64
+    import io
+
+    assert parser.images and all(s.startswith("data:image/") for s in parser.images)
+    for src in parser.images:
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+
+
+def test_cli_json_and_gates(run_dir):
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
+    acc = metrics["summary"]["accuracy"]
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--json", "--name",
+                                 "j", "--fail-under", f"accuracy={acc}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["accuracy"] == pytest.approx(acc)
+
+    threshold = round(acc + 0.01, 4)
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--name", "g",
+                                 "--fail-under", f"accuracy={threshold}"])
+    assert result.exit_code == EXIT_GATE
+    assert f"accuracy {acc:.4f} < {threshold:g}" in result.output
+    assert "short by 0.0100" in result.output
+    gates = json.loads((run_dir / "eval" / "g" / "gates.json").read_text())
+    assert gates["passed"] is False
+
+    ll = metrics["summary"]["log_loss"]
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--name", "g2",
+                                 "--fail-over", f"log_loss={ll / 2:.4f}"])
+    assert result.exit_code == EXIT_GATE and "log_loss" in result.output
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--fail-under",
+                                 "log_loss=0.5"])
+    assert result.exit_code == 2 and "use --fail-over" in result.output
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--fail-under",
+                                 "acuracy=0.5"])
+    assert result.exit_code == 2 and "did you mean 'accuracy'" in result.output
+
+
+def constant_model(tmp_path, name, cls, shapes_dir):
+    """A model that always predicts class `cls`, saved with labels.txt."""
+    import keras
+
+    cfg = config_lib.validate(tiny_config(shapes_dir, tmp_path))
+    model, _ = model_lib.build_model(cfg, 4)
+    out = model.get_layer(model_lib.OUTPUT_NAME)
+    kernel, bias = out.get_weights()
+    out.set_weights([np.zeros_like(kernel), 10 * np.eye(4)[cls].astype("float32")])
+    folder = tmp_path / name
+    folder.mkdir()
+    model.save(folder / "model.keras")
+    (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
+    assert isinstance(model, keras.Model)
+    return folder / "model.keras"
+
+
+def test_compare_to_fails_when_worse_on_same_data(tmp_path, shapes_dir):
+    # Unbalanced held-out folder: 1 circle, 3 of each other class.
+    data = tmp_path / "holdout"
+    for cls in ("circle", "square", "star", "triangle"):
+        (data / cls).mkdir(parents=True)
+        files = sorted((shapes_dir / cls).iterdir())[: 1 if cls == "circle" else 3]
+        for f in files:
+            (data / cls / f.name).write_bytes(f.read_bytes())
+    good = constant_model(tmp_path, "good", 1, shapes_dir)   # square: 3/10
+    bad = constant_model(tmp_path, "bad", 0, shapes_dir)     # circle: 1/10
+    result = runner.invoke(app, ["evaluate", str(bad), "--data", str(data),
+                                 "--out", str(tmp_path / "e1"),
+                                 "--compare-to", str(good)])
+    assert result.exit_code == EXIT_GATE, result.output
+    assert "accuracy 0.1000 is worse than the reference's 0.3000" in result.output
+    result = runner.invoke(app, ["evaluate", str(good), "--data", str(data),
+                                 "--out", str(tmp_path / "e2"),
+                                 "--compare-to", str(bad)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(bad), "--data", str(data),
+                                 "--out", str(tmp_path / "e3"), "--compare-to",
+                                 str(good), "--tolerance", "0.25"])
+    assert result.exit_code == 0, result.output
+
+
+def test_class_mismatch_is_a_clear_error(tmp_path, shapes_dir):
+    model = constant_model(tmp_path, "m", 0, shapes_dir)
+    data = tmp_path / "other"
+    for cls in ("circle", "square", "hexagon"):
+        (data / cls).mkdir(parents=True)
+        src = next((shapes_dir / "circle").glob("*.jpg"))
+        (data / cls / "a.jpg").write_bytes(src.read_bytes())
+    result = runner.invoke(app, ["evaluate", str(model), "--data", str(data)])
+    assert result.exit_code == 3
+    assert "does not know: ['hexagon']" in result.output
+    assert "no images in the data: ['star', 'triangle']" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_folder_one_row_per_image_and_bad_image_named(tmp_path, shapes_dir):
+    model = constant_model(tmp_path, "m", 2, shapes_dir)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    srcs = sorted((shapes_dir / "square").iterdir())[:5]
+    for f in srcs:
+        (folder / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(app, ["predict", str(model), str(folder), "--out",
+                                 str(out), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 5 and {r["label"] for r in rows} == {"star"}
+    assert all(len(r["top_k"].split(";")) == 2 for r in rows)
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out_json = tmp_path / "preds.json"
+    result = runner.invoke(app, ["predict", str(model), str(folder), "--out",
+                                 str(out_json)])
+    assert result.exit_code == 3
+    assert "zz_broken.png" in result.output
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 6 and rows[-1]["error"] and rows[0]["label"] == "star"
