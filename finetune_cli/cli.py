@@ -124,6 +124,45 @@ def _render_evaluation(out: Output, ev) -> None:
 
 
 @app.command()
+def extract(
+    config: ConfigArg,
+    split: Annotated[str, typer.Option(
+        help="Which split: train, val, test or all.")] = "all",
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder for the features. Default: "
+                      "<feature_cache.dir>/<experiment.name>.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Run the frozen base over the data; stream features to disk in shards.
+
+    Reuses features whose content key (model, weights, size, data files)
+    still matches, and says why when it recomputes.
+    """
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        if split not in ("train", "val", "test", "all"):
+            raise_config(f"--split must be train, val, test or all. Received: "
+                         f"{split!r}")
+        cfg = _load(config, set_)
+        _quiet_tensorflow()
+        from finetune_cli import features
+
+        results = features.extract_command(cfg, out, split, out_dir)
+        out.table("features", ["split", "images", "feature dim", "seconds",
+                               "images/s", "cache", "folder"],
+                  [[r.split, r.images, r.feature_dim, f"{r.seconds:.1f}",
+                    f"{r.images / r.seconds:.1f}" if r.seconds else "-",
+                    "reused" if r.reused else "computed", str(r.folder)]
+                   for r in results])
+
+    _run(out, debug, job)
+
+
+@app.command()
 def evaluate(
     target: Annotated[Path, typer.Argument(
         help="A run folder (uses best.keras) or a .keras file with labels.txt "

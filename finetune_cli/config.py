@@ -443,6 +443,24 @@ class Phase(_Strict):
         return self
 
 
+class FeatureCache(_Strict):
+    """Cached base features for phases that train only the head.
+
+    A phase whose base is frozen, before any phase that trains the base,
+    trains its head on features computed once (see `finetune-cli extract`)
+    instead of running the base every epoch.
+    """
+
+    enabled: bool = True
+    dir: str = "features"
+    # With augmentation declared: "faithful" runs the base every epoch on
+    # freshly augmented images; "views" caches `views` augmented copies of
+    # each training image and cycles through them, one per epoch.
+    augmented: Literal["faithful", "views"] = "faithful"
+    views: int = Field(4, ge=2)
+    shard_size: int = Field(1024, ge=1)
+
+
 class Runtime(_Strict):
     # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
     mixed_precision: Literal["auto", "on", "off"] = "auto"
@@ -458,6 +476,7 @@ class Config(_Strict):
     head: list[HeadLayer] = []
     augmentation: list[Augmentation] = []
     phases: list[Phase] = Field(min_length=1)
+    feature_cache: FeatureCache = FeatureCache()
     runtime: Runtime = Runtime()
 
     @model_validator(mode="after")

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
 from finetune_cli import model as model_lib
@@ -186,8 +188,11 @@ def _make_callbacks_class():
         """
 
         def __init__(self, run: RunDir, out: Output, monitor: str,
-                     steps_per_epoch: int):
+                     steps_per_epoch: int, full_model):
             super().__init__()
+            # The model saved to best/last.keras; `self.model` may be the
+            # head alone when a phase trains on cached features.
+            self.full_model = full_model
             self.run = run
             self.out = out
             self.monitor = monitor
@@ -198,8 +203,9 @@ def _make_callbacks_class():
             self.phase_name = ""
             self._progress = None
 
-        def start_phase(self, name: str):
+        def start_phase(self, name: str, steps: int):
             self.phase_name = name
+            self.steps = steps
             self.best_phase = None
             self.best_phase_epoch = None
             self.best_phase_weights = None
@@ -228,8 +234,8 @@ def _make_callbacks_class():
                 self.best_phase_weights = [w.numpy() for w in self.model.weights]
             if _improved(self.monitor, value, self.best_run):
                 self.best_run, self.best_run_epoch = value, epoch + 1
-                save_model(self.model, self.run / "best.keras")
-            save_model(self.model, self.run / "last.keras")
+                save_model(self.full_model, self.run / "best.keras")
+            save_model(self.full_model, self.run / "last.keras")
             write_history(self.run / "history.csv", self.rows)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
                               if k != "learning_rate")
@@ -300,9 +306,38 @@ def configure_runtime(cfg, gpu: bool) -> dict:
     return {"mixed_precision": mixed, "xla": cfg.runtime.xla}
 
 
-def plan_rows(plans, steps_per_epoch: int):
-    rows = []
+def feature_paths(cfg, plans) -> list[str]:
+    """How each phase gets its base outputs: "features", "views" or "base".
+
+    Cached features serve a phase whose base is frozen and that comes
+    before any phase that trains the base (after that they are stale).
+    """
+    paths, base_trained = [], False
+    fc = cfg.feature_cache
     for p in plans:
+        if not fc.enabled or p.layer_names or base_trained:
+            paths.append("base")
+        elif cfg.augmentation and fc.augmented == "faithful":
+            paths.append("base")
+        elif cfg.augmentation:
+            paths.append("views")
+        else:
+            paths.append("features")
+        base_trained = base_trained or bool(p.layer_names)
+    return paths
+
+
+def describe_path(path: str, cfg) -> str:
+    if path == "features":
+        return "cached features"
+    if path == "views":
+        return f"cached features, {cfg.feature_cache.views} augmented views"
+    return "base every epoch"
+
+
+def plan_rows(plans, steps_per_epoch: int, paths=None, cfg=None):
+    rows = []
+    for i, p in enumerate(plans):
         ph = p.phase
         if ph.trainable == "none":
             what = "head only"
@@ -324,12 +359,51 @@ def plan_rows(plans, steps_per_epoch: int):
             str(p.index + 1), ph.name, what, f"{p.trainable_params:,}",
             f"{p.frozen_params:,}", bn, ph.optimizer.name,
             f"{ph.learning_rate:g}", sched, str(ph.epochs),
+            describe_path(paths[i], cfg) if paths else "base every epoch",
         ])
     return rows
 
 
-PLAN_COLUMNS = ["#", "phase", "trains", "trainable params", "frozen params",
-                "BN mode", "optimizer", "LR", "schedule", "epochs"]
+PLAN_COLUMNS = ["#", "phase", "trains", "trainable", "frozen",
+                "BN mode", "optimizer", "LR", "schedule", "epochs", "path"]
+
+
+def head_model(model, base):
+    """The layers after the base as their own model (sharing weights).
+
+    Training it trains the full model's head: grafting back is exact.
+    """
+    import keras
+
+    head_layers = model.layers[model.layers.index(base) + 1:]
+    inputs = keras.Input(tuple(base.output.shape[1:]), name="features")
+    x = inputs
+    for layer in head_layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
+
+
+def feature_dataset(feats, labels, num_classes: int, batch_size: int, *,
+                    shuffle: bool, seed: int):
+    """Batches of (features, one-hot) from cached features [views, n, d].
+
+    With several views, epoch e uses view e mod views of every image.
+    """
+    import tensorflow as tf
+
+    onehot = np.eye(num_classes, dtype="float32")[labels]
+    views, n = feats.shape[0], feats.shape[1]
+    if views == 1:
+        ds = tf.data.Dataset.from_tensor_slices((feats[0], onehot))
+        if shuffle:
+            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    per_view = tf.data.Dataset.from_tensor_slices(
+        (feats, np.broadcast_to(onehot, (views,) + onehot.shape).copy()))
+    ds = per_view.repeat().flat_map(
+        lambda f, y: tf.data.Dataset.from_tensor_slices((f, y)).shuffle(
+            n, seed=seed).batch(batch_size))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 # --------------------------------------------------------------------------
@@ -405,7 +479,8 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
     out.info(f"model: {cfg.model.name} ({cfg.model.weights} weights), "
              f"{model_lib.count_params(model.weights):,} parameters, input "
              f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}")
-    out.table("plan", PLAN_COLUMNS, plan_rows(plans, steps))
+    paths = feature_paths(cfg, plans)
+    out.table("plan", PLAN_COLUMNS, plan_rows(plans, steps, paths, cfg))
 
     augmenter = data_lib.build_augmenter(cfg.augmentation, exp.seed)
     train_ds = data_lib.make_dataset(
@@ -416,28 +491,37 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         cfg.data.batch_size)
 
     RunCallback = _make_callbacks_class()
-    tracker = RunCallback(run, out, exp.monitor, steps)
+    tracker = RunCallback(run, out, exp.monitor, steps, model)
     epoch = 0
     phase_metrics = []
-    for plan, cw in zip(plans, class_weights):
+    cached = None
+    for plan, cw, path in zip(plans, class_weights, paths):
         phase = plan.phase
-        out.step(f"phase {plan.index + 1}/{len(plans)}: {phase.name}")
+        out.step(f"phase {plan.index + 1}/{len(plans)}: {phase.name} "
+                 f"({describe_path(path, cfg)})")
         model_lib.apply_trainable(model, base, plan.layer_names, phase.batchnorm)
-        compile_phase(model, phase, steps, len(index.class_names), runtime["xla"])
-        tracker.start_phase(phase.name)
-        history = _fit(model, train_ds, val_ds, epoch, phase, cw,
+        fit_model, fit_train, fit_val, fit_steps = model, train_ds, val_ds, None
+        if path != "base":
+            if cached is None or cached[0] != path:
+                cached = (path, *_cached_datasets(cfg, out, model, base, index, path))
+            _, fit_model, fit_train, fit_val, fit_steps = cached
+        compile_phase(fit_model, phase, steps, len(index.class_names),
+                      runtime["xla"])
+        tracker.start_phase(phase.name, steps)
+        history = _fit(fit_model, fit_train, fit_val, epoch, phase, cw,
                        [tracker, *phase_callbacks(phase, run, exp.tensorboard)],
-                       index)
+                       index, steps_per_epoch=fit_steps)
         ran = len(history.epoch)
         epoch += ran
         tracker.restore_phase_best()
-        results = model.evaluate(val_ds, verbose=0, return_dict=True)
+        results = fit_model.evaluate(fit_val, verbose=0, return_dict=True)
         entry = {
             "phase": phase.name,
             "epochs_run": ran,
             "last_epoch": epoch,
             "best_epoch": tracker.best_phase_epoch,
-            "optimizer": type(model.optimizer).__name__,
+            "optimizer": type(fit_model.optimizer).__name__,
+            "path": path,
             "val_loss": float(results["loss"]),
             "val_accuracy": float(results["accuracy"]),
         }
@@ -461,6 +545,10 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         "phases": phase_metrics,
         "classes": index.class_names,
     }
+    if fit_model is not model:
+        # The last phase trained the head on features: the full model was
+        # never compiled; it only needs the loss and metrics now.
+        compile_phase(model, cfg.phases[-1], steps, len(index.class_names), False)
     final = model.evaluate(val_ds, verbose=0, return_dict=True)
     metrics["val"] = {"loss": float(final["loss"]),
                       "accuracy": float(final["accuracy"])}
@@ -510,15 +598,43 @@ def _load_best(path):
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
+def _cached_datasets(cfg, out, model, base, index, path):
+    """Extract (or reuse) features; the head model and its datasets."""
+    from finetune_cli import features
+
+    preprocess = (model.get_layer(model_lib.PREPROCESS_NAME)
+                  if any(l.name == model_lib.PREPROCESS_NAME for l in model.layers)
+                  else None)
+    extractor = features.extractor_from(base, preprocess, cfg.data.image_size)
+    root = features.cache_root(cfg)
+    views = cfg.feature_cache.views if path == "views" else 1
+    augmenter = (data_lib.build_augmenter(cfg.augmentation, cfg.experiment.seed)
+                 if views > 1 else None)
+    train_dir = root / ("train" if views == 1 else f"train-{views}views")
+    train_fs, _ = features.get_features(cfg, extractor, index, "train", train_dir,
+                                        out, views=views, augmenter=augmenter)
+    val_fs, _ = features.get_features(cfg, extractor, index, "val", root / "val", out)
+    k = len(index.class_names)
+    f, labels, _ = train_fs.load()
+    train = feature_dataset(f, labels, k, cfg.data.batch_size, shuffle=True,
+                            seed=cfg.experiment.seed)
+    vf, vlabels, _ = val_fs.load()
+    val = feature_dataset(vf, vlabels, k, cfg.data.batch_size, shuffle=False,
+                          seed=0)
+    steps = math.ceil(f.shape[1] / cfg.data.batch_size) if views > 1 else None
+    return head_model(model, base), train, val, steps
+
+
 def _fit(model, train_ds, val_ds, epoch, phase, class_weight, callbacks,
-         index):
+         index, steps_per_epoch=None):
     import tensorflow as tf
 
     try:
         return model.fit(
             train_ds, validation_data=val_ds, initial_epoch=epoch,
             epochs=epoch + phase.epochs, class_weight=class_weight,
-            callbacks=callbacks, verbose=0, shuffle=False)
+            callbacks=callbacks, verbose=0, shuffle=False,
+            steps_per_epoch=steps_per_epoch)
     except tf.errors.ResourceExhaustedError:
         raise FinetuneError(
             "out of memory on the device during training; lower "

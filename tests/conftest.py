@@ -27,6 +27,7 @@ def tiny_config(data_dir, tmp_path, **sections):
         "model": {"name": "MobileNetV2", "weights": "none",
                   "options": {"alpha": 0.35}},
         "phases": [{"name": "head", "epochs": 1}],
+        "feature_cache": {"dir": str(tmp_path / "features")},
     }
     raw.update(sections)
     return raw

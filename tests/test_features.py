@@ -1,0 +1,226 @@
+"""extract and the feature cache: exact, keyed on content, grafted back."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from finetune_cli import config as config_lib
+from finetune_cli import data as data_lib
+from finetune_cli import features
+from finetune_cli import model as model_lib
+from finetune_cli import training
+from finetune_cli.cli import app
+from finetune_cli.console import Output
+
+from conftest import tiny_config
+
+runner = CliRunner()
+
+
+def quiet():
+    return Output(file=open(os.devnull, "w"))
+
+
+@pytest.fixture
+def setup(shapes_dir, tmp_path):
+    """A config with a weights file the test wrote, and a copy of the data."""
+    import shutil
+
+    import keras
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    keras.utils.set_random_seed(0)
+    base = model_lib.build_base(config_lib.Model(
+        name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
+    # Random MobileNetV2 weights give near-zero features; scale BN gammas so
+    # the features carry signal (and differ between images).
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.gamma.assign(layer.gamma * 3.0)
+    weights = tmp_path / "pre.weights.h5"
+    base.save_weights(str(weights))
+    raw = tiny_config(data, tmp_path)
+    raw["model"]["weights"] = str(weights)
+    return raw, data, weights
+
+
+def extract_split(raw, split="train", out=None):
+    cfg = config_lib.validate(raw)
+    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    extractor = features.build_extractor(cfg)
+    folder = out or features.cache_root(cfg) / split
+    return features.get_features(cfg, extractor, index, split, folder, quiet())
+
+
+def test_features_are_bit_identical_across_runs(setup, tmp_path):
+    raw, _, _ = setup
+    a, ra = extract_split(raw, out=tmp_path / "a")
+    b, rb = extract_split(raw, out=tmp_path / "b")
+    assert not ra.reused and not rb.reused
+    fa, la, pa = a.load()
+    fb, lb, pb = b.load()
+    assert fa.shape == (1, 16, 1280) and np.abs(fa).max() > 0
+    np.testing.assert_array_equal(fa, fb)
+    assert pa == pb and list(la) == list(lb)
+    again, r = extract_split(raw, out=tmp_path / "a")
+    assert r.reused
+
+
+def test_shards_are_plain_numpy_with_a_manifest(setup, tmp_path):
+    raw, _, _ = setup
+    raw["feature_cache"]["shard_size"] = 5
+    fs, _ = extract_split(raw, out=tmp_path / "f")
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["format"] == "finetune-cli-features/1"
+    # Whole batches (8) go to a shard until it holds >= 5 rows: 2 shards.
+    assert len(manifest["shards"]) == 2
+    # Readable with NumPy alone, without our package.
+    code = (
+        "import json, numpy as np, sys; d = sys.argv[1]; "
+        "m = json.load(open(d + '/manifest.json')); "
+        "z = [np.load(d + '/' + s) for s in m['shards']]; "
+        "f = np.concatenate([s['features'] for s in z]); "
+        "assert f.shape == (m['num_images'], m['feature_dim']), f.shape; "
+        "assert 'finetune_cli' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], check=True)
+
+
+def test_changes_invalidate_the_cache_and_say_why(setup, tmp_path):
+    import keras
+
+    raw, data, weights = setup
+    folder = tmp_path / "c"
+    extract_split(raw, out=folder)
+    cfg = config_lib.validate(raw)
+    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+
+    def why(raw_changed):
+        c = config_lib.validate(raw_changed)
+        i = data_lib.index_data(c.data, c.experiment.seed)
+        fields = features.key_fields(c, i.splits["train"])
+        return features.open_cache(folder, fields)[1]
+
+    assert why(raw) is None
+    bigger = json.loads(json.dumps(raw))
+    bigger["data"]["image_size"] = 48
+    assert "image_size changed ([32, 32] -> [48, 48])" in why(bigger)
+    # Another weights file (same architecture, different values).
+    other = model_lib.build_base(cfg.model, (32, 32))
+    other.layers[-3].set_weights([w * 2 for w in other.layers[-3].get_weights()])
+    other_path = tmp_path / "other.weights.h5"
+    other.save_weights(str(other_path))
+    changed = json.loads(json.dumps(raw))
+    changed["model"]["weights"] = str(other_path)
+    assert "weights changed (sha256:" in why(changed)
+    # One image edited in place.
+    victim = index.files("train")[0]
+    with open(victim, "ab") as f:
+        f.write(b"\0")
+    reason = why(raw)
+    assert f"1 image(s) modified: {os.path.basename(victim)}" in reason
+    # And extract recomputes, saying so.
+    from io import StringIO
+
+    buf = StringIO()
+    c = config_lib.validate(raw)
+    fs, r = features.get_features(c, features.build_extractor(c), index, "train",
+                                  folder, Output(file=buf))
+    assert not r.reused and "cache out of date: 1 image(s) modified" in buf.getvalue()
+    assert keras  # imported for the model build above
+
+
+def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
+    raw, _, _ = setup
+    raw["phases"] = [
+        {"name": "head", "epochs": 2, "learning_rate": 1e-2},
+        {"name": "top", "epochs": 1, "trainable": {"top": 6}, "learning_rate": 1e-3},
+    ]
+    cfg = config_lib.validate(raw)
+    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    # Extract first, as a user would; finetune must reuse it.
+    features.extract_command(cfg, quiet(), "all")
+    buf = __import__("io").StringIO()
+    result = training.finetune(cfg, Output(file=buf))
+    text = buf.getvalue()
+    assert "features [train]: reusing" in text
+    assert "phase 1/2: head (cached features)" in text
+    assert "phase 2/2: top (base every epoch)" in text
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert [p["path"] for p in metrics["phases"]] == ["features", "base"]
+
+    # The graft is exact: the full model on validation images equals the head
+    # on their cached features. Checked on the head phase's model, rebuilt
+    # from last.keras of a head-only run.
+    import keras
+
+    raw_head = json.loads(json.dumps(raw))
+    raw_head["phases"] = raw_head["phases"][:1]
+    raw_head["experiment"]["name"] = "headonly"
+    cfg_head = config_lib.validate(raw_head)
+    run = training.finetune(cfg_head, quiet()).run_dir
+    model = keras.saving.load_model(run / "best.keras", safe_mode=True)
+    base = model_lib.find_base(model)
+    val_fs, _ = features.get_features(
+        cfg_head, features.build_extractor(cfg_head), index, "val",
+        features.cache_root(cfg_head) / "val", quiet())
+    vf, _, paths = val_fs.load()
+    assert paths == index.files("val")
+    head = training.head_model(model, base)
+    from_features = head.predict(vf[0], verbose=0)
+    x = np.stack([np.asarray(data_lib.load_image(p, (32, 32))) for p in paths])
+    from_images = model.predict(x, verbose=0)
+    np.testing.assert_allclose(from_images, from_features, atol=1e-5, rtol=1e-4)
+
+    # The following phase trained from the grafted model: the final base's
+    # top layers moved away from the pretrained weights.
+    final = keras.saving.load_model(result.run_dir / "last.keras", safe_mode=True)
+    pre = model_lib.build_base(cfg.model, (32, 32))
+    moved = [not np.array_equal(a.numpy(), b.numpy())
+             for a, b in zip(pre.layers[-4].weights,
+                             model_lib.find_base(final).layers[-4].weights)]
+    assert any(moved)
+
+
+def test_augmented_views_are_cached_per_view(setup, tmp_path):
+    raw, _, _ = setup
+    raw["augmentation"] = [{"type": "flip"}, {"type": "rotation", "factor": 0.2}]
+    raw["feature_cache"].update(augmented="views", views=3)
+    raw["phases"] = [{"name": "head", "epochs": 3, "learning_rate": 1e-2}]
+    cfg = config_lib.validate(raw)
+    buf = __import__("io").StringIO()
+    training.finetune(cfg, Output(file=buf))
+    assert "cached features, 3 augmented views" in buf.getvalue()
+    fs = features.FeatureSet(
+        features.cache_root(cfg) / "train-3views",
+        json.loads((features.cache_root(cfg) / "train-3views" /
+                    "manifest.json").read_text()))
+    f, _, _ = fs.load()
+    assert f.shape[:2] == (3, 16)
+    assert not np.array_equal(f[0], f[1]) and not np.array_equal(f[1], f[2])
+    # faithful (the default) runs the base every epoch instead.
+    raw["feature_cache"]["augmented"] = "faithful"
+    raw["experiment"]["name"] = "faithful"
+    buf = __import__("io").StringIO()
+    training.finetune(config_lib.validate(raw), Output(file=buf))
+    assert "phase 1/1: head (base every epoch)" in buf.getvalue()
+
+
+def test_cli_extract(setup, tmp_path):
+    raw, _, _ = setup
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "feats"
+    result = runner.invoke(app, ["extract", str(path), "--split", "val", "--out",
+                                 str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "val" / "manifest.json").is_file()
+    assert "images/s" in result.output
+    result = runner.invoke(app, ["extract", str(path), "--split", "nope"])
+    assert result.exit_code == 2 and "--split" in result.output
