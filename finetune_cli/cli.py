@@ -230,6 +230,80 @@ def evaluate(
     _run(out, debug, job)
 
 
+@app.command("export")
+def export_(
+    target: Annotated[Path, typer.Argument(
+        help="A run folder (uses best.keras) or a .keras file with labels.txt "
+             "beside it.", show_default=False)],
+    format_: Annotated[str, typer.Option(
+        "--format", help="Comma-separated: keras, saved_model, tflite, onnx.")
+    ] = "keras,saved_model,tflite",
+    quantize: Annotated[str, typer.Option(
+        help="TFLite variants, comma-separated: none, float16, dynamic, int8.")
+    ] = "none",
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output folder. Default: RUN/export.")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Replace an existing export folder.")] = False,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Images for the parity check and int8 calibration (default: "
+             "the run's validation and training splits).")] = None,
+    parity_images: Annotated[int, typer.Option(
+        help="Validation images in the parity check.")] = 64,
+    calibration_images: Annotated[int, typer.Option(
+        help="Training images that calibrate int8.")] = 128,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    tolerance: Annotated[float, typer.Option(
+        help="Max probability difference allowed for float artifacts.")] = 1e-4,
+    min_agreement: Annotated[float, typer.Option(
+        help="Min top-1 agreement for quantized artifacts.")] = 0.97,
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help="Run the parity check.")] = True,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Write .keras, SavedModel, TFLite and ONNX artifacts and check each
+    against the original model (exit 4 when the parity check fails)."""
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        from finetune_cli import export as export_lib
+
+        formats = export_lib.parse_list(format_, export_lib.FORMATS, "--format")
+        quants = export_lib.parse_list(quantize, export_lib.QUANTIZATIONS,
+                                       "--quantize")
+        _quiet_tensorflow()
+        result = export_lib.export(
+            target, formats=formats, quantize=quants, out=out_dir, force=force,
+            data=data, parity_images=parity_images,
+            calibration_images=calibration_images, opset=opset,
+            tolerance=tolerance, min_agreement=min_agreement, check=check,
+            progress=out.info)
+        report = result.report
+        if report is not None:
+            out.table(
+                f"parity check: {report['images']} images (Keras model accuracy "
+                f"{evaluation_fmt(report['reference_accuracy'])})",
+                ["artifact", "file", "size", "max |diff|", "top-1 agree",
+                 "accuracy", "ms/image", "ok"],
+                [[r["artifact"], Path(r["path"]).name,
+                  f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['max_abs_diff']:.2e}",
+                  f"{r['top1_agreement']:.4f}", evaluation_fmt(r["accuracy"]),
+                  f"{r['latency_ms']:.2f}", "yes" if r["passed"] else "NO"]
+                 for r in report["artifacts"]])
+        out.info(f"exported to {result.out_dir}")
+        export_lib.raise_on_failures(report)
+
+    _run(out, debug, job)
+
+
+def evaluation_fmt(value):
+    from finetune_cli.evaluation import fmt
+
+    return fmt(value)
+
+
 @app.command()
 def predict(
     target: Annotated[Path, typer.Argument(
