@@ -84,43 +84,40 @@ def _load(config: Path, overrides):
 
 @app.command()
 def finetune(
-    config: ConfigArg,
+    config: Annotated[Optional[Path], typer.Argument(
+        help="Experiment config (YAML). Not needed with --resume.",
+        show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue an interrupted run folder from its last completed "
+             "epoch (uses the run's own config.yaml).")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
-    """Run the config's phases and write a run directory."""
+    """Run the config's phases and write a run directory.
+
+    Exit codes: 0 done, 2 config, 3 data, 5 interrupted (resumable with
+    --resume), 6 another run holds the experiment.
+    """
     out = Output(quiet=quiet, plain=plain)
 
     def job():
-        cfg = _load(config, set_)
+        if (config is None) == (resume is None):
+            raise_config("give a CONFIG to start a run, or --resume RUN_DIR to "
+                         "continue one (not both)")
+        if resume is not None:
+            if set_:
+                raise_config("--set cannot change a run being resumed")
+            cfg = _load(resume / "config.yaml", [])
+        else:
+            cfg = _load(config, set_)
         _quiet_tensorflow()
         from finetune_cli.training import finetune as run
 
-        return run(cfg, out, argv=sys.argv)
+        return run(cfg, out, argv=sys.argv, resume=resume)
 
     _run(out, debug, job)
-
-
-def _render_evaluation(out: Output, ev) -> None:
-    from finetune_cli.evaluation import fmt
-
-    m = ev.metrics
-    out.step(f"evaluate {m['model']} on {m['data']} ({m['split']}, "
-             f"{m['num_samples']} images)")
-    s = m["summary"]
-    out.table("metrics", ["metric", "value"],
-              [[("top_%d_accuracy" % m["top_k"]) if k == "top_k_accuracy" else k,
-                fmt(v)] for k, v in s.items()])
-    out.table("per class", ["class", "precision", "recall", "f1", "support"],
-              [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]),
-                v["support"]] for c, v in m["per_class"].items()])
-    if m["most_confused"]:
-        out.table("most confused", ["true", "predicted", "count"],
-                  [[p["true"], p["predicted"], p["count"]]
-                   for p in m["most_confused"][:5]])
-    out.info(f"report: {ev.out_dir / 'report.html'}")
 
 
 @app.command()

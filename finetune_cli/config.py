@@ -135,6 +135,10 @@ class Data(_Strict):
     batch_size: int = Field(32, ge=1)
     # Allow CSV paths outside the CSV's folder (e.g. absolute paths).
     allow_outside_root: bool = False
+    # What the pre-flight check does with an unreadable, truncated or empty
+    # image: "error" stops before training naming it; "skip" leaves it out
+    # and lists it in the run folder (skipped_images.txt).
+    on_bad_image: Literal["error", "skip"] = "error"
 
     @field_validator("image_size", mode="before")
     @classmethod

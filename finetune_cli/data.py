@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import random
 from pathlib import Path
 
@@ -238,6 +239,93 @@ def _index_csv(data, seed: int) -> DataIndex:
         if items:
             splits[split] = [(p, class_names.index(lb)) for p, lb in items]
     return DataIndex(class_names, splits, str(csv_path))
+
+
+# --------------------------------------------------------------------------
+# Pre-flight: every image checked before any training
+# --------------------------------------------------------------------------
+
+
+def check_image(path: str) -> str | None:
+    """Why an image cannot be used, or None when it decodes completely."""
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:
+            im.load()  # decodes every byte: truncated files fail here
+            if im.width < 1 or im.height < 1:
+                return "image has no pixels"
+    except OSError as e:
+        msg = str(e).strip() or type(e).__name__
+        if "cannot identify image file" in msg:
+            return "not a readable image (unknown or corrupt format)"
+        return f"cannot decode: {msg}"
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+        return f"cannot decode: {type(e).__name__}: {e}"
+    return None
+
+
+def _digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def preflight(index: DataIndex, on_bad_image: str = "error",
+              progress=None) -> tuple[DataIndex, list[tuple[str, str]]]:
+    """Check every image and the splits before training.
+
+    Returns the index without bad images (when `on_bad_image` is "skip") and
+    the list of (path, reason) left out.
+
+    Raises:
+        DataError: a bad image (under "error"), the same file content in two
+            splits, or a class left with too few images.
+    """
+    bad: list[tuple[str, str]] = []
+    seen: dict[str, tuple[str, str]] = {}
+    total = sum(len(v) for v in index.splits.values())
+    done = 0
+    for split, samples in index.splits.items():
+        for path, _ in samples:
+            reason = check_image(path)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            if reason is not None:
+                if on_bad_image == "error":
+                    raise DataError(
+                        f"bad image {path}: {reason} (set data.on_bad_image: "
+                        "skip to leave such images out)")
+                bad.append((path, reason))
+                continue
+            digest = _digest(path)
+            other = seen.get(digest)
+            if other is not None and other[1] != split:
+                raise DataError(
+                    f"the same image is in two splits: {other[0]} ({other[1]}) "
+                    f"and {path} ({split}); remove one so held-out metrics "
+                    "stay honest")
+            seen.setdefault(digest, (path, split))
+    if not bad:
+        return index, bad
+    dropped = {p for p, _ in bad}
+    splits = {s: [(p, lb) for p, lb in v if p not in dropped]
+              for s, v in index.splits.items()}
+    cleaned = DataIndex(index.class_names, splits, index.source)
+    for i, name in enumerate(index.class_names):
+        if cleaned.counts("train")[i] == 0:
+            raise DataError(f"class {name!r} has no usable training images "
+                            "after skipping bad ones")
+    if not splits.get("val"):
+        raise DataError("no usable validation images after skipping bad ones")
+    return cleaned, bad
 
 
 # --------------------------------------------------------------------------

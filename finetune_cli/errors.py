@@ -11,6 +11,7 @@ no traceback (unless `--debug`). Anything else is a bug and exits with 1.
 | 3 | data error (missing, unreadable or inconsistent images/labels) |
 | 4 | a quality gate failed |
 | 5 | interrupted; the run can be resumed |
+| 6 | locked: another live run holds the run folder or experiment |
 """
 
 EXIT_OK = 0
@@ -19,6 +20,7 @@ EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_GATE = 4
 EXIT_INTERRUPTED = 5
+EXIT_LOCKED = 6
 
 
 class FinetuneError(Exception):
@@ -54,3 +56,10 @@ class InterruptedRun(FinetuneError):
 
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
+
+
+class LockedError(FinetuneError):
+    """Another live process holds the lock."""
+
+    exit_code = EXIT_LOCKED
+    kind = "locked"

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 STATUS_FILE = "status.json"
+LOCK_FILE = ".lock"
 
 
 def atomic_write(path, data) -> Path:
@@ -117,3 +118,85 @@ class RunDir:
             os.replace(tmp, link)
         except OSError:  # file systems without symlinks: a text pointer
             atomic_write(self.path.parent / "latest.txt", self.path.name + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    """An exclusive lock file; a lock left by a dead process is taken over.
+
+    Args:
+        path: the lock file.
+        what: what it protects, for the error message.
+    """
+
+    def __init__(self, path, what: str):
+        self.path = Path(path)
+        self.what = what
+        self.held = False
+        self.took_over: dict | None = None
+
+    def acquire(self) -> "Lock":
+        import socket
+
+        from finetune_cli.errors import LockedError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                pid = holder.get("pid")
+                same_host = holder.get("host") in (None, me["host"])
+                if isinstance(pid, int) and (not same_host or _alive(pid)):
+                    raise LockedError(
+                        f"{self.what} is in use by process {pid} on "
+                        f"{holder.get('host')} since {holder.get('since')} "
+                        f"(lock {self.path}); wait for it to finish, or delete "
+                        "the lock if that process is gone") from None
+                if not holder:
+                    # Being written right now by its owner, or left empty by
+                    # a crash: give a live writer a moment.
+                    import time
+
+                    time.sleep(0.2)
+                    try:
+                        if json.loads(self.path.read_text() or "{}"):
+                            continue
+                    except (OSError, ValueError):
+                        pass
+                self.took_over = holder
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise LockedError(f"could not lock {self.what} ({self.path})")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False

@@ -21,10 +21,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,6 +42,8 @@ from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.errors import FinetuneError
 from finetune_cli.errors import InterruptedRun
+from finetune_cli.rundir import LOCK_FILE
+from finetune_cli.rundir import Lock
 from finetune_cli.rundir import RunDir
 from finetune_cli.rundir import atomic_path
 
@@ -203,12 +208,58 @@ def _make_callbacks_class():
             self.phase_name = ""
             self._progress = None
 
-        def start_phase(self, name: str, steps: int):
+        def start_phase(self, index, name, steps, phase_start, callbacks,
+                        phase_metrics, keep_best=False):
+            self.phase_index = index
             self.phase_name = name
             self.steps = steps
-            self.best_phase = None
-            self.best_phase_epoch = None
-            self.best_phase_weights = None
+            self.phase_start = phase_start
+            self.callbacks = callbacks
+            self.phase_metrics = phase_metrics
+            if not keep_best:
+                self.best_phase = None
+                self.best_phase_epoch = None
+                self.best_phase_weights = None
+
+        def restore(self, state):
+            """Continue from a saved state (see `save_state`)."""
+            t = state["tracker"]
+            self.rows = t["rows"]
+            self.best_run, self.best_run_epoch = t["best_run"], t["best_run_epoch"]
+            self.best_phase = t["best_phase"]
+            self.best_phase_epoch = t["best_phase_epoch"]
+            self.best_phase_weights = state["best"] or None
+
+        def save_state(self, epoch: int):
+            """Everything needed to continue after this epoch, atomically."""
+            # EarlyStopping runs before this callback, so its decision is in.
+            finished = bool(self.model.stop_training) or (
+                epoch + 1 >= self.params.get("epochs", math.inf))
+            opt = self.model.optimizer
+            arrays = {}
+            weights = [w.numpy() for w in self.full_model.weights]
+            opt_vars = [np.asarray(v.numpy()) for v in opt.variables]
+            best = self.best_phase_weights or []
+            for prefix, values in (("model", weights), ("opt", opt_vars),
+                                   ("best", best)):
+                for i, v in enumerate(values):
+                    arrays[f"{prefix}_{i}"] = v
+            state = {
+                "phase": self.phase_index, "phase_start": self.phase_start,
+                "epoch": epoch + 1, "phase_finished": finished,
+                "phase_metrics": self.phase_metrics,
+                "callbacks": [_callback_state(cb) for cb in self.callbacks],
+                "tracker": {"rows": self.rows, "best_run": self.best_run,
+                            "best_run_epoch": self.best_run_epoch,
+                            "best_phase": self.best_phase,
+                            "best_phase_epoch": self.best_phase_epoch},
+                "n_model": len(weights), "n_opt": len(opt_vars),
+                "n_best": len(best),
+            }
+            arrays["state"] = np.array(json.dumps(state))
+            with atomic_path(self.run / RESUME_FILE) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.monotonic()
@@ -225,6 +276,7 @@ def _make_callbacks_class():
             logs = dict(logs or {})
             lr = current_lr(self.model)
             row = {"epoch": epoch + 1, "phase": self.phase_name, "lr": lr,
+                   "iterations": int(self.model.optimizer.iterations.numpy()),
                    "seconds": round(time.monotonic() - self._t0, 3)}
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self.rows.append(row)
@@ -236,6 +288,9 @@ def _make_callbacks_class():
                 self.best_run, self.best_run_epoch = value, epoch + 1
                 save_model(self.full_model, self.run / "best.keras")
             save_model(self.full_model, self.run / "last.keras")
+            # The resume state is the commit point of an epoch: history.csv
+            # never shows an epoch that a resume would redo.
+            self.save_state(epoch)
             write_history(self.run / "history.csv", self.rows)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
                               if k != "learning_rate")
@@ -411,16 +466,63 @@ def feature_dataset(feats, labels, num_classes: int, batch_size: int, *,
 # --------------------------------------------------------------------------
 
 
-def finetune(cfg, out: Optional[Output] = None, argv=None) -> FinetuneResult:
+RESUME_FILE = "resume.npz"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (cron timeouts, schedulers) stops the run like Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def finetune(cfg, out: Optional[Output] = None, argv=None,
+             resume: Optional[Path] = None) -> FinetuneResult:
     """Fine-tune a model as a config declares; see the module docstring.
+
+    Args:
+        resume: an interrupted run folder to continue (its config is `cfg`).
 
     Raises:
         ConfigError, DataError: before any training (nothing written).
-        InterruptedRun: on Ctrl-C; the run is marked failed with the reason.
+        LockedError: another live run holds the experiment.
+        InterruptedRun: on Ctrl-C or SIGTERM; the run can be resumed.
     """
     out = out or Output()
     exp = cfg.experiment
+    lock = Lock(Path(exp.output_dir) / exp.name / LOCK_FILE,
+                f"experiment {exp.name!r} in {exp.output_dir}")
+    with lock, _sigterm_as_interrupt():
+        if lock.took_over:
+            out.warn(f"took over a stale lock left by process "
+                     f"{lock.took_over.get('pid')} (no longer running)")
+        return _finetune_locked(cfg, out, argv, resume)
+
+
+def _finetune_locked(cfg, out, argv, resume) -> FinetuneResult:
+    exp = cfg.experiment
+    state = None
+    if resume is not None:
+        run = RunDir(resume)
+        status = run.status().get("state")
+        if status == "completed":
+            raise ConfigError(f"--resume {resume}: the run is already completed")
+        state = load_state(run / RESUME_FILE)
     index = data_lib.index_data(cfg.data, exp.seed)
+    index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
+    if skipped:
+        out.warn(f"skipping {len(skipped)} bad image(s) (data.on_bad_image: skip), "
+                 f"e.g. {skipped[0][0]}: {skipped[0][1]}")
     class_weights = [resolve_class_weight(p, i, index)
                      for i, p in enumerate(cfg.phases)]
     num_classes = len(index.class_names)
@@ -439,20 +541,34 @@ def finetune(cfg, out: Optional[Output] = None, argv=None) -> FinetuneResult:
     batch = cfg.data.batch_size
     steps = max(1, math.ceil(len(index.splits["train"]) / batch))
 
-    run = RunDir.create(exp.output_dir, exp.name)
-    run.set_status("running")
+    if resume is None:
+        run = RunDir.create(exp.output_dir, exp.name)
+    run.set_status("running", resumed=resume is not None)
     out.attach_log(run / "log.txt")
     try:
-        run.write_text("config.yaml", config_lib.to_yaml(cfg))
-        run.write_text("labels.txt", "\n".join(index.class_names) + "\n")
-        run.write_json("environment.json", env)
-        run.write_json("split.json", {s: {"files": len(v), "per_class": dict(
-            zip(index.class_names, index.counts(s)))} for s, v in index.splits.items()})
+        if resume is None:
+            run.write_text("config.yaml", config_lib.to_yaml(cfg))
+            run.write_text("labels.txt", "\n".join(index.class_names) + "\n")
+            run.write_json("environment.json", env)
+            run.write_json("split.json", {s: {"files": len(v), "per_class": dict(
+                zip(index.class_names, index.counts(s)))}
+                for s, v in index.splits.items()})
+            if skipped:
+                run.write_text("skipped_images.txt", "".join(
+                    f"{p}\t{why}\n" for p, why in skipped))
+        else:
+            out.step(f"resuming {run.path} after epoch {state['epoch']} "
+                     f"(phase {state['phase'] + 1}: "
+                     f"{cfg.phases[state['phase']].name})")
         result = _train(cfg, out, run, index, model, base, plans, class_weights,
-                        steps, runtime, env)
+                        steps, runtime, env, state)
     except KeyboardInterrupt:
-        run.set_status("failed", reason="interrupted by the user (Ctrl-C)")
-        raise InterruptedRun(f"interrupted; partial results in {run.path}") from None
+        resumable = (run / RESUME_FILE).is_file()
+        run.set_status("interrupted", reason="stopped by a signal (Ctrl-C or "
+                       "SIGTERM)", resumable=resumable)
+        how = (f"resume with: finetune-cli finetune --resume {run.path}"
+               if resumable else "no epoch had completed; start it again")
+        raise InterruptedRun(f"interrupted; {how}") from None
     except FinetuneError as e:
         run.set_status("failed", reason=str(e))
         raise
@@ -464,8 +580,59 @@ def finetune(cfg, out: Optional[Output] = None, argv=None) -> FinetuneResult:
     return result
 
 
+def load_state(path) -> dict:
+    """The resumable state saved after the last completed epoch."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path.parent} has no {RESUME_FILE}; no "
+                          "epoch completed there, so there is nothing to resume")
+    with np.load(path, allow_pickle=False) as z:
+        state = json.loads(str(z["state"]))
+        for prefix in ("model", "opt", "best"):
+            state[prefix] = [z[f"{prefix}_{i}"] for i in range(
+                state[f"n_{prefix}"])]
+    return state
+
+
+def _callback_state(cb) -> Optional[dict]:
+    import keras
+
+    if isinstance(cb, keras.callbacks.EarlyStopping):
+        return {"wait": int(cb.wait), "best": _num(cb.best),
+                "stopped_epoch": int(cb.stopped_epoch),
+                "best_epoch": int(getattr(cb, "best_epoch", 0) or 0)}
+    if isinstance(cb, keras.callbacks.ReduceLROnPlateau):
+        return {"wait": int(cb.wait), "best": _num(cb.best),
+                "cooldown_counter": int(cb.cooldown_counter)}
+    return None
+
+
+def _num(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _make_restorer(callbacks, states):
+    """A callback that, after the others reset themselves, restores them."""
+    import keras
+
+    class Restore(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            for cb, st in zip(callbacks, states):
+                if not st:
+                    continue
+                cb.wait = st["wait"]
+                if st.get("best") is not None:
+                    cb.best = st["best"]
+                for key in ("stopped_epoch", "best_epoch", "cooldown_counter"):
+                    if key in st:
+                        setattr(cb, key, st[key])
+
+    return Restore()
+
+
 def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
-           runtime, env) -> FinetuneResult:
+           runtime, env, state=None) -> FinetuneResult:
     exp = cfg.experiment
     out.step(f"finetune {exp.name} -> {run.path}")
     gpus = [d for d in env["devices"] if d["type"] == "GPU"]
@@ -494,9 +661,21 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
     tracker = RunCallback(run, out, exp.monitor, steps, model)
     epoch = 0
     phase_metrics = []
+    start_phase = 0
+    if state is not None:
+        for w, v in zip(model.weights, state["model"]):
+            w.assign(v)
+        tracker.restore(state)
+        epoch = state["epoch"]
+        phase_metrics = state["phase_metrics"]
+        start_phase = state["phase"]
     cached = None
+    fit_model = model
     for plan, cw, path in zip(plans, class_weights, paths):
+        if plan.index < start_phase:
+            continue
         phase = plan.phase
+        resuming = state is not None and plan.index == start_phase
         out.step(f"phase {plan.index + 1}/{len(plans)}: {phase.name} "
                  f"({describe_path(path, cfg)})")
         model_lib.apply_trainable(model, base, plan.layer_names, phase.batchnorm)
@@ -507,12 +686,21 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
             _, fit_model, fit_train, fit_val, fit_steps = cached
         compile_phase(fit_model, phase, steps, len(index.class_names),
                       runtime["xla"])
-        tracker.start_phase(phase.name, steps)
-        history = _fit(fit_model, fit_train, fit_val, epoch, phase, cw,
-                       [tracker, *phase_callbacks(phase, run, exp.tensorboard)],
-                       index, steps_per_epoch=fit_steps)
-        ran = len(history.epoch)
-        epoch += ran
+        phase_start = state["phase_start"] if resuming else epoch
+        callbacks = phase_callbacks(phase, run, exp.tensorboard)
+        tracker.start_phase(plan.index, phase.name, steps, phase_start,
+                            callbacks, phase_metrics, keep_best=resuming)
+        finished = False
+        if resuming:
+            _restore_optimizer(fit_model, state["opt"])
+            callbacks.append(_make_restorer(callbacks, state["callbacks"]))
+            finished = state["phase_finished"]
+        if not finished:
+            _fit(fit_model, fit_train, fit_val, epoch, phase, cw,
+                 [*callbacks, tracker], index, steps_per_epoch=fit_steps,
+                 end_epoch=phase_start + phase.epochs)
+        ran = sum(1 for r in tracker.rows if r["phase"] == phase.name)
+        epoch = phase_start + ran
         tracker.restore_phase_best()
         results = fit_model.evaluate(fit_val, verbose=0, return_dict=True)
         entry = {
@@ -521,6 +709,7 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
             "last_epoch": epoch,
             "best_epoch": tracker.best_phase_epoch,
             "optimizer": type(fit_model.optimizer).__name__,
+            "optimizer_iterations": int(fit_model.optimizer.iterations.numpy()),
             "path": path,
             "val_loss": float(results["loss"]),
             "val_accuracy": float(results["accuracy"]),
@@ -570,6 +759,8 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         metrics["test"]["report"] = str(ev.out_dir / "report.html")
         run.write_json("metrics.json", metrics)
         out.info(f"test report: {ev.out_dir / 'report.html'}")
+    with contextlib.suppress(FileNotFoundError):
+        (run / RESUME_FILE).unlink()  # a completed run has nothing to resume
     run.set_status("completed")
     run.mark_latest()
     summary = f"best {exp.monitor} {tracker.best_run:.4f} at epoch {tracker.best_run_epoch}"
@@ -625,14 +816,27 @@ def _cached_datasets(cfg, out, model, base, index, path):
     return head_model(model, base), train, val, steps
 
 
+def _restore_optimizer(model, values) -> None:
+    opt = model.optimizer
+    opt.build(model.trainable_variables)
+    if len(opt.variables) != len(values):
+        raise ConfigError(
+            f"--resume: the saved optimizer state has {len(values)} variables, "
+            f"the rebuilt one {len(opt.variables)}; the config or code changed "
+            "since the run started")
+    for var, value in zip(opt.variables, values):
+        var.assign(value)
+
+
 def _fit(model, train_ds, val_ds, epoch, phase, class_weight, callbacks,
-         index, steps_per_epoch=None):
+         index, steps_per_epoch=None, end_epoch=None):
     import tensorflow as tf
 
     try:
         return model.fit(
             train_ds, validation_data=val_ds, initial_epoch=epoch,
-            epochs=epoch + phase.epochs, class_weight=class_weight,
+            epochs=end_epoch if end_epoch is not None else epoch + phase.epochs,
+            class_weight=class_weight,
             callbacks=callbacks, verbose=0, shuffle=False,
             steps_per_epoch=steps_per_epoch)
     except tf.errors.ResourceExhaustedError:
