@@ -90,6 +90,18 @@ def finetune(
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue an interrupted run folder from its last completed "
              "epoch (uses the run's own config.yaml).")] = None,
+    promote_to: Annotated[Optional[Path], typer.Option(
+        help="After training, make this link point at the new model if it "
+             "passes --fail-under and is not worse than the one promoted.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option(
+        metavar="METRIC=VALUE",
+        help="Promotion gate on the held-out metrics (repeatable).")] = None,
+    compare_to_promoted: Annotated[bool, typer.Option(
+        "--compare-to-promoted/--no-compare-to-promoted",
+        help="Refuse promotion when worse than the promoted model on the "
+             "same held-out images.")] = True,
+    tolerance: Annotated[float, typer.Option(
+        help="How much worse than the promoted model is tolerated.")] = 0.005,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -97,8 +109,9 @@ def finetune(
 ):
     """Run the config's phases and write a run directory.
 
-    Exit codes: 0 done, 2 config, 3 data, 5 interrupted (resumable with
-    --resume), 6 another run holds the experiment.
+    Exit codes: 0 done (and promoted), 2 config, 3 data, 4 not promoted
+    (gate failed or not better), 5 interrupted (resumable with --resume),
+    6 another run holds the experiment.
     """
     out = Output(quiet=quiet, plain=plain)
 
@@ -112,10 +125,24 @@ def finetune(
             cfg = _load(resume / "config.yaml", [])
         else:
             cfg = _load(config, set_)
+        gates = None
+        if promote_to is not None:
+            from finetune_cli import evaluation
+
+            gates = evaluation.parse_gates(fail_under, "--fail-under")
+        elif fail_under:
+            raise_config("--fail-under on finetune goes with --promote-to; "
+                         "use `finetune-cli evaluate RUN --fail-under` otherwise")
         _quiet_tensorflow()
         from finetune_cli.training import finetune as run
 
-        return run(cfg, out, argv=sys.argv, resume=resume)
+        result = run(cfg, out, argv=sys.argv, resume=resume)
+        if promote_to is not None:
+            from finetune_cli import promotion
+
+            promotion.run_promotion(result.run_dir, promote_to, out,
+                                    fail_under=gates, compare=compare_to_promoted,
+                                    tolerance=tolerance)
 
     _run(out, debug, job)
 
@@ -351,6 +378,40 @@ def raise_config(message: str):
     from finetune_cli.errors import ConfigError
 
     raise ConfigError(message)
+
+
+runs_app = typer.Typer(help="Recent runs and their state.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(
+    output_dir: Annotated[Path, typer.Option(
+        help="Where runs are written (experiment.output_dir).")] = Path("runs"),
+    experiment: Annotated[Optional[str], typer.Option(
+        help="Only this experiment.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    json_out: Annotated[bool, typer.Option("--json",
+                                           help="Print JSON.")] = False,
+):
+    """Recent runs with their status and key metrics."""
+    out = Output()
+
+    def job():
+        from finetune_cli.rundir import list_runs
+
+        rows = list_runs(output_dir, experiment)[:limit]
+        if json_out:
+            out.text(json.dumps(rows, indent=2))
+            return
+        out.table(f"runs in {output_dir}", ["experiment", "run", "state",
+                                            "started", "best", "test acc",
+                                            "note"],
+                  [[r["experiment"], r["run"], r["state"], r["started"] or "-",
+                    r["best"] or "-", r["test_accuracy"] or "-",
+                    (r["reason"] or "")[:60]] for r in rows])
+
+    _run(out, False, job)
 
 
 @config_app.command("show")

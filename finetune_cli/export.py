@@ -209,7 +209,7 @@ def runner_for(artifact: Artifact):
         import keras
 
         m = keras.saving.load_model(artifact.path, compile=False, safe_mode=True)
-        return lambda x: np.asarray(m(x, training=False))
+        return lambda x: np.asarray(m.predict_on_batch(x))
     if artifact.format == "saved_model":
         import tensorflow as tf
 

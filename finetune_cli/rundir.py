@@ -200,3 +200,34 @@ class Lock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def list_runs(output_dir, experiment=None) -> list[dict]:
+    """Runs under `output_dir`, newest first, with status and key metrics."""
+    rows = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return rows
+    for exp in sorted(p for p in root.iterdir() if p.is_dir()):
+        if experiment is not None and exp.name != experiment:
+            continue
+        for run in exp.iterdir():
+            if run.is_symlink() or not run.is_dir() or not (run / STATUS_FILE).is_file():
+                continue
+            status = RunDir(run).status()
+            metrics = {}
+            with contextlib.suppress(OSError, ValueError):
+                metrics = json.loads((run / "metrics.json").read_text())
+            best = metrics.get("best_value")
+            test = (metrics.get("test") or {}).get("accuracy")
+            rows.append({
+                "experiment": exp.name, "run": run.name, "path": str(run),
+                "state": status.get("state", "?"),
+                "started": status.get("started"),
+                "best": (f"{metrics.get('monitor')} {best:.4f}"
+                         if isinstance(best, (int, float)) else None),
+                "test_accuracy": f"{test:.4f}" if isinstance(test, (int, float)) else None,
+                "reason": status.get("reason"),
+            })
+    rows.sort(key=lambda r: r["started"] or "", reverse=True)
+    return rows
