@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 FT     := $(BIN)/finetune-cli
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean demo-data
+.PHONY: demo test test-slow install clean demo-data
 
 install: $(STAMP)
 
@@ -31,7 +31,12 @@ demo: demo-data
 	$(BIN)/python -m finetune_cli.demo_summary runs/demo/latest runs/demo-from-scratch/latest
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# Tests on ../shared/assets (real photos and ImageNet weights); they skip
+# when the folder is absent.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
 
 clean:
 	rm -rf $(VENV) runs data/demo

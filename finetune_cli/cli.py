@@ -147,6 +147,26 @@ def finetune(
     _run(out, debug, job)
 
 
+def _render_evaluation(out: Output, ev) -> None:
+    from finetune_cli.evaluation import fmt
+
+    m = ev.metrics
+    out.step(f"evaluate {m['model']} on {m['data']} ({m['split']}, "
+             f"{m['num_samples']} images)")
+    s = m["summary"]
+    out.table("metrics", ["metric", "value"],
+              [[("top_%d_accuracy" % m["top_k"]) if k == "top_k_accuracy" else k,
+                fmt(v)] for k, v in s.items()])
+    out.table("per class", ["class", "precision", "recall", "f1", "support"],
+              [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]),
+                v["support"]] for c, v in m["per_class"].items()])
+    if m["most_confused"]:
+        out.table("most confused", ["true", "predicted", "count"],
+                  [[p["true"], p["predicted"], p["count"]]
+                   for p in m["most_confused"][:5]])
+    out.info(f"report: {ev.out_dir / 'report.html'}")
+
+
 @app.command()
 def extract(
     config: ConfigArg,

@@ -373,33 +373,49 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     augmenter=None,
+    epochs: tuple[int, int] | None = None,
 ):
     """A batched `tf.data.Dataset` of (float32 pixels 0-255, one-hot labels).
 
     Args:
         samples: (path, label) pairs.
-        shuffle: reshuffle every epoch (training), deterministically per seed.
+        shuffle: shuffle the order (training), deterministically per seed.
         augmenter: a Keras layer applied to training batches only.
+        epochs: (first, end) to build the batches of epochs first..end-1 in
+            one finite dataset, each epoch's order a function of (seed,
+            epoch) alone: a resumed run sees the same order as one that was
+            never interrupted. Without it, the order is reshuffled on every
+            pass over the dataset.
     """
     import tensorflow as tf
 
     paths = [p for p, _ in samples]
     labels = [lb for _, lb in samples]
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if shuffle:
-        ds = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True)
+    n = len(samples)
     size = tuple(image_size)
-    ds = ds.map(
-        lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    ds = ds.batch(batch_size)
-    if augmenter is not None:
+    base = tf.data.Dataset.from_tensor_slices((paths, labels))
+
+    def pipeline(ds):
         ds = ds.map(
-            lambda x, y: (augmenter(x, training=True), y),
+            lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)),
             num_parallel_calls=tf.data.AUTOTUNE,
-        )
+            deterministic=True,
+        ).batch(batch_size)
+        if augmenter is not None:
+            ds = ds.map(lambda x, y: (augmenter(x, training=True), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds
+
+    if shuffle and epochs is not None:
+        first, end = epochs
+        ds = tf.data.Dataset.range(first, end).flat_map(
+            lambda e: pipeline(base.shuffle(
+                n, seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
+                reshuffle_each_iteration=False)))
+    elif shuffle:
+        ds = pipeline(base.shuffle(n, seed=seed, reshuffle_each_iteration=True))
+    else:
+        ds = pipeline(base)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

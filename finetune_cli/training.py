@@ -650,9 +650,6 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
     out.table("plan", PLAN_COLUMNS, plan_rows(plans, steps, paths, cfg))
 
     augmenter = data_lib.build_augmenter(cfg.augmentation, exp.seed)
-    train_ds = data_lib.make_dataset(
-        index.splits["train"], len(index.class_names), cfg.data.image_size,
-        cfg.data.batch_size, shuffle=True, seed=exp.seed, augmenter=augmenter)
     val_ds = data_lib.make_dataset(
         index.splits["val"], len(index.class_names), cfg.data.image_size,
         cfg.data.batch_size)
@@ -679,14 +676,20 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         out.step(f"phase {plan.index + 1}/{len(plans)}: {phase.name} "
                  f"({describe_path(path, cfg)})")
         model_lib.apply_trainable(model, base, plan.layer_names, phase.batchnorm)
-        fit_model, fit_train, fit_val, fit_steps = model, train_ds, val_ds, None
+        phase_start = state["phase_start"] if resuming else epoch
+        phase_end = phase_start + phase.epochs
+        # Epoch-seeded order: a resumed phase sees the batches it would have.
+        fit_train = data_lib.make_dataset(
+            index.splits["train"], len(index.class_names), cfg.data.image_size,
+            cfg.data.batch_size, shuffle=True, seed=exp.seed,
+            augmenter=augmenter, epochs=(epoch, phase_end))
+        fit_model, fit_val, fit_steps = model, val_ds, steps
         if path != "base":
             if cached is None or cached[0] != path:
                 cached = (path, *_cached_datasets(cfg, out, model, base, index, path))
             _, fit_model, fit_train, fit_val, fit_steps = cached
         compile_phase(fit_model, phase, steps, len(index.class_names),
                       runtime["xla"])
-        phase_start = state["phase_start"] if resuming else epoch
         callbacks = phase_callbacks(phase, run, exp.tensorboard)
         tracker.start_phase(plan.index, phase.name, steps, phase_start,
                             callbacks, phase_metrics, keep_best=resuming)
@@ -698,7 +701,7 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
         if not finished:
             _fit(fit_model, fit_train, fit_val, epoch, phase, cw,
                  [*callbacks, tracker], index, steps_per_epoch=fit_steps,
-                 end_epoch=phase_start + phase.epochs)
+                 end_epoch=phase_end)
         ran = sum(1 for r in tracker.rows if r["phase"] == phase.name)
         epoch = phase_start + ran
         tracker.restore_phase_best()

@@ -61,8 +61,30 @@ def test_run_folders_are_never_reused(tmp_path):
     assert a.path != b.path and a.path.is_dir() and b.path.is_dir()
 
 
-def write_config(tmp_path, data_dir, phases, name="t"):
+def lively_weights(tmp_path):
+    """Base weights whose features carry signal (random BN stats give ~0),
+    so the losses depend on the weights, the optimizer and the data order."""
+    import keras
+
+    from finetune_cli import config as config_lib
+    from finetune_cli import model as model_lib
+
+    path = tmp_path / "pre.weights.h5"
+    if not path.exists():
+        keras.utils.set_random_seed(0)
+        base = model_lib.build_base(config_lib.Model(
+            name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.gamma.assign(layer.gamma * 3.0)
+        base.save_weights(str(path))
+    return str(path)
+
+
+def write_config(tmp_path, data_dir, phases, name="t", weights=None):
     raw = tiny_config(data_dir, tmp_path, phases=phases)
+    if weights:
+        raw["model"]["weights"] = weights
     raw["experiment"]["name"] = name
     raw["data"]["split"] = {"train": 0.75, "val": 0.25, "test": 0.0}
     path = tmp_path / f"{name}.yaml"
@@ -96,7 +118,8 @@ def test_sigkill_mid_phase_two_then_resume(shapes_dir, tmp_path):
          "schedule": "cosine",
          "callbacks": {"early_stopping": {"patience": 50}}},
     ]
-    cfg = write_config(tmp_path, shapes_dir, phases)
+    weights = lively_weights(tmp_path)
+    cfg = write_config(tmp_path, shapes_dir, phases, weights=weights)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -135,6 +158,21 @@ def test_sigkill_mid_phase_two_then_resume(shapes_dir, tmp_path):
     import keras
 
     keras.saving.load_model(run / "best.keras", safe_mode=True)
+    # Weights, optimizer state, schedule position and data order all came
+    # back: the resumed run computes the losses an uninterrupted one does.
+    straight = write_config(tmp_path, shapes_dir, phases, name="straight",
+                            weights=weights)
+    done_straight = subprocess.run(CLI + ["finetune", str(straight), "--quiet"],
+                                   env=env, capture_output=True, text=True)
+    assert done_straight.returncode == 0, done_straight.stderr[-2000:]
+    (srun,) = [p for p in (tmp_path / "runs" / "straight").iterdir()
+               if p.name[0].isdigit()]
+    ref = history(srun)
+    losses = [float(r["loss"]) for r in after]
+    assert len(set(round(v, 4) for v in losses)) > 4  # they really vary
+    for key in ("loss", "val_loss", "lr", "iterations"):
+        assert [float(r[key]) for r in after] == pytest.approx(
+            [float(r[key]) for r in ref], rel=1e-4, abs=1e-6), key
     # A completed run is not resumed again.
     again = subprocess.run(CLI + ["finetune", "--resume", str(run)], env=env,
                            capture_output=True, text=True)
