@@ -48,7 +48,6 @@ def main(argv=None) -> int:
 
     from finetune_cli import config as config_lib
     from finetune_cli import data as data_lib
-    from finetune_cli import features
     from finetune_cli import model as model_lib
     from finetune_cli import training
     from finetune_cli.console import Output

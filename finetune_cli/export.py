@@ -322,7 +322,7 @@ def export(target_path, *, formats=("keras", "saved_model", "tflite"),
     target = evaluation.resolve_target(target_path)
     if "onnx" in formats:
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401 - only checking it is there
             import tf2onnx  # noqa: F401
         except ImportError:
             raise ConfigError(

@@ -163,8 +163,6 @@ def open_cache(folder, fields) -> tuple[Optional[FeatureSet], Optional[str]]:
 
 def build_extractor(cfg):
     """raw pixels -> preprocessing -> frozen base -> pooled features."""
-    import keras
-
     from finetune_cli import model as model_lib
 
     app = applications.get(cfg.model.name)

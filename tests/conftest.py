@@ -35,3 +35,31 @@ def tiny_config(data_dir, tmp_path, **sections):
 
 def make_config(data_dir, tmp_path, **sections):
     return config_lib.validate(tiny_config(data_dir, tmp_path, **sections))
+
+
+def lively_base(gamma_scale: float = 3.0, seed: int = 0):
+    """The tiny MobileNetV2 base with features that carry signal.
+
+    Random MobileNetV2 weights with fresh BN statistics shrink activations
+    layer after layer, so pooled features are ~1e-11 and every image looks
+    the same. Scaling the BN gammas keeps them O(0.1), so outputs depend on
+    the weights, the optimizer and the data.
+    """
+    import keras
+
+    from finetune_cli import model as model_lib
+
+    keras.utils.set_random_seed(seed)
+    base = model_lib.build_base(config_lib.Model(
+        name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.gamma.assign(layer.gamma * gamma_scale)
+    return base
+
+
+def lively_weights(path) -> str:
+    """Write `lively_base()` weights to `path` (once) and return it."""
+    if not os.path.exists(path):
+        lively_base().save_weights(str(path))
+    return str(path)

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
 from finetune_cli.cli import app

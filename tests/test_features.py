@@ -18,6 +18,7 @@ from finetune_cli import training
 from finetune_cli.cli import app
 from finetune_cli.console import Output
 
+from conftest import lively_weights
 from conftest import tiny_config
 
 runner = CliRunner()
@@ -32,20 +33,10 @@ def setup(shapes_dir, tmp_path):
     """A config with a weights file the test wrote, and a copy of the data."""
     import shutil
 
-    import keras
-
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)
-    keras.utils.set_random_seed(0)
-    base = model_lib.build_base(config_lib.Model(
-        name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
-    # Random MobileNetV2 weights give near-zero features; scale BN gammas so
-    # the features carry signal (and differ between images).
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.gamma.assign(layer.gamma * 3.0)
     weights = tmp_path / "pre.weights.h5"
-    base.save_weights(str(weights))
+    lively_weights(weights)
     raw = tiny_config(data, tmp_path)
     raw["model"]["weights"] = str(weights)
     return raw, data, weights

@@ -20,6 +20,7 @@ from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
 from finetune_cli.errors import GateError
 
+from conftest import lively_weights
 from conftest import tiny_config
 
 
@@ -30,8 +31,6 @@ def quiet():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A dark-vs-bright dataset a head learns perfectly, and a trained run."""
-    import keras
-
     tmp = tmp_path_factory.mktemp("promo")
     rng = np.random.default_rng(0)
     for cls, level in (("dark", 40), ("bright", 215)):
@@ -39,13 +38,7 @@ def setup(tmp_path_factory):
         for i in range(12):
             px = np.clip(rng.normal(level, 20, (32, 32, 3)), 0, 255).astype("uint8")
             Image.fromarray(px).save(tmp / "data" / cls / f"{i}.png")
-    keras.utils.set_random_seed(0)
-    base = model_lib.build_base(config_lib.Model(
-        name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.gamma.assign(layer.gamma * 3.0)
-    base.save_weights(str(tmp / "pre.weights.h5"))
+    lively_weights(tmp / "pre.weights.h5")
     raw = tiny_config(tmp / "data", tmp, phases=[
         {"name": "head", "epochs": 15, "learning_rate": 5e-2}])
     raw["model"]["weights"] = str(tmp / "pre.weights.h5")

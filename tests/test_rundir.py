@@ -17,6 +17,7 @@ from finetune_cli.rundir import Lock
 from finetune_cli.rundir import RunDir
 from finetune_cli.rundir import atomic_write
 
+from conftest import lively_weights
 from conftest import tiny_config
 
 CLI = [sys.executable, "-m", "finetune_cli"]
@@ -61,26 +62,6 @@ def test_run_folders_are_never_reused(tmp_path):
     assert a.path != b.path and a.path.is_dir() and b.path.is_dir()
 
 
-def lively_weights(tmp_path):
-    """Base weights whose features carry signal (random BN stats give ~0),
-    so the losses depend on the weights, the optimizer and the data order."""
-    import keras
-
-    from finetune_cli import config as config_lib
-    from finetune_cli import model as model_lib
-
-    path = tmp_path / "pre.weights.h5"
-    if not path.exists():
-        keras.utils.set_random_seed(0)
-        base = model_lib.build_base(config_lib.Model(
-            name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
-        for layer in base.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.gamma.assign(layer.gamma * 3.0)
-        base.save_weights(str(path))
-    return str(path)
-
-
 def write_config(tmp_path, data_dir, phases, name="t", weights=None):
     raw = tiny_config(data_dir, tmp_path, phases=phases)
     if weights:
@@ -118,7 +99,7 @@ def test_sigkill_mid_phase_two_then_resume(shapes_dir, tmp_path):
          "schedule": "cosine",
          "callbacks": {"early_stopping": {"patience": 50}}},
     ]
-    weights = lively_weights(tmp_path)
+    weights = lively_weights(tmp_path / "pre.weights.h5")
     cfg = write_config(tmp_path, shapes_dir, phases, weights=weights)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
