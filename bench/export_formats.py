@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     cfg = config_lib.validate({
         "experiment": {"name": "flowers", "output_dir": str(tmp / "runs")},
         "data": {"dir": args.data, "image_size": 224, "batch_size": 32,
+                 "on_bad_image": "skip",  # tf_flowers has duplicate photos
                  "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
         "model": {"name": "MobileNetV2", "weights": args.weights},
         "phases": [{"name": "head", "epochs": args.epochs,

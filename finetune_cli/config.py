@@ -136,7 +136,8 @@ class Data(_Strict):
     # Allow CSV paths outside the CSV's folder (e.g. absolute paths).
     allow_outside_root: bool = False
     # What the pre-flight check does with an unreadable, truncated or empty
-    # image: "error" stops before training naming it; "skip" leaves it out
+    # image, or a file whose bytes are also in another split: "error" stops
+    # before training naming it; "skip" leaves it (the held-out copy) out
     # and lists it in the run folder (skipped_images.txt).
     on_bad_image: Literal["error", "skip"] = "error"
 

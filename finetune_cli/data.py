@@ -308,10 +308,15 @@ def preflight(index: DataIndex, on_bad_image: str = "error",
             digest = _digest(path)
             other = seen.get(digest)
             if other is not None and other[1] != split:
-                raise DataError(
-                    f"the same image is in two splits: {other[0]} ({other[1]}) "
-                    f"and {path} ({split}); remove one so held-out metrics "
-                    "stay honest")
+                if on_bad_image == "error":
+                    raise DataError(
+                        f"the same image is in two splits: {other[0]} "
+                        f"({other[1]}) and {path} ({split}); remove one so "
+                        "held-out metrics stay honest (or set "
+                        "data.on_bad_image: skip to leave the later copy out)")
+                # Splits are indexed train first: the held-out copy goes.
+                bad.append((path, f"duplicate of {other[0]} ({other[1]})"))
+                continue
             seen.setdefault(digest, (path, split))
     if not bad:
         return index, bad

@@ -130,3 +130,30 @@ def test_dataset_batches_one_hot(shapes_dir):
     labels = np.concatenate([np.asarray(y) for _, y in batches])
     assert labels.shape == (16, 4) and np.all(labels.sum(1) == 1)
     np.testing.assert_array_equal(labels.argmax(1), index.labels("train"))
+
+
+def test_preflight_skip_drops_bad_and_duplicate_held_out_copies(tmp_path, shapes_dir):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes_dir, data)
+    (data / "star" / "empty.png").write_bytes(b"")
+    for i in range(3):  # copies of one image: some land in val/test
+        shutil.copy(data / "circle" / "circle_0000.jpg", data / "circle" / f"c{i}.jpg")
+    index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
+    with pytest.raises(DataError, match="empty.png: empty file"):
+        data_lib.preflight(index, "error")
+    cleaned, skipped = data_lib.preflight(index, "skip")
+    reasons = dict(skipped)
+    assert reasons[str(data / "star" / "empty.png")] == "empty file (0 bytes)"
+    dups = [p for p, why in skipped if why.startswith("duplicate of")]
+    assert dups, skipped
+    # No file content is left in two splits, and train kept its copies.
+    digests = {s: {data_lib._digest(p) for p in cleaned.files(s)}
+               for s in cleaned.splits}
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+    kept = set(cleaned.files("train")) | set(cleaned.files("val")) | set(
+        cleaned.files("test"))
+    assert not kept & set(reasons)
