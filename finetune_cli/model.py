@@ -95,14 +95,29 @@ def build_base(model_cfg, image_size):
             )
         keras_weights = weights
     h, w = image_size
+    import warnings
+
     try:
-        base = app.constructor()(
-            include_top=False,
-            weights=keras_weights,
-            input_shape=(h, w, 3),
-            pooling=model_cfg.pooling,
-            **model_cfg.options,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            base = app.constructor()(
+                include_top=False,
+                weights=keras_weights,
+                input_shape=(h, w, 3),
+                pooling=model_cfg.pooling,
+                **model_cfg.options,
+            )
+        # Keras loads a partly matching file with only a warning, leaving
+        # some layers random: for us that is a wrong weights file.
+        partial = [str(c.message) for c in caught if any(
+            k in str(c.message) for k in ("freshly-initialized", "Skipping variable",
+                                          "Skipping loading", "were not loaded"))]
+        if partial and keras_weights not in (None, "imagenet"):
+            raise ConfigError(
+                f"model.weights: {weights} only partly fits {app.name} "
+                f"(options {model_cfg.options}): {partial[0].splitlines()[0]}")
+    except ConfigError:
+        raise
     except TypeError as e:
         raise ConfigError(
             f"model.options: {app.name} does not accept these options: {e}. "
