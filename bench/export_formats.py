@@ -10,7 +10,6 @@ latency per image at batch 1 on this machine, accuracy, agreement).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,19 +18,17 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from _assets import missing  # noqa: E402
+from _assets import parser  # noqa: E402
+
 
 def main(argv=None) -> int:
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(shared / "flower_photos"))
-    p.add_argument("--weights", default=str(
-        shared / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"))
+    p = parser(__doc__)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--parity-images", type=int, default=128)
     p.add_argument("--calibration-images", type=int, default=256)
     args = p.parse_args(argv)
-    if not Path(args.data).is_dir() or not Path(args.weights).is_file():
-        print(f"skipped: need {args.data} and {args.weights}")
+    if missing(args):
         return 0
     from finetune_cli import config as config_lib
     from finetune_cli import export as export_lib

@@ -12,7 +12,6 @@ Prints each run's peak RSS, images, seconds, and the ratio large/small.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -20,6 +19,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _assets import missing
+from _assets import parser
 
 _CHILD = r"""
 import json, os, resource, sys, time
@@ -51,19 +53,13 @@ def manifest(root: Path, per_class: int, path: Path) -> int:
 
 
 def main(argv=None) -> int:
-    here = Path(__file__).resolve().parent
-    shared = here.parent.parent / "shared" / "assets"
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(shared / "flower_photos"))
-    p.add_argument("--weights", default=str(
-        shared / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"))
+    p = parser(__doc__)
     p.add_argument("--per-class", type=int, default=140)
     p.add_argument("--image-size", type=int, default=224)
     args = p.parse_args(argv)
-    root = Path(args.data)
-    if not root.is_dir() or not Path(args.weights).is_file():
-        print(f"skipped: need {args.data} and {args.weights}")
+    if missing(args):
         return 0
+    root = Path(args.data)
     tmp = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     results = {}
     for label, n in (("small", args.per_class), ("large", 4 * args.per_class)):

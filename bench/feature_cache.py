@@ -17,7 +17,6 @@ the cached head is grafted back onto the base and evaluated on real images.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -26,21 +25,18 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from _assets import missing  # noqa: E402
+from _assets import parser  # noqa: E402
+
 
 def main(argv=None) -> int:
-    here = Path(__file__).resolve().parent
-    shared = here.parent.parent / "shared" / "assets"
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(shared / "flower_photos"))
-    p.add_argument("--weights", default=str(
-        shared / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"))
+    p = parser(__doc__)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     args = p.parse_args(argv)
-    if not Path(args.data).is_dir() or not Path(args.weights).is_file():
-        print(f"skipped: need {args.data} and {args.weights}")
+    if missing(args):
         return 0
 
     import keras
