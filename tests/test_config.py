@@ -180,3 +180,12 @@ def test_config_schema_command(tmp_path):
     result = runner.invoke(app, ["config", "schema", "--out", str(out)])
     assert result.exit_code == 0
     assert json.loads(out.read_text())["title"] == "finetune-cli experiment config"
+
+
+@pytest.mark.parametrize("name", ["demo-source.yaml", "demo.yaml", "flowers.yaml"])
+def test_shipped_configs_are_valid(name):
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "configs" / name
+    cfg = config_lib.load_config(path)
+    assert cfg.phases and cfg.experiment.name
