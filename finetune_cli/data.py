@@ -96,19 +96,38 @@ def _index_folders(data, seed: int) -> DataIndex:
     subdirs = {p.name for p in _class_dirs(root)}
     if "train" in subdirs:
         return _index_split_folders(root, subdirs)
+    per_class = folder_classes(root, "data.dir")
+    return _split_stratified(per_class, data.split, seed, str(root))
+
+
+def folder_classes(root: Path, key: str) -> dict[str, list[str]]:
+    """Image files per class folder of `root` (sorted names and files).
+
+    Raises:
+        DataError: no class folders, an empty class, or a non-image file,
+            naming `key`.
+    """
     class_dirs = _class_dirs(root)
     if not class_dirs:
         raise DataError(
-            f"data.dir: {root} has no class folders; expected one folder per "
+            f"{key}: {root} has no class folders; expected one folder per "
             "class (or train/, val/, test/ folders of class folders)"
         )
     per_class = {}
     for d in class_dirs:
-        files = _class_files(d, "data.dir")
+        files = _class_files(d, key)
         if not files:
-            raise DataError(f"data.dir: class {d.name!r} has no images: {d}")
+            raise DataError(f"{key}: class {d.name!r} has no images: {d}")
         per_class[d.name] = [str(f) for f in files]
-    return _split_stratified(per_class, data.split, seed, str(root))
+    return per_class
+
+
+def index_whole_folder(root, key: str) -> DataIndex:
+    """Every image of a folder of class folders as one split, "all"."""
+    per_class = folder_classes(Path(root), key)
+    names = sorted(per_class)
+    samples = [(p, i) for i, c in enumerate(names) for p in per_class[c]]
+    return DataIndex(names, {"all": samples}, str(root))
 
 
 def _index_split_folders(root: Path, subdirs: set[str]) -> DataIndex:

@@ -235,7 +235,7 @@ def resolve_data(target: Target, *, config=None, data=None, split="test",
             raise DataError(f"--data: not found: {data}")
         if data.is_dir() and not (data / "train").is_dir():
             # A plain folder of class folders: every image is held out.
-            index = _whole_folder(data)
+            index = data_lib.index_whole_folder(data, "--data")
             return _pairs(index, "all"), f"{data}", "all"
         index = data_lib.index_data(section, seed if seed is not None else 42)
         return _pairs(index, split), str(data), split
@@ -250,17 +250,6 @@ def resolve_data(target: Target, *, config=None, data=None, split="test",
             f"--split {split}: the data has no {split} split (it has "
             f"{', '.join(index.splits)}); pass --split val or --data DIR")
     return _pairs(index, split), index.source, split
-
-
-def _whole_folder(root: Path):
-    classes = {}
-    for d in data_lib._class_dirs(root):
-        classes[d.name] = [str(f) for f in data_lib._class_files(d, "--data")]
-    if not classes:
-        raise DataError(f"--data: {root} has no class folders")
-    names = sorted(classes)
-    samples = [(p, names.index(c)) for c in names for p in classes[c]]
-    return data_lib.DataIndex(names, {"all": samples}, str(root))
 
 
 def _pairs(index, split):

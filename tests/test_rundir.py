@@ -84,6 +84,20 @@ def wait_for(predicate, proc, timeout=240):
     return False
 
 
+def start_finetune(cfg):
+    """The CLI in a child process (so it can be killed), plain output."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc, env
+
+
+def run_dirs(root):
+    """Run folders under runs/<experiment> (not `latest`, not the lock)."""
+    return [p for p in root.iterdir() if p.name[0].isdigit()] \
+        if root.is_dir() else []
+
+
 def history(run):
     path = run / "history.csv"
     if not path.is_file():
@@ -101,12 +115,9 @@ def test_sigkill_mid_phase_two_then_resume(shapes_dir, tmp_path):
     ]
     weights = lively_weights(tmp_path / "pre.weights.h5")
     cfg = write_config(tmp_path, shapes_dir, phases, weights=weights)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, env = start_finetune(cfg)
     root = tmp_path / "runs" / "t"
-    runs = lambda: [p for p in root.iterdir() if p.name[0].isdigit()] \
-        if root.is_dir() else []  # noqa: E731
+    runs = lambda: run_dirs(root)  # noqa: E731
     # Kill it (no chance to clean up) once phase 2 has completed 2 epochs.
     ok = wait_for(lambda: runs() and len(history(runs()[0])) >= 4, proc)
     proc.send_signal(signal.SIGKILL)
@@ -164,12 +175,9 @@ def test_sigterm_stops_with_exit_5_and_resumes(shapes_dir, tmp_path):
     phases = [{"name": "top", "epochs": 40, "trainable": {"top": 4},
                "learning_rate": 1e-3}]
     cfg = write_config(tmp_path, shapes_dir, phases, name="term")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, _ = start_finetune(cfg)
     root = tmp_path / "runs" / "term"
-    runs = lambda: [p for p in root.iterdir() if p.name[0].isdigit()] \
-        if root.is_dir() else []  # noqa: E731
+    runs = lambda: run_dirs(root)  # noqa: E731
     assert wait_for(lambda: runs() and len(history(runs()[0])) >= 1, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0].decode()
@@ -183,14 +191,10 @@ def test_sigterm_stops_with_exit_5_and_resumes(shapes_dir, tmp_path):
 def test_two_runs_on_one_output_exactly_one_trains(shapes_dir, tmp_path):
     phases = [{"name": "top", "epochs": 3, "trainable": {"top": 4}}]
     cfg = write_config(tmp_path, shapes_dir, phases, name="twin")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    procs = [subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for _ in range(2)]
+    procs = [start_finetune(cfg)[0] for _ in range(2)]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, EXIT_LOCKED], outs
     loser = outs[[p.returncode for p in procs].index(EXIT_LOCKED)]
     assert "locked: experiment 'twin'" in loser and "in use by process" in loser
-    runs = [p for p in (tmp_path / "runs" / "twin").iterdir() if p.name[0].isdigit()]
-    assert len(runs) == 1
+    assert len(run_dirs(tmp_path / "runs" / "twin")) == 1
