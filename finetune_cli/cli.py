@@ -313,6 +313,7 @@ def export_(
 
     def job():
         from finetune_cli import export as export_lib
+        from finetune_cli.evaluation import fmt
 
         formats = export_lib.parse_list(format_, export_lib.FORMATS, "--format")
         quants = export_lib.parse_list(quantize, export_lib.QUANTIZATIONS,
@@ -328,24 +329,18 @@ def export_(
         if report is not None:
             out.table(
                 f"parity check: {report['images']} images (Keras model accuracy "
-                f"{evaluation_fmt(report['reference_accuracy'])})",
+                f"{fmt(report['reference_accuracy'])})",
                 ["artifact", "file", "size", "max |diff|", "top-1 agree",
                  "accuracy", "ms/image", "ok"],
                 [[r["artifact"], Path(r["path"]).name,
                   f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['max_abs_diff']:.2e}",
-                  f"{r['top1_agreement']:.4f}", evaluation_fmt(r["accuracy"]),
+                  f"{r['top1_agreement']:.4f}", fmt(r["accuracy"]),
                   f"{r['latency_ms']:.2f}", "yes" if r["passed"] else "NO"]
                  for r in report["artifacts"]])
         out.info(f"exported to {result.out_dir}")
         export_lib.raise_on_failures(report)
 
     _run(out, debug, job)
-
-
-def evaluation_fmt(value):
-    from finetune_cli.evaluation import fmt
-
-    return fmt(value)
 
 
 @app.command()

@@ -390,7 +390,7 @@ def describe_path(path: str, cfg) -> str:
     return "base every epoch"
 
 
-def plan_rows(plans, steps_per_epoch: int, paths=None, cfg=None):
+def plan_rows(plans, paths=None, cfg=None):
     rows = []
     for i, p in enumerate(plans):
         ph = p.phase
@@ -647,7 +647,7 @@ def _train(cfg, out, run, index, model, base, plans, class_weights, steps,
              f"{model_lib.count_params(model.weights):,} parameters, input "
              f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}")
     paths = feature_paths(cfg, plans)
-    out.table("plan", PLAN_COLUMNS, plan_rows(plans, steps, paths, cfg))
+    out.table("plan", PLAN_COLUMNS, plan_rows(plans, paths, cfg))
 
     augmenter = data_lib.build_augmenter(cfg.augmentation, exp.seed)
     val_ds = data_lib.make_dataset(
