@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         return 0
     from finetune_cli import config as config_lib
     from finetune_cli import export as export_lib
-    from finetune_cli import training
+    from finetune_cli import trainer
     from finetune_cli.console import Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                     "learning_rate": 1e-3}],
         "feature_cache": {"dir": str(tmp / "features")},
     })
-    run = training.finetune(cfg, Output(file=open(os.devnull, "w"))).run_dir
+    run = trainer.finetune(cfg, Output(file=open(os.devnull, "w"))).run_dir
     metrics = json.loads((run / "metrics.json").read_text())
     print(f"trained: val accuracy {metrics['val']['accuracy']:.4f}, test "
           f"accuracy {metrics['test']['accuracy']:.4f} ({run})")

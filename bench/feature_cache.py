@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     from finetune_cli import config as config_lib
     from finetune_cli import data as data_lib
     from finetune_cli import model as model_lib
-    from finetune_cli import training
+    from finetune_cli import feature_training
+    from finetune_cli import phases as phases_lib
     from finetune_cli.console import Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
@@ -94,17 +95,20 @@ def main(argv=None) -> int:
     # Through the cache, as finetune runs a frozen-base phase.
     keras.utils.set_random_seed(42)
     model, base = model_lib.build_model(cfg, k)
-    plans = training.plan_phases(model, base, cfg.phases)
-    assert training.feature_paths(cfg, plans) == ["features"]
+    plans = phases_lib.plan_phases(model, base, cfg)
+    assert [p.path for p in plans] == ["features"]
     out = Output(file=open(os.devnull, "w"))
     t0 = time.perf_counter()
-    head, train_ds, val_ds, _ = training._cached_datasets(
-        cfg, out, model, base, index, "features")
+    cached = feature_training.cached_datasets(cfg, out, model, base, index,
+                                              "features")
     t_extract = time.perf_counter() - t0
-    training.compile_phase(head, cfg.phases[0], 1, k, False)
-    head.fit(train_ds, validation_data=val_ds, epochs=args.epochs, verbose=0)
+    head = cached.head
+    phases_lib.compile_phase(head, cfg.phases[0], 1, k, False)
+    head.fit(cached.train_dataset(0, args.epochs),
+             validation_data=cached.val_dataset(), epochs=args.epochs,
+             steps_per_epoch=cached.steps_per_epoch, verbose=0)
     t_cache = time.perf_counter() - t0
-    training.compile_phase(model, cfg.phases[0], 1, k, False)
+    phases_lib.compile_phase(model, cfg.phases[0], 1, k, False)
     acc_cache = model.evaluate(mk("test"), verbose=0, return_dict=True)["accuracy"]
     print(f"cached: {t_cache:.1f}s (extract {t_extract:.1f}s + head "
           f"{t_cache - t_extract:.1f}s), test accuracy {acc_cache:.4f} "

@@ -64,7 +64,7 @@ def _run(out: Output, debug: bool, fn):
         out.error(e.kind, str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        out.error("interrupted", "stopped by the user")
+        out.error("interrupted", "stopped by Ctrl-C or SIGTERM")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
@@ -128,13 +128,15 @@ def finetune(
         gates = None
         if promote_to is not None:
             from finetune_cli import evaluation
+            from finetune_cli import promotion
 
             gates = evaluation.parse_gates(fail_under, "--fail-under")
+            promotion.check_target(promote_to)  # before hours of training
         elif fail_under:
             raise_config("--fail-under on finetune goes with --promote-to; "
                          "use `finetune-cli evaluate RUN --fail-under` otherwise")
         _quiet_tensorflow()
-        from finetune_cli.training import finetune as run
+        from finetune_cli.trainer import finetune as run
 
         result = run(cfg, out, argv=sys.argv, resume=resume)
         if promote_to is not None:
@@ -237,6 +239,10 @@ def evaluate(
         help="How much worse --compare-to allows.")] = 0.005,
     compare_metric: Annotated[str, typer.Option(
         help="Metric --compare-to compares.")] = "accuracy",
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing",
+        help="Leave out files of the run's recorded split that are gone or "
+             "changed (named in a warning) instead of stopping.")] = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -260,7 +266,8 @@ def evaluate(
         cfg = _load(config, set_) if config is not None else None
         _quiet_tensorflow()
         ev = evaluation.evaluate(target, config=cfg, data=data, split=split,
-                                 out=out_dir, name=name, top_k=top_k)
+                                 out=out_dir, name=name, top_k=top_k,
+                                 allow_missing=allow_missing, warn=out.warn)
         if json_out:
             out.text(json.dumps(ev.metrics, indent=2))
         else:
@@ -385,6 +392,48 @@ def predict(
         if bad:
             raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(
                 f"{r['file']}: {r['error']}" for r in bad[:5]))
+
+    _run(out, debug, job)
+
+
+@app.command()
+def promote(
+    run_dir: Annotated[Path, typer.Argument(
+        help="A completed run folder.", show_default=False)],
+    to: Annotated[Path, typer.Option(
+        "--to", help="The promotion link (e.g. /srv/models/flowers).",
+        show_default=False)],
+    fail_under: Annotated[Optional[list[str]], typer.Option(
+        metavar="METRIC=VALUE",
+        help="Gate on the held-out metrics (repeatable).")] = None,
+    compare_to_promoted: Annotated[bool, typer.Option(
+        "--compare-to-promoted/--no-compare-to-promoted",
+        help="Refuse when worse than the promoted model on held-out images "
+             "neither model trained on.")] = True,
+    tolerance: Annotated[float, typer.Option(
+        help="How much worse than the promoted model is tolerated.")] = 0.005,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Promote a finished run, as `finetune --promote-to` does after
+    training (exit 4 when refused)."""
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        from finetune_cli import evaluation
+        from finetune_cli import promotion
+        from finetune_cli.rundir import RunDir
+
+        gates = evaluation.parse_gates(fail_under, "--fail-under")
+        state = RunDir(run_dir).live_status().get("state")
+        if state != "completed":
+            raise_config(f"{run_dir}: only a completed run can be promoted "
+                         f"(its status is {state or 'unknown'})")
+        _quiet_tensorflow()
+        promotion.run_promotion(run_dir, to, out, fail_under=gates,
+                                compare=compare_to_promoted,
+                                tolerance=tolerance)
 
     _run(out, debug, job)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -36,6 +37,8 @@ class DataIndex:
     class_names: list[str]
     splits: dict[str, list[tuple[str, int]]]
     source: str
+    # SHA-256 of each file's bytes, filled in by `preflight` (path -> hex).
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def counts(self, split: str) -> list[int]:
         counts = [0] * len(self.class_names)
@@ -286,12 +289,11 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def _digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex): its identity, wherever it lies."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
@@ -309,6 +311,7 @@ def preflight(index: DataIndex, on_bad_image: str = "error",
     """
     bad: list[tuple[str, str]] = []
     seen: dict[str, tuple[str, str]] = {}
+    digests: dict[str, str] = {}
     total = sum(len(v) for v in index.splits.values())
     done = 0
     for split, samples in index.splits.items():
@@ -324,7 +327,8 @@ def preflight(index: DataIndex, on_bad_image: str = "error",
                         "skip to leave such images out)")
                 bad.append((path, reason))
                 continue
-            digest = _digest(path)
+            digest = sha256_file(path)
+            digests[path] = digest
             other = seen.get(digest)
             if other is not None and other[1] != split:
                 if on_bad_image == "error":
@@ -338,11 +342,12 @@ def preflight(index: DataIndex, on_bad_image: str = "error",
                 continue
             seen.setdefault(digest, (path, split))
     if not bad:
-        return index, bad
+        return DataIndex(index.class_names, index.splits, index.source,
+                         digests), bad
     dropped = {p for p, _ in bad}
     splits = {s: [(p, lb) for p, lb in v if p not in dropped]
               for s, v in index.splits.items()}
-    cleaned = DataIndex(index.class_names, splits, index.source)
+    cleaned = DataIndex(index.class_names, splits, index.source, digests)
     for i, name in enumerate(index.class_names):
         if cleaned.counts("train")[i] == 0:
             raise DataError(f"class {name!r} has no usable training images "

@@ -60,3 +60,15 @@ def describe(argv=None) -> dict:
         "git_commit": git_commit(),
         "argv": list(argv if argv is not None else sys.argv),
     }
+
+
+def configure_runtime(cfg, gpu: bool) -> dict:
+    """Seeds and the dtype policy; returns what was chosen."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.experiment.seed)
+    mp = cfg.runtime.mixed_precision
+    mixed = mp == "on" or (mp == "auto" and gpu)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if mixed else "float32")
+    return {"mixed_precision": mixed, "xla": cfg.runtime.xla}

@@ -216,14 +216,17 @@ def model_image_size(model) -> tuple[int, int]:
 
 
 def resolve_data(target: Target, *, config=None, data=None, split="test",
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, allow_missing: bool = False,
+                 warn=None):
     """The (path, class name) pairs to evaluate and a description of them.
 
     Precedence: `data` (a folder of class folders, a folder with train/val/
-    test, or a CSV) > `config` > the run's own config.yaml, whose split
-    (same seed) gives the same held-out files as training did.
+    test, or a CSV) > `config` > the run's recorded split (split.json: the
+    files the run held out, checked by content hash; files added to the
+    data folder since never enter it).
     """
     from finetune_cli import config as config_lib
+    from finetune_cli import split as split_lib
 
     if data is not None:
         data = Path(data)
@@ -243,6 +246,21 @@ def resolve_data(target: Target, *, config=None, data=None, split="test",
         if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
             raise ConfigError("no data to evaluate on: pass --data DIR|CSV or "
                               "--config CONFIG (or a run folder)")
+        recorded = split_lib.load(target.run_dir, [split],
+                                  allow_missing=allow_missing, warn=warn)
+        if recorded is not None:
+            if split not in recorded.splits:
+                raise DataError(
+                    f"--split {split}: the run recorded no {split} split (it "
+                    f"has {', '.join(split_lib.read(target.run_dir)['files'])})"
+                    "; pass --split val or --data DIR")
+            source = f"{recorded.source} (split recorded in " \
+                     f"{target.run_dir / split_lib.FILE})"
+            return _pairs(recorded, split), source, split
+        if warn is not None:
+            warn(f"{target.run_dir} has no recorded file list (made by an "
+                 "older finetune-cli): splitting its data folder again, which "
+                 "is only the same split if the folder has not changed")
         config = config_lib.load_config(target.run_dir / "config.yaml")
     index = data_lib.index_data(config.data, config.experiment.seed)
     if split not in index.splits:
@@ -312,11 +330,18 @@ class Evaluation:
 
 
 def evaluate(target_path, *, config=None, data=None, split="test", out=None,
-             name=None, top_k=5, write=True, batch_size=32) -> Evaluation:
-    """Evaluate a run or model on held-out images and write the report."""
+             name=None, top_k=5, write=True, batch_size=32,
+             allow_missing=False, warn=None) -> Evaluation:
+    """Evaluate a run or model on held-out images and write the report.
+
+    A run folder is evaluated on its recorded split (see `resolve_data`);
+    `allow_missing` leaves out recorded files that vanished or changed
+    (reported through `warn`) instead of stopping.
+    """
     target = resolve_target(target_path)
     pairs, source, split = resolve_data(target, config=config, data=data,
-                                        split=split)
+                                        split=split,
+                                        allow_missing=allow_missing, warn=warn)
     if not pairs:
         raise DataError(f"no images to evaluate in {source} ({split})")
     samples = align_labels(pairs, target.labels)
@@ -362,7 +387,9 @@ def write_report(ev: Evaluation, target: Target) -> None:
         w.writerow([f, classes[y], classes[int(p.argmax())], f"{p.max():.6f}",
                     ";".join(f"{classes[i]}:{p[i]:.6f}" for i in top)])
     atomic_write(out / "predictions.csv", buf.getvalue())
+    from finetune_cli import faults
 
+    faults.point("report")
     from finetune_cli import plots
 
     plots.confusion_matrix_png(np.array(m["confusion_matrix"]), classes,

@@ -41,18 +41,13 @@ from typing import Optional
 import numpy as np
 
 from finetune_cli import applications
+from finetune_cli import data as data_lib
+from finetune_cli import faults
+from finetune_cli import rundir
 from finetune_cli.rundir import atomic_path
 from finetune_cli.rundir import write_json
 
 FORMAT = "finetune-cli-features/1"
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weights_identity(cfg) -> str:
@@ -63,7 +58,7 @@ def _weights_identity(cfg) -> str:
         return f"imagenet (keras {keras.__version__})"
     if w == "none":
         return f"none (random, seed {cfg.experiment.seed})"
-    return f"sha256:{sha256_file(w)}"
+    return f"sha256:{data_lib.sha256_file(w)}"
 
 
 def key_fields(cfg, samples, *, views: int = 1, augmentation=None,
@@ -195,9 +190,8 @@ def extract(extractor, samples, class_names, folder, fields, *, image_size,
     """
     import tensorflow as tf
 
-    from finetune_cli import data as data_lib
-
     folder = Path(folder)
+    _remove_dead_partials(folder)
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -246,6 +240,7 @@ def extract(extractor, samples, class_names, folder, fields, *, image_size,
                 flush()
             if progress is not None:
                 progress(done, total)
+            faults.point("extract")
     flush()
     manifest = {
         "format": FORMAT,
@@ -266,6 +261,16 @@ def extract(extractor, samples, class_names, folder, fields, *, image_size,
     if old.exists():
         shutil.rmtree(old)
     return FeatureSet(folder, manifest)
+
+
+def _remove_dead_partials(folder: Path) -> None:
+    """Half-written caches left by killed processes (their pid is gone)."""
+    if not folder.parent.is_dir():
+        return
+    for p in folder.parent.glob(f".{folder.name}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not rundir.pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class Throughput:
@@ -338,8 +343,7 @@ def get_features(cfg, extractor, index, split, folder, out, *, views=1,
 
 def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractResult]:
     """`finetune-cli extract`: features of one or all splits to disk."""
-    from finetune_cli import data as data_lib
-    from finetune_cli import training
+    from finetune_cli import environment
     from finetune_cli.errors import ConfigError
 
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
@@ -348,10 +352,7 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
         if s not in index.splits:
             raise ConfigError(f"--split {s}: the data has no {s} split (it has "
                               f"{', '.join(index.splits)})")
-    from finetune_cli import environment
-
-    gpu = environment.has_gpu()
-    training.configure_runtime(cfg, gpu)
+    environment.configure_runtime(cfg, environment.has_gpu())
     extractor = build_extractor(cfg)
     root = Path(out_dir) if out_dir is not None else cache_root(cfg)
     results = []

@@ -13,6 +13,8 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -68,19 +70,40 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, output_dir, experiment: str) -> "RunDir":
-        """A new, empty run folder; never an existing one."""
+    def create(cls, output_dir, experiment: str, prepare=None) -> "RunDir":
+        """A new run folder; never an existing one.
+
+        `prepare(run)` fills the folder while it is still hidden
+        (`.new-<pid>`); the folder then appears under its final name in one
+        rename, so a visible run folder always has what `prepare` wrote
+        (for a run: its config, split and a resumable state).
+        """
         parent = Path(output_dir) / experiment
         parent.mkdir(parents=True, exist_ok=True)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for n in range(1000):
-            path = parent / (stamp if n == 0 else f"{stamp}-{n}")
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            return cls(path)
-        raise RuntimeError(f"could not create a run folder under {parent}")
+        for p in parent.glob(".new-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+        staging = parent / f".new-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        try:
+            if prepare is not None:
+                prepare(cls(staging))
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for n in range(1000):
+                path = parent / (stamp if n == 0 else f"{stamp}-{n}")
+                try:
+                    path.mkdir()  # reserves the name
+                except FileExistsError:
+                    continue
+                os.replace(staging, path)  # onto the empty reserved folder
+                return cls(path)
+            raise RuntimeError(f"could not create a run folder under {parent}")
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
     def __truediv__(self, name) -> Path:
         return self.path / name
@@ -97,9 +120,43 @@ class RunDir:
         except (OSError, ValueError):
             return {}
 
+    def live_status(self) -> dict:
+        """The status, with a `running` run whose process is gone read as
+        `interrupted` (resumable when its state file is there)."""
+        record = self.status()
+        if record.get("state") != "running" or _owner_alive(record):
+            return record
+        return dict(record, state="interrupted", resumable=(
+            self.path / "resume.npz").is_file(), reason=(
+            f"process {record.get('pid')} on {record.get('host')} is gone "
+            "(killed or crashed)"))
+
+    def settle(self) -> dict:
+        """`live_status`, written back to status.json when it changed."""
+        record = self.live_status()
+        if record != self.status():
+            self.write_json(STATUS_FILE, record)
+        return record
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files a killed process left (every hidden
+        file or folder in the run folder is one)."""
+        removed = []
+        for p in sorted(self.path.rglob(".*"), reverse=True):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+        return removed
+
     def set_status(self, state: str, reason: str | None = None, **extra):
         record = self.status()
-        record.update(state=state, updated=now(), pid=os.getpid(), **extra)
+        record.pop("reason", None)
+        record.pop("resumable", None)
+        record.update(state=state, updated=now(), pid=os.getpid(),
+                      host=socket.gethostname(), **extra)
         record.setdefault("started", record["updated"])
         if reason is not None:
             record["reason"] = reason
@@ -120,7 +177,17 @@ class RunDir:
             atomic_write(self.path.parent / "latest.txt", self.path.name + "\n")
 
 
-def _alive(pid: int) -> bool:
+def _owner_alive(record: dict) -> bool:
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int):
+        return False
+    if host not in (None, socket.gethostname()):
+        return True  # another machine's process: we cannot tell
+    return pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,67 +198,85 @@ def _alive(pid: int) -> bool:
 
 
 class Lock:
-    """An exclusive lock file; a lock left by a dead process is taken over.
+    """An exclusive lock on a file, held with `flock` for the life of the
+    process: the kernel drops it when the holder dies, however it dies, so
+    a lock left by a killed run never blocks the next one.
+
+    The file also holds who took it (pid, host, since), for messages; a
+    file left behind by a dead holder is reported in `took_over`.
 
     Args:
         path: the lock file.
         what: what it protects, for the error message.
+        wait: seconds to wait for a live holder before giving up (0: fail
+            at once with LockedError).
+        on_wait: called once with the holder's record when waiting starts.
     """
 
-    def __init__(self, path, what: str):
+    def __init__(self, path, what: str, wait: float = 0.0, on_wait=None):
         self.path = Path(path)
         self.what = what
+        self.wait = wait
+        self.on_wait = on_wait
         self.held = False
         self.took_over: dict | None = None
+        self._fd: int | None = None
 
     def acquire(self) -> "Lock":
-        import socket
+        import fcntl
+        import time
 
         from finetune_cli.errors import LockedError
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
-        for _ in range(10):
+        deadline = time.monotonic() + self.wait
+        announced = False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                pid = holder.get("pid")
-                same_host = holder.get("host") in (None, me["host"])
-                if isinstance(pid, int) and (not same_host or _alive(pid)):
-                    raise LockedError(
-                        f"{self.what} is in use by process {pid} on "
-                        f"{holder.get('host')} since {holder.get('since')} "
-                        f"(lock {self.path}); wait for it to finish, or delete "
-                        "the lock if that process is gone") from None
-                if not holder:
-                    # Being written right now by its owner, or left empty by
-                    # a crash: give a live writer a moment.
-                    import time
-
-                    time.sleep(0.2)
-                    try:
-                        if json.loads(self.path.read_text() or "{}"):
-                            continue
-                    except (OSError, ValueError):
-                        pass
-                self.took_over = holder
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_record(fd)
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    if not announced and self.on_wait is not None:
+                        self.on_wait(holder)
+                    announced = True
+                    time.sleep(0.05)
+                    continue
+                raise LockedError(
+                    f"{self.what} is in use by process {holder.get('pid')} on "
+                    f"{holder.get('host')} since {holder.get('since')} "
+                    f"(lock {self.path}); wait for it to finish") from None
+            # The holder we waited for may have removed the file: then our
+            # lock is on a file nobody else will open; take a fresh one.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            previous = _read_record(fd)
+            if previous:
+                self.took_over = previous
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
             self.held = True
             return self
-        raise LockedError(f"could not lock {self.what} ({self.path})")
 
     def release(self) -> None:
         if self.held:
+            # Unlink while still holding it, so the next taker locks a
+            # fresh file.
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
             self.held = False
 
     def __enter__(self):
@@ -200,6 +285,15 @@ class Lock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _read_record(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        record = json.loads(data or b"{}")
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def list_runs(output_dir, experiment=None) -> list[dict]:
@@ -214,7 +308,7 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
         for run in exp.iterdir():
             if run.is_symlink() or not run.is_dir() or not (run / STATUS_FILE).is_file():
                 continue
-            status = RunDir(run).status()
+            status = RunDir(run).settle()
             metrics = {}
             with contextlib.suppress(OSError, ValueError):
                 metrics = json.loads((run / "metrics.json").read_text())
@@ -228,6 +322,7 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
                          if isinstance(best, (int, float)) else None),
                 "test_accuracy": f"{test:.4f}" if isinstance(test, (int, float)) else None,
                 "reason": status.get("reason"),
+                "resumable": bool(status.get("resumable")),
             })
     rows.sort(key=lambda r: r["started"] or "", reverse=True)
     return rows

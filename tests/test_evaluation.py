@@ -14,7 +14,7 @@ from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
 from finetune_cli import evaluation
 from finetune_cli import model as model_lib
-from finetune_cli import training
+from finetune_cli import trainer
 from finetune_cli.cli import app
 from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
@@ -32,7 +32,7 @@ def run_dir(shapes_dir, tmp_path_factory):
         {"name": "head", "epochs": 3, "learning_rate": 3e-2},
         {"name": "top", "epochs": 1, "trainable": {"top": 5},
          "learning_rate": 1e-3}])
-    return training.finetune(config_lib.validate(raw), Output(file=open("/dev/null", "w"))).run_dir
+    return trainer.finetune(config_lib.validate(raw), Output(file=open("/dev/null", "w"))).run_dir
 
 
 def test_numpy_metrics_equal_sklearn():

@@ -191,7 +191,7 @@ def test_export_real_weights_int8(tmp_path):
     low-confidence 96x96 model; see bench/export_formats.py for 224x224)."""
     import shutil
 
-    from finetune_cli import training
+    from finetune_cli import trainer
     from finetune_cli.console import Output
 
     data = tmp_path / "flowers"
@@ -207,7 +207,7 @@ def test_export_real_weights_int8(tmp_path):
         "phases": [{"name": "head", "epochs": 15, "learning_rate": 3e-3}],
         "feature_cache": {"dir": str(tmp_path / "features")},
     })
-    run = training.finetune(cfg, Output(file=open(os.devnull, "w"))).run_dir
+    run = trainer.finetune(cfg, Output(file=open(os.devnull, "w"))).run_dir
     result = runner.invoke(app, ["export", str(run), "--format", "tflite",
                                  "--quantize", "none,float16,dynamic,int8",
                                  "--parity-images", "64",

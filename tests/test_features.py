@@ -14,7 +14,8 @@ from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
 from finetune_cli import features
 from finetune_cli import model as model_lib
-from finetune_cli import training
+from finetune_cli import feature_training
+from finetune_cli import trainer
 from finetune_cli.cli import app
 from finetune_cli.console import Output
 
@@ -138,7 +139,7 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     # Extract first, as a user would; finetune must reuse it.
     features.extract_command(cfg, quiet(), "all")
     buf = __import__("io").StringIO()
-    result = training.finetune(cfg, Output(file=buf))
+    result = trainer.finetune(cfg, Output(file=buf))
     text = buf.getvalue()
     assert "features [train]: reusing" in text
     assert "phase 1/2: head (cached features)" in text
@@ -155,7 +156,7 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     raw_head["phases"] = raw_head["phases"][:1]
     raw_head["experiment"]["name"] = "headonly"
     cfg_head = config_lib.validate(raw_head)
-    run = training.finetune(cfg_head, quiet()).run_dir
+    run = trainer.finetune(cfg_head, quiet()).run_dir
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
     base = model_lib.find_base(model)
     val_fs, _ = features.get_features(
@@ -163,7 +164,7 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
         features.cache_root(cfg_head) / "val", quiet())
     vf, _, paths = val_fs.load()
     assert paths == index.files("val")
-    head = training.head_model(model, base)
+    head = feature_training.head_model(model, base)
     from_features = head.predict(vf[0], verbose=0)
     x = np.stack([np.asarray(data_lib.load_image(p, (32, 32))) for p in paths])
     from_images = model.predict(x, verbose=0)
@@ -186,7 +187,7 @@ def test_augmented_views_are_cached_per_view(setup, tmp_path):
     raw["phases"] = [{"name": "head", "epochs": 3, "learning_rate": 1e-2}]
     cfg = config_lib.validate(raw)
     buf = __import__("io").StringIO()
-    training.finetune(cfg, Output(file=buf))
+    trainer.finetune(cfg, Output(file=buf))
     assert "cached features, 3 augmented views" in buf.getvalue()
     fs = features.FeatureSet(
         features.cache_root(cfg) / "train-3views",
@@ -199,7 +200,7 @@ def test_augmented_views_are_cached_per_view(setup, tmp_path):
     raw["feature_cache"]["augmented"] = "faithful"
     raw["experiment"]["name"] = "faithful"
     buf = __import__("io").StringIO()
-    training.finetune(config_lib.validate(raw), Output(file=buf))
+    trainer.finetune(config_lib.validate(raw), Output(file=buf))
     assert "phase 1/1: head (base every epoch)" in buf.getvalue()
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from finetune_cli import config as config_lib
 from finetune_cli import model as model_lib
 from finetune_cli import promotion
-from finetune_cli import training
+from finetune_cli import trainer
 from finetune_cli.cli import app
 from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
         {"name": "head", "epochs": 15, "learning_rate": 5e-2}])
     raw["model"]["weights"] = str(tmp / "pre.weights.h5")
     cfg = config_lib.validate(raw)
-    run = training.finetune(cfg, quiet()).run_dir
+    run = trainer.finetune(cfg, quiet()).run_dir
     return tmp, raw, run
 
 

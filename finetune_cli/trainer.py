@@ -1,0 +1,573 @@
+"""The trainer: runs a config's phases as a sequence of run-state commits.
+
+`finetune(cfg)`:
+
+1. checks everything that can be checked without training (the data and
+   every image, class weights, the weights file, the model build and every
+   phase's layer selection). Any problem is raised here, before a run
+   folder exists.
+2. creates the run folder in one rename, already holding the resolved
+   config, labels.txt, environment.json, the recorded split (split.json)
+   and a first run state, so a run that dies before its first epoch is
+   resumable too.
+3. runs the phases in order. Each phase sets what trains, recompiles with
+   its own optimizer, schedule, loss and callbacks, and continues the
+   epoch count. After every epoch the run state is committed (see
+   `runstate.py`); at the end of a phase its best weights (by
+   `experiment.monitor`) are restored, carried into the next phase, and
+   committed again.
+4. finalizes: `best.keras` (best epoch of the run), `base.weights.h5`,
+   val and test metrics, the held-out report on the recorded test split,
+   then marks the run completed and removes the state.
+
+`finetune(cfg, resume=RUN)` loads RUN's last commit, checks the recorded
+files, rewrites the files that are views of the state, and continues from
+that commit: at most the unfinished epoch is redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from finetune_cli import __version__
+from finetune_cli import config as config_lib
+from finetune_cli import data as data_lib
+from finetune_cli import environment
+from finetune_cli import faults
+from finetune_cli import feature_training
+from finetune_cli import model as model_lib
+from finetune_cli import phases as phases_lib
+from finetune_cli import runstate
+from finetune_cli import split as split_lib
+from finetune_cli.console import Output
+from finetune_cli.errors import ConfigError
+from finetune_cli.errors import DataError
+from finetune_cli.errors import FinetuneError
+from finetune_cli.errors import InterruptedRun
+from finetune_cli.rundir import LOCK_FILE
+from finetune_cli.rundir import STATUS_FILE
+from finetune_cli.rundir import Lock
+from finetune_cli.rundir import RunDir
+from finetune_cli.rundir import atomic_path
+from finetune_cli.rundir import atomic_write
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    run_dir: Path
+    metrics: dict
+    history: list[dict]
+
+
+def finetune(cfg, out: Optional[Output] = None, argv=None,
+             resume: Optional[Path] = None) -> FinetuneResult:
+    """Fine-tune a model as a config declares; see the module docstring.
+
+    Args:
+        resume: an interrupted run folder to continue (its config is `cfg`).
+
+    Raises:
+        ConfigError, DataError: before any training (nothing written).
+        LockedError: another live run holds the experiment.
+        InterruptedRun: on Ctrl-C or SIGTERM; the run can be resumed.
+    """
+    out = out or Output()
+    exp = cfg.experiment
+    exp_dir = Path(exp.output_dir) / exp.name
+    lock = Lock(exp_dir / LOCK_FILE, f"experiment {exp.name!r} in "
+                f"{exp.output_dir}")
+    with lock, _sigterm_as_interrupt():
+        if lock.took_over:
+            out.warn(f"the previous run of {exp.name!r} (process "
+                     f"{lock.took_over.get('pid')}) ended without "
+                     "releasing its lock")
+        for p in exp_dir.iterdir():
+            if (p / STATUS_FILE).is_file() and not p.is_symlink():
+                RunDir(p).settle()  # dead runs read as interrupted
+        trainer = Trainer.prepare(cfg, out, argv, resume)
+        return trainer.run_guarded()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (cron timeouts, schedulers) stops the run like Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+    """Owns the model, the phases, the run state and every write into the
+    run folder. Build it with `Trainer.prepare`."""
+
+    def __init__(self, cfg, out, index, model, base, plans, class_weights,
+                 runtime, env, state, resumed: bool):
+        self.cfg = cfg
+        self.out = out
+        self.index = index
+        self.model = model
+        self.base = base
+        self.plans = plans
+        self.class_weights = class_weights
+        self.runtime = runtime
+        self.env = env
+        self.state = state
+        self.resumed = resumed
+        self.run: Optional[RunDir] = None
+        self.num_classes = len(index.class_names)
+        self.steps = max(1, math.ceil(len(index.splits["train"])
+                                      / cfg.data.batch_size))
+        self.config_dict = cfg.model_dump(mode="json")
+        self.versions = {"finetune_cli": __version__,
+                         "keras": keras.__version__,
+                         "tensorflow": tf.__version__}
+        self._augmenter = data_lib.build_augmenter(cfg.augmentation,
+                                                   cfg.experiment.seed)
+        self._cached: dict[str, feature_training.CachedData] = {}
+        self._val_ds = None
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def prepare(cls, cfg, out, argv=None, resume=None) -> "Trainer":
+        """Check everything, build the model; create the run folder (a new
+        run) or load its state (a resume)."""
+        exp = cfg.experiment
+        if resume is not None:
+            run = RunDir(resume)
+            if run.status().get("state") == "completed":
+                raise ConfigError(f"--resume {resume}: the run is already "
+                                  "completed")
+            index = split_lib.load(run.path)
+            if index is None:
+                raise ConfigError(
+                    f"--resume {resume}: the run has no recorded file list "
+                    "(it was started by an older finetune-cli); start a new "
+                    "run")
+            skipped = []
+        else:
+            run = None
+            index = data_lib.index_data(cfg.data, exp.seed)
+            index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
+            if skipped:
+                out.warn(f"skipping {len(skipped)} bad image(s) "
+                         f"(data.on_bad_image: skip), e.g. {skipped[0][0]}: "
+                         f"{skipped[0][1]}")
+        class_weights = [phases_lib.resolve_class_weight(p, i, index)
+                         for i, p in enumerate(cfg.phases)]
+        if len(index.class_names) < 2:
+            raise DataError(f"{index.source}: need at least 2 classes. "
+                            f"Received: {index.class_names}")
+        env = environment.describe(argv)
+        gpu = any(d["type"] == "GPU" for d in env["devices"])
+        runtime = environment.configure_runtime(cfg, gpu)
+        model, base = model_lib.build_model(cfg, len(index.class_names))
+        plans = phases_lib.plan_phases(model, base, cfg)
+        trainer = cls(cfg, out, index, model, base, plans, class_weights,
+                      runtime, env, runstate.RunState(), resume is not None)
+        if run is not None:
+            trainer.run = run
+            trainer.state = runstate.load(
+                run / runstate.FILE, config=trainer.config_dict,
+                versions=trainer.versions)
+        else:
+            trainer.state.model = runstate.values(model.variables)
+            trainer.run = RunDir.create(
+                exp.output_dir, exp.name,
+                prepare=lambda r: trainer._write_new_run(r, skipped))
+            faults.point("run_created")
+        return trainer
+
+    def _write_new_run(self, run: RunDir, skipped) -> None:
+        run.write_text("config.yaml", config_lib.to_yaml(self.cfg))
+        run.write_text("labels.txt", "\n".join(self.index.class_names) + "\n")
+        run.write_json("environment.json", self.env)
+        run.write_json(split_lib.FILE, split_lib.record(self.index, skipped))
+        if skipped:
+            run.write_text("skipped_images.txt", "".join(
+                f"{p}\t{why}\n" for p, why in skipped))
+        self.state.save(run / runstate.FILE, config=self.config_dict,
+                        versions=self.versions)
+        run.set_status("running", resumed=False)
+
+    # -- the run ----------------------------------------------------------
+
+    def run_guarded(self) -> FinetuneResult:
+        """`run`, with the status kept truthful whatever happens."""
+        run = self.run
+        if self.resumed:
+            run.remove_temporaries()
+        run.set_status("running", resumed=self.resumed)
+        self.out.attach_log(run / "log.txt")
+        try:
+            return self.run_all()
+        except KeyboardInterrupt:
+            run.set_status("interrupted", reason="stopped by a signal "
+                           "(Ctrl-C or SIGTERM)", resumable=True)
+            raise InterruptedRun(
+                f"stopped by Ctrl-C or SIGTERM after epoch {self.state.epoch}; "
+                f"resume with: finetune-cli finetune --resume {run.path}"
+            ) from None
+        except FinetuneError as e:
+            run.set_status("failed", reason=str(e), resumable=True)
+            raise
+        except Exception as e:
+            run.set_status("failed", reason=f"{type(e).__name__}: {e}",
+                           resumable=True)
+            raise
+        finally:
+            self.out.close()
+
+    def run_all(self) -> FinetuneResult:
+        st = self.state
+        self._announce()
+        if self.resumed:
+            self._materialize()
+        while st.stage == "train" and st.phase < len(self.plans):
+            self._run_phase(self.plans[st.phase])
+        return self._finalize()
+
+    def _announce(self) -> None:
+        cfg, out, st = self.cfg, self.out, self.state
+        if self.resumed:
+            where = ("the end-of-run evaluation" if st.stage == "finalize"
+                     or st.phase >= len(self.plans) else
+                     f"phase {st.phase + 1} ({self.plans[st.phase].phase.name})")
+            out.step(f"resuming {self.run.path} after epoch {st.epoch}, at "
+                     f"{where}")
+        out.step(f"finetune {cfg.experiment.name} -> {self.run.path}")
+        gpus = [d for d in self.env["devices"] if d["type"] == "GPU"]
+        out.info("devices: " + (", ".join(
+            f"{d['name']} ({d.get('model') or 'GPU'})" for d in gpus)
+            if gpus else "CPU only (no GPU found by TensorFlow)"))
+        out.info(f"precision: "
+                 f"{'mixed_float16' if self.runtime['mixed_precision'] else 'float32'}"
+                 f"; XLA: {'on' if self.runtime['xla'] else 'off'}")
+        out.info(f"data: {self.index.source}: {self.num_classes} classes, "
+                 + ", ".join(f"{s} {len(v)}"
+                             for s, v in self.index.splits.items()))
+        out.info(f"model: {cfg.model.name} ({cfg.model.weights} weights), "
+                 f"{model_lib.count_params(self.model.weights):,} parameters, "
+                 f"input {cfg.data.image_size[0]}x{cfg.data.image_size[1]}")
+        out.table("plan", phases_lib.PLAN_COLUMNS,
+                  phases_lib.plan_rows(self.plans, cfg))
+
+    def _materialize(self) -> None:
+        """Rewrite the files that are views of the state (a crash may have
+        come between the state commit and them)."""
+        st = self.state
+        if st.best_run_weights:
+            self._save_model("best.keras", st.best_run_weights)
+        if st.phase_started:
+            self._save_model("last.keras", st.model)
+        self._write_history()
+        if st.phase_metrics:
+            self.run.write_json("metrics.json", {"phases": st.phase_metrics})
+
+    # -- one phase --------------------------------------------------------
+
+    def _run_phase(self, plan: phases_lib.PhasePlan) -> None:
+        st, phase = self.state, plan.phase
+        mid_phase = st.phase_started
+        self.out.step(f"phase {plan.index + 1}/{len(self.plans)}: {phase.name} "
+                      f"({phases_lib.describe_path(plan.path, self.cfg)})")
+        runstate.assign(self.model.variables, st.model, "model")
+        model_lib.apply_trainable(self.model, self.base, plan.layer_names,
+                                  phase.batchnorm)
+        if not mid_phase:
+            st.start_phase()
+        phase_end = st.phase_start + phase.epochs
+        fit_model, train_ds, val_ds = self._phase_data(plan, st.epoch,
+                                                       phase_end)
+        phases_lib.compile_phase(fit_model, phase, self.steps,
+                                 self.num_classes, self.runtime["xla"])
+        callbacks = phases_lib.phase_callbacks(
+            phase, self.run / "tensorboard"
+            if self.cfg.experiment.tensorboard else None)
+        extra = []
+        if mid_phase:
+            fit_model.optimizer.build(fit_model.trainable_variables)
+            runstate.assign(fit_model.optimizer.variables, st.opt, "optimizer")
+            extra.append(_RestoreCallbacks(callbacks, st.callbacks))
+        if not st.phase_finished and st.epoch < phase_end:
+            hook = _EpochHook(self, fit_model, callbacks, phase_end,
+                              plan.phase.name)
+            self._fit(fit_model, train_ds, val_ds, [*callbacks, *extra, hook],
+                      st.epoch, phase_end, self.class_weights[plan.index])
+        self._end_phase(plan, fit_model, val_ds)
+
+    def _phase_data(self, plan, first: int, end: int):
+        """(model to fit, training batches of epochs first..end-1, val)."""
+        if plan.path == "base":
+            train = data_lib.make_dataset(
+                self.index.splits["train"], self.num_classes,
+                self.cfg.data.image_size, self.cfg.data.batch_size,
+                shuffle=True, seed=self.cfg.experiment.seed,
+                augmenter=self._augmenter, epochs=(first, end))
+            return self.model, train, self._val_dataset()
+        cached = self._cached.get(plan.path)
+        if cached is None:
+            cached = feature_training.cached_datasets(
+                self.cfg, self.out, self.model, self.base, self.index,
+                plan.path)
+            self._cached[plan.path] = cached
+        return cached.head, cached.train_dataset(first, end), cached.val_dataset()
+
+    def _val_dataset(self):
+        if self._val_ds is None:
+            self._val_ds = data_lib.make_dataset(
+                self.index.splits["val"], self.num_classes,
+                self.cfg.data.image_size, self.cfg.data.batch_size)
+        return self._val_ds
+
+    def _fit(self, model, train_ds, val_ds, callbacks, first, end,
+             class_weight) -> None:
+        try:
+            model.fit(train_ds, validation_data=val_ds, initial_epoch=first,
+                      epochs=end, steps_per_epoch=self.steps,
+                      class_weight=class_weight, callbacks=callbacks,
+                      verbose=0, shuffle=False)
+        except tf.errors.ResourceExhaustedError:
+            raise FinetuneError(
+                "out of memory on the device during training; lower "
+                "data.batch_size (or data.image_size) and try again") from None
+        except tf.errors.InvalidArgumentError:
+            # tf.data does not say which file failed: find it.
+            files = self.index.files("train") + self.index.files("val")
+            bad = data_lib.find_unreadable(files)
+            if not bad:
+                raise
+            listed = "; ".join(f"{p}: {why}" for p, why in bad)
+            raise DataError(f"image(s) could not be decoded during training: "
+                            f"{listed}") from None
+
+    def end_epoch(self, fit_model, callbacks, epoch: int, logs: dict,
+                  phase_end: int, phase_name: str, seconds: float) -> None:
+        """Commit the state after an epoch, then update the views of it."""
+        st, monitor = self.state, self.cfg.experiment.monitor
+        lr = phases_lib.current_lr(fit_model)
+        row = {"epoch": epoch + 1, "phase": phase_name, "lr": lr,
+               "iterations": int(fit_model.optimizer.iterations.numpy()),
+               "seconds": round(seconds, 3)}
+        row.update({k: float(v) for k, v in logs.items()
+                    if k != "learning_rate"})
+        st.history.append(row)
+        weights = runstate.values(self.model.variables)
+        value = logs.get(monitor)
+        if _improved(monitor, value, st.best_phase):
+            st.best_phase, st.best_phase_epoch = float(value), epoch + 1
+            st.best_phase_weights = weights
+        run_improved = _improved(monitor, value, st.best_run)
+        if run_improved:
+            st.best_run, st.best_run_epoch = float(value), epoch + 1
+            st.best_run_weights = weights
+        st.epoch = epoch + 1
+        st.phase_finished = bool(fit_model.stop_training) or (
+            epoch + 1 >= phase_end)
+        st.model = weights
+        st.opt = runstate.values(fit_model.optimizer.variables)
+        st.callbacks = [phases_lib.callback_state(cb) for cb in callbacks]
+        self._commit()
+        faults.point("epoch_saved")
+        if run_improved:
+            self._save_model("best.keras")
+        self._save_model("last.keras")
+        self._write_history()
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
+                          if k != "learning_rate")
+        self.out.info(f"epoch {epoch + 1:>3} [{phase_name}] {shown}  "
+                      f"lr {lr:.2e}  ({seconds:.1f}s)")
+
+    def _end_phase(self, plan, fit_model, val_ds) -> None:
+        st = self.state
+        if st.best_phase_weights:
+            runstate.assign(self.model.variables, st.best_phase_weights,
+                            "best weights")
+        results = fit_model.evaluate(val_ds, verbose=0, return_dict=True)
+        entry = {
+            "phase": plan.phase.name,
+            "epochs_run": st.epoch - st.phase_start,
+            "last_epoch": st.epoch,
+            "best_epoch": st.best_phase_epoch,
+            "optimizer": type(fit_model.optimizer).__name__,
+            "optimizer_iterations": int(fit_model.optimizer.iterations.numpy()),
+            "path": plan.path,
+            "val_loss": float(results["loss"]),
+            "val_accuracy": float(results["accuracy"]),
+        }
+        st.end_phase(entry, runstate.values(self.model.variables))
+        self._commit()
+        faults.point("phase_end")
+        self.run.write_json("metrics.json", {"phases": st.phase_metrics})
+        self.out.success(
+            f"phase {entry['phase']}: val_accuracy {entry['val_accuracy']:.4f}, "
+            f"val_loss {entry['val_loss']:.4f} (best epoch "
+            f"{entry['best_epoch']}, {entry['epochs_run']} epochs)")
+
+    # -- the end ----------------------------------------------------------
+
+    def _finalize(self) -> FinetuneResult:
+        from finetune_cli import evaluation
+
+        st, run, exp = self.state, self.run, self.cfg.experiment
+        if st.stage != "finalize":
+            st.stage = "finalize"
+            self._commit()
+        faults.point("before_final_eval")
+        # The run's model is its best epoch overall.
+        runstate.assign(self.model.variables,
+                        st.best_run_weights or st.model, "best weights")
+        self._save_model("best.keras")
+        with atomic_path(run / "base.weights.h5") as tmp:
+            self.base.save_weights(str(tmp))
+        # Only the loss and metrics are needed now (label smoothing as in
+        # the last phase, so `loss` means what it meant during training).
+        phases_lib.compile_phase(self.model, self.cfg.phases[-1], self.steps,
+                                 self.num_classes, False)
+        final = self.model.evaluate(self._val_dataset(), verbose=0,
+                                    return_dict=True)
+        metrics = {
+            "monitor": exp.monitor,
+            "best_epoch": st.best_run_epoch,
+            "best_value": st.best_run,
+            "phases": st.phase_metrics,
+            "classes": self.index.class_names,
+            "val": {"loss": float(final["loss"]),
+                    "accuracy": float(final["accuracy"])},
+        }
+        if self.index.splits.get("test"):
+            test_ds = data_lib.make_dataset(
+                self.index.splits["test"], self.num_classes,
+                self.cfg.data.image_size, self.cfg.data.batch_size)
+            test = self.model.evaluate(test_ds, verbose=0, return_dict=True)
+            metrics["test"] = {"loss": float(test["loss"]),
+                               "accuracy": float(test["accuracy"])}
+            # The held-out report, exactly as `finetune-cli evaluate RUN`
+            # writes it: on the recorded test files.
+            ev = evaluation.evaluate(run.path, split="test")
+            metrics["test"].update(ev.metrics["summary"])
+            metrics["test"]["report"] = str(ev.out_dir / "report.html")
+            self.out.info(f"test report: {ev.out_dir / 'report.html'}")
+        run.write_json("metrics.json", metrics)
+        run.mark_latest()
+        run.set_status("completed")
+        with contextlib.suppress(FileNotFoundError):
+            (run / runstate.FILE).unlink()  # nothing left to resume
+        summary = "no best epoch (the monitor never gave a number)"
+        if st.best_run is not None:
+            summary = (f"best {exp.monitor} {st.best_run:.4f} at epoch "
+                       f"{st.best_run_epoch}")
+        if "test" in metrics:
+            summary += f"; test accuracy {metrics['test']['accuracy']:.4f}"
+        self.out.success(f"done: {summary}. Run folder: {run.path}")
+        return FinetuneResult(run.path, metrics, st.history)
+
+    # -- writes -----------------------------------------------------------
+
+    def _commit(self) -> None:
+        self.state.save(self.run / runstate.FILE, config=self.config_dict,
+                        versions=self.versions)
+
+    def _save_model(self, name: str, weights=None) -> None:
+        """Save the full model (with `weights`, if given) atomically."""
+        current = None
+        if weights is not None:
+            current = runstate.values(self.model.variables)
+            runstate.assign(self.model.variables, weights, "model")
+        try:
+            with atomic_path(self.run / name) as tmp:
+                self.model.save(tmp)
+                faults.point("model_save")
+        finally:
+            if current is not None:
+                runstate.assign(self.model.variables, current, "model")
+
+    def _write_history(self) -> None:
+        rows = self.state.history
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns or ["epoch"],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.run / "history.csv", buf.getvalue())
+
+
+def _improved(monitor: str, value, best) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    if phases_lib.lower_is_better(monitor):
+        return value < best
+    return value > best
+
+
+class _EpochHook(keras.callbacks.Callback):
+    """Hands every finished epoch to the trainer; progress bar and the
+    fault point inside a phase's first epoch. Runs after the phase's own
+    callbacks, so EarlyStopping's decision is in when the state is saved."""
+
+    def __init__(self, trainer: Trainer, fit_model, callbacks, phase_end: int,
+                 phase_name: str):
+        super().__init__()
+        self.trainer = trainer
+        self.fit_model = fit_model
+        self.callbacks = callbacks
+        self.phase_end = phase_end
+        self.phase_name = phase_name
+        self._progress = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.monotonic()
+        self._epoch = epoch
+        self._progress = self.trainer.out.progress(
+            self.trainer.steps, f"epoch {epoch + 1} ({self.phase_name})")
+        self._progress.__enter__()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self._progress.update(1, f"loss {loss:.4f}" if loss is not None else "")
+        if batch == 0 and self._epoch == self.trainer.state.phase_start:
+            faults.point("phase_first_batch")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._progress.__exit__(None, None, None)
+        self.trainer.end_epoch(self.fit_model, self.callbacks, epoch,
+                               dict(logs or {}), self.phase_end,
+                               self.phase_name, time.monotonic() - self._t0)
+
+
+class _RestoreCallbacks(keras.callbacks.Callback):
+    """Puts saved EarlyStopping/ReduceLROnPlateau counters back after the
+    callbacks reset themselves in `on_train_begin` (it runs after them)."""
+
+    def __init__(self, callbacks, states):
+        super().__init__()
+        self._callbacks = callbacks
+        self._states = states
+
+    def on_train_begin(self, logs=None):
+        phases_lib.restore_callbacks(self._callbacks, self._states)
