@@ -1,6 +1,5 @@
 """Unattended runs: locks, atomic files, SIGKILL + resume."""
 
-import csv
 import json
 import os
 import signal
@@ -17,7 +16,6 @@ from finetune_cli.rundir import Lock
 from finetune_cli.rundir import RunDir
 from finetune_cli.rundir import atomic_write
 
-from conftest import lively_weights
 from conftest import tiny_config
 
 CLI = [sys.executable, "-m", "finetune_cli"]
@@ -84,9 +82,11 @@ def wait_for(predicate, proc, timeout=240):
     return False
 
 
-def start_finetune(cfg):
+def start_finetune(cfg, pause=None):
     """The CLI in a child process (so it can be killed), plain output."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if pause:
+        env["FINETUNE_CLI_PAUSE"] = pause
     proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return proc, env
@@ -98,94 +98,73 @@ def run_dirs(root):
         if root.is_dir() else []
 
 
-def history(run):
-    path = run / "history.csv"
-    if not path.is_file():
-        return []
-    return list(csv.DictReader(open(path)))
-
-
-def test_sigkill_mid_phase_two_then_resume(shapes_dir, tmp_path):
-    phases = [
-        {"name": "head", "epochs": 2, "learning_rate": 1e-2},
-        {"name": "top", "epochs": 6, "trainable": {"top": 6},
-         "optimizer": {"name": "sgd", "momentum": 0.9}, "learning_rate": 1e-3,
-         "schedule": "cosine",
-         "callbacks": {"early_stopping": {"patience": 50}}},
-    ]
-    weights = lively_weights(tmp_path / "pre.weights.h5")
-    cfg = write_config(tmp_path, shapes_dir, phases, weights=weights)
-    proc, env = start_finetune(cfg)
-    root = tmp_path / "runs" / "t"
-    runs = lambda: run_dirs(root)  # noqa: E731
-    # Kill it (no chance to clean up) once phase 2 has completed 2 epochs.
-    ok = wait_for(lambda: runs() and len(history(runs()[0])) >= 4, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ok, proc.stdout.read().decode()[-3000:]
-    (run,) = runs()
-    before = history(run)
-    done = len(before)
-    assert 4 <= done < 8, "the kill came too late to test a resume"
-    assert json.loads((run / "status.json").read_text())["state"] == "running"
-
-    result = subprocess.run(CLI + ["finetune", "--resume", str(run), "--plain"],
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    after = history(run)
-    # Every epoch exactly once, the configured total, phases in order.
-    assert [int(r["epoch"]) for r in after] == list(range(1, 9))
-    assert [r["phase"] for r in after] == ["head"] * 2 + ["top"] * 6
-    # Completed epochs were kept, not redone.
-    assert after[:done] == before
-    # The optimizer's iteration count continued across the kill: phase 2
-    # adds the same number of steps every epoch, from where it stopped.
-    its = [int(r["iterations"]) for r in after[2:]]
-    steps = its[0]
-    assert its == [steps * (i + 1) for i in range(6)]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["phases"][1]["optimizer_iterations"] == 6 * steps
-    assert json.loads((run / "status.json").read_text())["state"] == "completed"
-    assert not (run / "resume.npz").exists()
-    import keras
-
-    keras.saving.load_model(run / "best.keras", safe_mode=True)
-    # Weights, optimizer state, schedule position and data order all came
-    # back: the resumed run computes the losses an uninterrupted one does.
-    straight = write_config(tmp_path, shapes_dir, phases, name="straight",
-                            weights=weights)
-    done_straight = subprocess.run(CLI + ["finetune", str(straight), "--quiet"],
-                                   env=env, capture_output=True, text=True)
-    assert done_straight.returncode == 0, done_straight.stderr[-2000:]
-    (srun,) = [p for p in (tmp_path / "runs" / "straight").iterdir()
-               if p.name[0].isdigit()]
-    ref = history(srun)
-    losses = [float(r["loss"]) for r in after]
-    assert len(set(round(v, 4) for v in losses)) > 4  # they really vary
-    for key in ("loss", "val_loss", "lr", "iterations"):
-        assert [float(r[key]) for r in after] == pytest.approx(
-            [float(r[key]) for r in ref], rel=1e-4, abs=1e-6), key
-    # A completed run is not resumed again.
-    again = subprocess.run(CLI + ["finetune", "--resume", str(run)], env=env,
-                           capture_output=True, text=True)
-    assert again.returncode == 2 and "already completed" in again.stderr
-
-
-def test_sigterm_stops_with_exit_5_and_resumes(shapes_dir, tmp_path):
-    phases = [{"name": "top", "epochs": 40, "trainable": {"top": 4},
+def test_sigterm_stops_with_exit_5_and_leaves_a_resumable_run(shapes_dir,
+                                                               tmp_path):
+    phases = [{"name": "top", "epochs": 3, "trainable": {"top": 4},
                "learning_rate": 1e-3}]
     cfg = write_config(tmp_path, shapes_dir, phases, name="term")
-    proc, _ = start_finetune(cfg)
-    root = tmp_path / "runs" / "term"
-    runs = lambda: run_dirs(root)  # noqa: E731
-    assert wait_for(lambda: runs() and len(history(runs()[0])) >= 1, proc)
+    release = tmp_path / "release"
+    # Held right after epoch 1's state is saved; SIGTERM arrives there.
+    proc, _ = start_finetune(cfg, pause=f"epoch_saved={release}")
+    waiting = tmp_path / "release.waiting"
+    assert wait_for(waiting.exists, proc), proc.stdout.read().decode()[-2000:]
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 5, output[-2000:]
-    assert "finetune-cli finetune --resume" in output
-    status = json.loads((runs()[0] / "status.json").read_text())
+    (run,) = run_dirs(tmp_path / "runs" / "term")
+    assert (f"interrupted: stopped by Ctrl-C or SIGTERM after epoch 1; resume "
+            f"with: finetune-cli finetune --resume {run}") in output
+    status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted" and status["resumable"] is True
-    assert not (root / ".lock").exists()
+    assert not (tmp_path / "runs" / "term" / ".lock").exists()
+
+
+def test_status_of_a_dead_run_reads_interrupted(tmp_path):
+    run = RunDir.create(tmp_path, "e")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    run.set_status("running")
+    record = json.loads((run / "status.json").read_text())
+    record["pid"] = int(dead)
+    (run / "status.json").write_text(json.dumps(record))
+    (run / "resume.npz").write_bytes(b"state")
+    assert run.live_status()["state"] == "interrupted"
+    assert json.loads((run / "status.json").read_text())["state"] == "running"
+    from finetune_cli.rundir import list_runs
+
+    (row,) = list_runs(tmp_path)
+    assert row["state"] == "interrupted" and row["resumable"] is True
+    assert "is gone" in row["reason"]
+    # `runs list` wrote the truth back.
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+    # A live run stays running.
+    alive = RunDir.create(tmp_path, "e")
+    alive.set_status("running")
+    assert alive.settle()["state"] == "running"
+
+
+def test_run_folder_appears_complete_or_not_at_all(tmp_path):
+    def prepare(run):
+        run.write_text("config.yaml", "x")
+        raise KeyboardInterrupt  # killed while the folder is being filled
+
+    with pytest.raises(KeyboardInterrupt):
+        RunDir.create(tmp_path, "e", prepare=prepare)
+    assert list((tmp_path / "e").iterdir()) == []
+    run = RunDir.create(tmp_path, "e", prepare=lambda r: r.write_text("a", "1"))
+    assert (run / "a").read_text() == "1"
+    assert [p.name for p in (tmp_path / "e").iterdir()] == [run.path.name]
+
+
+def test_remove_temporaries_deletes_hidden_leftovers_only(tmp_path):
+    run = RunDir.create(tmp_path, "e")
+    (run / "best.keras").write_text("model")
+    (run / ".best.abc.keras").write_text("half")
+    (run / "eval" / "test").mkdir(parents=True)
+    (run / "eval" / "test" / ".metrics.x.json").write_text("half")
+    run.remove_temporaries()
+    assert sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*")) == [
+        "best.keras", "eval", "eval/test"]
 
 
 def test_two_runs_on_one_output_exactly_one_trains(shapes_dir, tmp_path):
