@@ -166,7 +166,7 @@ def _compare_with(promoted, run_dir, rec, split, ev, metric, tolerance,
     new = evaluation.compute_metrics(labels, ev.probs[keep], old.labels)
     probs = evaluation.predict_files(evaluation.load_model(old), files)
     old_metrics = evaluation.compute_metrics(labels, probs, old.labels)
-    record["promoted"] = {"path": str(promoted),
+    record["champion"] = {"path": str(promoted),
                           "metrics": old_metrics["summary"],
                           "new_metrics": new["summary"]}
     worse = evaluation.compare(new, old_metrics, metric, tolerance)

@@ -4,6 +4,8 @@ promoted folder is never half-written."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -53,7 +55,8 @@ def copy_run(run, name, constant_class=None):
     import keras
 
     other = run.parent / name
-    shutil.copytree(run, other, symlinks=True)
+    shutil.copytree(run, other, symlinks=True,
+                    ignore=shutil.ignore_patterns("promotion.json"))
     if constant_class is not None:
         model = keras.saving.load_model(other / "best.keras")
         out = model.get_layer(model_lib.OUTPUT_NAME)
@@ -92,32 +95,6 @@ def test_better_promoted_worse_refused(setup, tmp_path):
     assert link.resolve() == second
 
 
-def test_interrupted_promotion_leaves_the_promoted_model_whole(setup, tmp_path,
-                                                              monkeypatch):
-    _, _, run = setup
-    link = tmp_path / "promoted"
-    first = promotion.run_promotion(run, link, quiet())
-    calls = []
-    real_copy = shutil.copy2
-
-    def dying_copy(src, dst, *a, **kw):
-        calls.append(src)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the cron job is killed mid-copy
-        return real_copy(src, dst, *a, **kw)
-
-    monkeypatch.setattr(shutil, "copy2", dying_copy)
-    with pytest.raises(KeyboardInterrupt):
-        promotion.promote(copy_run(run, "next"), link, {})
-    monkeypatch.setattr(shutil, "copy2", real_copy)
-    assert link.resolve() == first
-    assert sorted(p.name for p in first.iterdir()) == [
-        "config.yaml", "labels.txt", "metrics.json", "model.keras",
-        "promotion.json"]
-    versions = tmp_path / "promoted.versions"
-    assert [p.name for p in versions.iterdir()] == [first.name]  # no partial
-
-
 def test_cli_promote_gate_exit_code_and_runs_list(setup, tmp_path):
     tmp, raw, _ = setup
     path = tmp_path / "c.yaml"
@@ -138,3 +115,116 @@ def test_cli_promote_gate_exit_code_and_runs_list(setup, tmp_path):
     rows = json.loads(result.stdout)
     assert len(rows) == 1 and rows[0]["state"] == "completed"
     assert rows[0]["experiment"] == "t" and rows[0]["test_accuracy"]
+
+
+def test_promote_to_problems_are_found_before_training(setup, tmp_path):
+    tmp, raw, _ = setup
+    path = tmp_path / "c.yaml"
+    raw = json.loads(json.dumps(raw))
+    raw["experiment"]["output_dir"] = str(tmp_path / "runs")
+    path.write_text(yaml.safe_dump(raw))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    stranger = tmp_path / "stranger"
+    (tmp_path / "empty").mkdir()
+    stranger.symlink_to(tmp_path / "empty")
+    cases = [
+        (blocker / "served", "is a file, not a folder"),
+        (blocker, "exists and is not a link made by finetune-cli"),
+        (stranger, "holds no model.keras"),
+    ]
+    for target, message in cases:
+        result = CliRunner().invoke(app, ["finetune", str(path),
+                                          "--promote-to", str(target)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and str(target) in result.output
+        assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def launch_promote(run, link, *, fault=None, pause=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    if fault:
+        env["FINETUNE_CLI_FAULT"] = fault
+    if pause:
+        env["FINETUNE_CLI_PAUSE"] = pause
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune_cli", "promote", str(run), "--to",
+         str(link), "--plain"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+def versions_of(link):
+    folder = link.parent / f"{link.name}.versions"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("point", ["promotion_copy", "promotion_renamed",
+                                   "promotion_swapped"])
+def test_a_kill_at_each_promotion_step_leaves_link_and_records_true(
+        setup, tmp_path, point):
+    _, _, run = setup
+    link = tmp_path / "served"
+    first = promotion.run_promotion(run, link, quiet())
+    challenger = copy_run(run, f"challenger-{point}")
+    proc = launch_promote(challenger, link, fault=point)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -9, output[-2000:]
+    served = link.resolve()
+    # The link is on a complete model, and what the records say matches it.
+    for f in ("model.keras", "labels.txt", "promotion.json", "split.json"):
+        assert (served / f).is_file(), f
+    record = challenger / "promotion.json"
+    if point == "promotion_swapped":
+        assert served.name.endswith(challenger.name)
+    else:
+        assert served == first
+    # The run's own record is written only after the link switched.
+    assert not record.exists()
+    # The next promotion finishes or undoes the interrupted one.
+    promotion.run_promotion(copy_run(run, f"next-{point}"), link, quiet())
+    assert not (tmp_path / ".served.pending.json").exists()
+    names = versions_of(link)
+    assert not [n for n in names if n.startswith(".")]
+    if point == "promotion_swapped":
+        assert json.loads(record.read_text())["promoted"] is True
+        assert len(names) == 3
+    else:
+        assert not record.exists()
+        assert len(names) == 2  # the orphan was removed
+    assert (tmp_path / "served.previous").resolve().name in names
+
+
+def test_two_promoters_are_serialised(setup, tmp_path):
+    _, _, run = setup
+    link = tmp_path / "served"
+    good = copy_run(run, "good")
+    worse = copy_run(run, "worse2", constant_class=0)
+    release = tmp_path / "go"
+    # The first holds the lock (before it reads the promoted model) until
+    # the test lets it go.
+    a = launch_promote(good, link, pause=f"promotion_locked={release}")
+    waiting = tmp_path / "go.waiting"
+    import time
+
+    t0 = time.monotonic()
+    while not waiting.exists() and a.poll() is None and time.monotonic() - t0 < 240:
+        time.sleep(0.05)
+    assert waiting.exists(), a.communicate()[0][-2000:]
+    b = launch_promote(worse, link)
+    lines = []
+    for line in b.stdout:  # the second one says it waits, and does
+        lines.append(line)
+        if "waiting for the promotion lock" in line:
+            break
+    assert any("waiting for the promotion lock" in l for l in lines), lines
+    assert not link.exists()
+    release.write_text("go")
+    assert a.wait(timeout=300) == 0, a.communicate()[0][-2000:]
+    rest = b.communicate(timeout=300)[0]
+    assert b.returncode == EXIT_GATE, rest[-2000:]
+    # The second compared itself with the first one's result.
+    record = json.loads((worse / "promotion.json").read_text())
+    assert record["promoted"] is False
+    assert record["champion"]["path"] == str(link.resolve())
+    assert link.resolve().name.endswith(good.name)
+    assert "not better than the promoted model" in record["reasons"][0]
