@@ -30,8 +30,11 @@ demo: demo-data
 	$(FT) finetune configs/demo.yaml --set experiment.name=demo-from-scratch --set model.weights=none
 	$(BIN)/python -m finetune_cli.demo_summary runs/demo/latest runs/demo-from-scratch/latest
 
+# Two workers: the crash/resume and promotion tests spend most of their time
+# in child processes importing TensorFlow, which one core cannot overlap.
+# A test file's tests stay on one worker (they share module fixtures).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --dist loadfile tests
 
 # Tests on ../shared/assets (real photos and ImageNet weights); they skip
 # when the folder is absent.

@@ -403,9 +403,15 @@ def _data_for(target, data):
         raise ConfigError("the parity check and int8 calibration need images: "
                           "pass --data DIR|CSV (or export a run folder)")
     from finetune_cli import config as config_lib
+    from finetune_cli import split as split_lib
 
-    cfg = config_lib.load_config(target.run_dir / "config.yaml")
-    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    # The run's recorded files (a parity check needs images, not exactly
+    # these: any that vanished are simply not used).
+    index = split_lib.load(target.run_dir, ["val", "train"],
+                           allow_missing=True)
+    if index is None:
+        cfg = config_lib.load_config(target.run_dir / "config.yaml")
+        index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     to_model = lambda split: evaluation.align_labels(  # noqa: E731
         [(p, index.class_names[lb]) for p, lb in index.splits[split]],
         target.labels)

@@ -169,7 +169,8 @@ def test_cli_config_error_exit_code_and_no_traceback(tmp_path):
 
 def test_cli_and_config_do_not_import_tensorflow():
     code = ("import sys, finetune_cli.cli, finetune_cli.config, "
-            "finetune_cli.training, finetune_cli.model, finetune_cli.data; "
+            "finetune_cli.split, finetune_cli.runstate, finetune_cli.promotion, "
+            "finetune_cli.model, finetune_cli.data; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in "
             "sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

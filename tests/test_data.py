@@ -149,7 +149,7 @@ def test_preflight_skip_drops_bad_and_duplicate_held_out_copies(tmp_path, shapes
     dups = [p for p, why in skipped if why.startswith("duplicate of")]
     assert dups, skipped
     # No file content is left in two splits, and train kept its copies.
-    digests = {s: {data_lib._digest(p) for p in cleaned.files(s)}
+    digests = {s: {data_lib.sha256_file(p) for p in cleaned.files(s)}
                for s in cleaned.splits}
     assert not digests["train"] & digests["val"]
     assert not digests["train"] & digests["test"]
