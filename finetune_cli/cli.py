@@ -49,6 +49,18 @@ PlainOpt = Annotated[Optional[bool], typer.Option(
     show_default=False)]
 
 
+# Promotion options, shared by `finetune --promote-to` and `promote`.
+PromoteGateOpt = Annotated[Optional[list[str]], typer.Option(
+    metavar="METRIC=VALUE",
+    help="Promotion gate on the held-out metrics (repeatable).")]
+CompareToPromotedOpt = Annotated[bool, typer.Option(
+    "--compare-to-promoted/--no-compare-to-promoted",
+    help="Refuse promotion when worse than the promoted model on held-out "
+         "images neither model trained on.")]
+PromoteToleranceOpt = Annotated[float, typer.Option(
+    help="How much worse than the promoted model is tolerated.")]
+
+
 def _quiet_tensorflow():
     # TensorFlow's C++ INFO/WARNING lines drown ours in logs; errors stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -88,20 +100,14 @@ def finetune(
         help="Experiment config (YAML). Not needed with --resume.",
         show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue an interrupted run folder from its last completed "
-             "epoch (uses the run's own config.yaml).")] = None,
+        help="Complete an interrupted run in its folder, from its last "
+             "saved state (uses the run's own config.yaml and split).")] = None,
     promote_to: Annotated[Optional[Path], typer.Option(
         help="After training, make this link point at the new model if it "
              "passes --fail-under and is not worse than the one promoted.")] = None,
-    fail_under: Annotated[Optional[list[str]], typer.Option(
-        metavar="METRIC=VALUE",
-        help="Promotion gate on the held-out metrics (repeatable).")] = None,
-    compare_to_promoted: Annotated[bool, typer.Option(
-        "--compare-to-promoted/--no-compare-to-promoted",
-        help="Refuse promotion when worse than the promoted model on the "
-             "same held-out images.")] = True,
-    tolerance: Annotated[float, typer.Option(
-        help="How much worse than the promoted model is tolerated.")] = 0.005,
+    fail_under: PromoteGateOpt = None,
+    compare_to_promoted: CompareToPromotedOpt = True,
+    tolerance: PromoteToleranceOpt = 0.005,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -403,15 +409,9 @@ def promote(
     to: Annotated[Path, typer.Option(
         "--to", help="The promotion link (e.g. /srv/models/flowers).",
         show_default=False)],
-    fail_under: Annotated[Optional[list[str]], typer.Option(
-        metavar="METRIC=VALUE",
-        help="Gate on the held-out metrics (repeatable).")] = None,
-    compare_to_promoted: Annotated[bool, typer.Option(
-        "--compare-to-promoted/--no-compare-to-promoted",
-        help="Refuse when worse than the promoted model on held-out images "
-             "neither model trained on.")] = True,
-    tolerance: Annotated[float, typer.Option(
-        help="How much worse than the promoted model is tolerated.")] = 0.005,
+    fail_under: PromoteGateOpt = None,
+    compare_to_promoted: CompareToPromotedOpt = True,
+    tolerance: PromoteToleranceOpt = 0.005,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,

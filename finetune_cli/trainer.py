@@ -255,6 +255,13 @@ class Trainer:
                      f"phase {st.phase + 1} ({self.plans[st.phase].phase.name})")
             out.step(f"resuming {self.run.path} after epoch {st.epoch}, at "
                      f"{where}")
+            saved = getattr(st, "versions", {}) or {}
+            changed = [f"{k} {saved[k]} -> {v}" for k, v in self.versions.items()
+                       if saved.get(k) not in (None, v)]
+            if changed:
+                out.warn("resuming with other versions than the run started "
+                         f"with ({', '.join(changed)}); the state format is "
+                         "the same, but results may differ slightly")
         out.step(f"finetune {cfg.experiment.name} -> {self.run.path}")
         gpus = [d for d in self.env["devices"] if d["type"] == "GPU"]
         out.info("devices: " + (", ".join(
