@@ -473,9 +473,15 @@ def runs_list(
                                             "note"],
                   [[r["experiment"], r["run"], r["state"], r["started"] or "-",
                     r["best"] or "-", r["test_accuracy"] or "-",
-                    (r["reason"] or "")[:60]] for r in rows])
+                    _run_note(r)] for r in rows])
 
     _run(out, False, job)
+
+
+def _run_note(row: dict) -> str:
+    if row["state"] in ("interrupted", "failed") and row.get("resumable"):
+        return f"resume: finetune-cli finetune --resume {row['path']}"
+    return (row["reason"] or "")[:60]
 
 
 @config_app.command("show")
