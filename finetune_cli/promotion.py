@@ -29,8 +29,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from finetune_cli import evaluation
 from finetune_cli import faults
 from finetune_cli import split as split_lib
@@ -140,37 +138,21 @@ def decide(run_dir, promote_to, *, fail_under=None, compare=True,
               "images": len(ev.files), "fail_under": fail_under or {}}
     promoted = current(promote_to)
     if compare and promoted is not None:
-        reasons += _compare_with(promoted, run_dir, rec, split, ev, metric,
-                                 tolerance, record)
+        reasons += _compare_with(promoted, ev, metric, tolerance, record)
     return not reasons, reasons, record
 
 
-def _compare_with(promoted, run_dir, rec, split, ev, metric, tolerance,
-                  record) -> list[str]:
+def _compare_with(promoted, ev, metric, tolerance, record) -> list[str]:
     old = evaluation.resolve_target(promoted / "model.keras")
     if old.labels != ev.metrics["classes"]:
         return [f"classes changed: promoted {old.labels}, new "
                 f"{ev.metrics['classes']}"]
-    # Judge both on files neither has seen: the promoted model's own
-    # training and validation files (by content) are left out.
-    seen = split_lib.digests_of(promoted, ["train", "val"])
-    digest = {p: d for p, _, d in rec["files"][split]} if rec else {}
-    keep = [i for i, f in enumerate(ev.files) if digest.get(f) not in seen]
-    record["compared_on"] = {"images": len(keep),
-                             "left_out_seen_by_promoted": len(ev.files) - len(keep)}
-    if not keep:
-        return ["no held-out image of the new run is unseen by the promoted "
-                "model, so they cannot be compared fairly"]
-    files = [ev.files[i] for i in keep]
-    labels = np.asarray(ev.labels)[keep]
-    new = evaluation.compute_metrics(labels, ev.probs[keep], old.labels)
-    probs = evaluation.predict_files(evaluation.load_model(old), files)
-    old_metrics = evaluation.compute_metrics(labels, probs, old.labels)
-    record["champion"] = {"path": str(promoted),
-                          "metrics": old_metrics["summary"],
-                          "new_metrics": new["summary"]}
-    worse = evaluation.compare(new, old_metrics, metric, tolerance)
-    return [f"not better than the promoted model: {worse}"] if worse else []
+    message, record["champion"] = evaluation.compare_unseen(
+        ev, old, metric, tolerance)
+    record["champion"]["path"] = str(promoted)
+    if record["champion"]["images"] == 0:
+        return [message]
+    return [f"not better than the promoted model: {message}"] if message else []
 
 
 def promote(run_dir, promote_to, record: dict) -> Path:

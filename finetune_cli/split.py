@@ -133,3 +133,14 @@ def digests_of(run_dir, splits) -> set[str]:
     if rec is None:
         return set()
     return {d for s in splits for _, _, d in rec["files"].get(s, [])}
+
+
+def unseen_by(reference_dir, files) -> list[int]:
+    """Indices of `files` whose content the run (or promoted version) in
+    `reference_dir` neither trained nor validated on; all of them when it
+    recorded no split."""
+    if reference_dir is None:
+        return list(range(len(files)))
+    seen = digests_of(reference_dir, ("train", "val"))
+    return [i for i, f in enumerate(files)
+            if not seen or data_lib.sha256_file(f) not in seen]

@@ -212,6 +212,28 @@ def test_compare_to_fails_when_worse_on_same_data(tmp_path, shapes_dir):
     assert result.exit_code == 0, result.output
 
 
+def test_compare_to_leaves_out_what_the_reference_trained_on(run_dir,
+                                                            tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other, symlinks=True)
+    rec = json.loads((other / "split.json").read_text())
+    test_files = rec["files"]["test"]
+    # The reference run trained on one of this run's test images.
+    rec["files"]["train"].append(test_files[0])
+    (other / "split.json").write_text(json.dumps(rec))
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--out",
+                                 str(tmp_path / "ev"), "--compare-to",
+                                 str(other), "--json"])
+    assert result.exit_code == 0, result.output
+    gates = json.loads((tmp_path / "ev" / "gates.json").read_text())
+    assert gates["compare_to"]["images"] == len(test_files) - 1
+    assert gates["compare_to"]["left_out_seen_by_reference"] == 1
+    # Same model on the same images: equal.
+    assert gates["compare_to"]["value"] == gates["compare_to"]["new_value"]
+
+
 def test_class_mismatch_is_a_clear_error(tmp_path, shapes_dir):
     model = constant_model(tmp_path, "m", 0, shapes_dir)
     data = tmp_path / "other"
