@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel
+from pydantic import BeforeValidator
+from pydantic import Strict
 from pydantic import ConfigDict
 from pydantic import Discriminator
 from pydantic import Field
@@ -29,6 +31,7 @@ from pydantic import model_validator
 
 from finetune_cli import applications
 from finetune_cli.errors import ConfigError
+from finetune_cli.errors import short as _short
 
 # --------------------------------------------------------------------------
 # YAML: safe, floats like `1e-3` are floats, duplicate keys are errors.
@@ -71,20 +74,101 @@ _Loader.add_implicit_resolver(
 )
 
 
+# A config is a few hundred values; these bounds stop documents that
+# explode (YAML alias "bombs", runaway nesting) before anything walks them.
+MAX_BYTES = 1 << 20
+MAX_VALUES = 100_000
+MAX_DEPTH = 32
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse YAML text safely; errors name the source, line and column."""
+    """Parse YAML text safely; errors name the source, line and column.
+
+    Raises:
+        ConfigError: invalid YAML, or a document larger than MAX_BYTES, that
+            expands (through aliases) to more than MAX_VALUES values, nests
+            deeper than MAX_DEPTH, or refers to itself.
+    """
+    if len(text) > MAX_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters; a config is "
+                          f"at most {MAX_BYTES:,}")
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (safe subclass)
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 (safe subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested more than Python can read; a "
+                          f"config nests at most {MAX_DEPTH} levels") from None
+    _check_bounds(value, source)
+    return value
+
+
+def _check_bounds(value, source: str) -> None:
+    """Count values as if aliases were expanded, without expanding them."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values, depth)
+    active: set[int] = set()
+
+    def walk(v) -> tuple[int, int]:
+        if not isinstance(v, (dict, list)):
+            return 1, 0
+        key = id(v)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to itself; a "
+                              "config cannot contain itself")
+        active.add(key)
+        children = list(v.keys()) + list(v.values()) if isinstance(v, dict) \
+            else v
+        total, depth = 1, 0
+        for child in children:
+            n, d = walk(child)
+            total += n
+            depth = max(depth, d + 1)
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} "
+                                  "levels; a config is a few levels deep")
+            if total > MAX_VALUES:
+                raise ConfigError(
+                    f"{source}: expands to more than {MAX_VALUES:,} values "
+                    "(through YAML aliases, &anchor/*alias); a config has a "
+                    "few hundred")
+        active.discard(key)
+        sizes[key] = (total, depth)
+        return sizes[key]
+
+    walk(value)
 
 
 # --------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------
+
+
+def _not_bool(v):
+    # YAML reads `true` as a boolean, and Python's bool is an int: without
+    # this, `batch_size: true` would train with a batch of 1.
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, not a boolean (true/false). "
+                         f"Received: {v}")
+    return v
+
+
+def _not_number(v):
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false. Received: "
+                         f"{_short(v)} ({type(v).__name__})")
+    return v
+
+
+# Typed values: a boolean is not a number, a number is not a boolean, and a
+# float is not silently truncated to an int.
+Int = Annotated[int, BeforeValidator(_not_bool), Strict()]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Bool = Annotated[bool, BeforeValidator(_not_number)]
 
 
 class _Strict(BaseModel):
@@ -95,19 +179,19 @@ class Experiment(_Strict):
     """Names the run and where it is written."""
 
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: int = 42
+    seed: Int = 42
     output_dir: str = "runs"
     # The metric that picks the best epoch of each phase and `best.keras`.
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    tensorboard: bool = False
+    tensorboard: Bool = False
 
 
 class Split(_Strict):
     """Stratified fractions used when `data.dir` has no train/val/test folders."""
 
-    train: float = Field(0.8, gt=0, le=1)
-    val: float = Field(0.1, gt=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)
+    train: Float = Field(0.8, gt=0, le=1)
+    val: Float = Field(0.1, gt=0, lt=1)
+    test: Float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sums_to_one(self):
@@ -131,10 +215,10 @@ class Data(_Strict):
     dir: Optional[str] = None
     csv: Optional[str] = None
     split: Split = Split()
-    image_size: tuple[int, int] = (224, 224)
-    batch_size: int = Field(32, ge=1)
+    image_size: tuple[Int, Int] = (224, 224)
+    batch_size: Int = Field(32, ge=1)
     # Allow CSV paths outside the CSV's folder (e.g. absolute paths).
-    allow_outside_root: bool = False
+    allow_outside_root: Bool = False
     # What the pre-flight check does with an unreadable, truncated or empty
     # image, or a file whose bytes are also in another split: "error" stops
     # before training naming it; "skip" leaves it (the held-out copy) out
@@ -158,8 +242,8 @@ class Data(_Strict):
         if (self.dir is None) == (self.csv is None):
             raise ValueError(
                 "set exactly one of `data.dir` (folder per class) or "
-                f"`data.csv` (path,label manifest). Received: dir={self.dir!r}, "
-                f"csv={self.csv!r}"
+                f"`data.csv` (path,label manifest). Received: dir={_short(self.dir)}, "
+                f"csv={_short(self.csv)}"
             )
         return self
 
@@ -176,7 +260,7 @@ class Model(_Strict):
     options: dict[str, Any] = {}
     # Override the BatchNormalization momentum of the base (useful when
     # training a base from scratch on little data). null keeps the default.
-    bn_momentum: Optional[float] = Field(None, gt=0, lt=1)
+    bn_momentum: Optional[Float] = Field(None, gt=0, lt=1)
 
     @field_validator("name")
     @classmethod
@@ -199,7 +283,7 @@ class Model(_Strict):
         if bad:
             raise ValueError(
                 f"{', '.join(bad)} are set by finetune-cli (use model.weights, "
-                f"model.pooling, data.image_size). Received: {bad}"
+                f"model.pooling, data.image_size). Received: {_short(bad)}"
             )
         return v
 
@@ -208,10 +292,10 @@ class HeadLayer(_Strict):
     """One layer of the classification head, before the output layer."""
 
     type: Literal["dense", "dropout", "batchnorm"]
-    units: Optional[int] = Field(None, ge=1)
+    units: Optional[Int] = Field(None, ge=1)
     activation: Optional[str] = None
-    l2: Optional[float] = Field(None, ge=0)
-    rate: Optional[float] = Field(None, ge=0, lt=1)
+    l2: Optional[Float] = Field(None, ge=0)
+    rate: Optional[Float] = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _fields_fit_type(self):
@@ -226,7 +310,7 @@ class HeadLayer(_Strict):
         if extra:
             raise ValueError(
                 f"a {self.type} layer takes {sorted(allowed) or 'no options'}. "
-                f"Received: {extra}"
+                f"Received: {_short(extra)}"
             )
         if self.type == "dense" and self.units is None:
             raise ValueError("a dense layer needs `units`. Received: units=None")
@@ -243,7 +327,7 @@ class Augmentation(_Strict):
     ]
     # Fraction: of a full turn (rotation), of the size (zoom, translation),
     # of the intensity range (contrast, brightness).
-    factor: Optional[float] = Field(None, gt=0, le=1)
+    factor: Optional[Float] = Field(None, gt=0, le=1)
     mode: Optional[Literal["horizontal", "vertical", "horizontal_and_vertical"]] = (
         None
     )
@@ -268,7 +352,7 @@ class Augmentation(_Strict):
 class TrainableLayers(_Strict):
     """Which base layers train: exactly one of `top`, `from_layer`, `regex`."""
 
-    top: Optional[int] = Field(None, ge=1)
+    top: Optional[Int] = Field(None, ge=1)
     from_layer: Optional[str] = None
     regex: Optional[str] = None
 
@@ -280,14 +364,14 @@ class TrainableLayers(_Strict):
             raise ValueError(
                 "give exactly one of `top` (the top N layers), `from_layer` "
                 "(that layer and all after it) or `regex` (names matching). "
-                f"Received: {given or 'none of them'}"
+                f"Received: {_short(given) if given else 'none of them'}"
             )
         if self.regex is not None:
             try:
                 re.compile(self.regex)
             except re.error as e:
                 raise ValueError(f"invalid regex: {e}. Received: "
-                                 f"{self.regex!r}") from None
+                                 f"{_short(self.regex)}") from None
         return self
 
 
@@ -317,18 +401,18 @@ class Optimizer(_Strict):
     """A Keras optimizer by name with its parameters (not the learning rate)."""
 
     name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    beta_1: Optional[float] = Field(None, gt=0, lt=1)
-    beta_2: Optional[float] = Field(None, gt=0, lt=1)
-    epsilon: Optional[float] = Field(None, gt=0)
-    amsgrad: Optional[bool] = None
-    weight_decay: Optional[float] = Field(None, ge=0)
-    momentum: Optional[float] = Field(None, ge=0, lt=1)
-    nesterov: Optional[bool] = None
-    rho: Optional[float] = Field(None, gt=0, lt=1)
-    centered: Optional[bool] = None
-    clipnorm: Optional[float] = Field(None, gt=0)
-    clipvalue: Optional[float] = Field(None, gt=0)
-    global_clipnorm: Optional[float] = Field(None, gt=0)
+    beta_1: Optional[Float] = Field(None, gt=0, lt=1)
+    beta_2: Optional[Float] = Field(None, gt=0, lt=1)
+    epsilon: Optional[Float] = Field(None, gt=0)
+    amsgrad: Optional[Bool] = None
+    weight_decay: Optional[Float] = Field(None, ge=0)
+    momentum: Optional[Float] = Field(None, ge=0, lt=1)
+    nesterov: Optional[Bool] = None
+    rho: Optional[Float] = Field(None, gt=0, lt=1)
+    centered: Optional[Bool] = None
+    clipnorm: Optional[Float] = Field(None, gt=0)
+    clipvalue: Optional[Float] = Field(None, gt=0)
+    global_clipnorm: Optional[Float] = Field(None, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -362,9 +446,9 @@ class Schedule(_Strict):
     """
 
     name: Literal["constant", "cosine", "exponential", "warmup"] = "constant"
-    warmup_epochs: float = Field(0.0, ge=0)
-    alpha: float = Field(0.0, ge=0, le=1)
-    decay_rate: float = Field(0.9, gt=0, le=1)
+    warmup_epochs: Float = Field(0.0, ge=0)
+    alpha: Float = Field(0.0, ge=0, le=1)
+    decay_rate: Float = Field(0.9, gt=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -385,15 +469,15 @@ class Schedule(_Strict):
 
 class EarlyStopping(_Strict):
     monitor: str = "val_loss"
-    patience: int = Field(3, ge=0)
-    min_delta: float = Field(0.0, ge=0)
+    patience: Int = Field(3, ge=0)
+    min_delta: Float = Field(0.0, ge=0)
 
 
 class ReduceLROnPlateau(_Strict):
     monitor: str = "val_loss"
-    factor: float = Field(0.2, gt=0, lt=1)
-    patience: int = Field(2, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    factor: Float = Field(0.2, gt=0, lt=1)
+    patience: Int = Field(2, ge=0)
+    min_lr: Float = Field(0.0, ge=0)
 
 
 class Callbacks(_Strict):
@@ -408,18 +492,18 @@ class Phase(_Strict):
     """One step of the schedule: what trains, how, for how long."""
 
     name: str
-    epochs: int = Field(ge=1)
+    epochs: Int = Field(ge=1)
     trainable: Trainable = "none"
     # frozen: BatchNormalization layers never train and stay in inference
     # mode, even inside the unfrozen range. train: they train (batch
     # statistics, moving averages and gamma/beta update) when unfrozen.
     batchnorm: Literal["frozen", "train"] = "frozen"
     optimizer: Optimizer = Optimizer()
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: Float = Field(1e-3, gt=0)
     schedule: Schedule = Schedule()
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
     # null (none), "auto" (balanced: n / (k * count)) or {class: weight}.
-    class_weight: Union[Literal["auto"], dict[str, float], None] = None
+    class_weight: Union[Literal["auto"], dict[str, Float], None] = None
     callbacks: Callbacks = Callbacks()
 
     @model_validator(mode="after")
@@ -430,7 +514,7 @@ class Phase(_Strict):
             if cb is not None and cb.monitor not in _MONITORS:
                 raise ValueError(
                     f"callbacks.{key}.monitor must be one of "
-                    f"{sorted(_MONITORS)}. Received: {cb.monitor!r}"
+                    f"{sorted(_MONITORS)}. Received: {_short(cb.monitor)}"
                 )
         if cbs.reduce_lr_on_plateau is not None and (
             self.schedule.name != "constant" or self.schedule.warmup_epochs
@@ -456,20 +540,20 @@ class FeatureCache(_Strict):
     instead of running the base every epoch.
     """
 
-    enabled: bool = True
+    enabled: Bool = True
     dir: str = "features"
     # With augmentation declared: "faithful" runs the base every epoch on
     # freshly augmented images; "views" caches `views` augmented copies of
     # each training image and cycles through them, one per epoch.
     augmented: Literal["faithful", "views"] = "faithful"
-    views: int = Field(4, ge=2)
-    shard_size: int = Field(1024, ge=1)
+    views: Int = Field(4, ge=2)
+    shard_size: Int = Field(1024, ge=1)
 
 
 class Runtime(_Strict):
     # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
     mixed_precision: Literal["auto", "on", "off"] = "auto"
-    xla: bool = False
+    xla: Bool = False
 
 
 class Config(_Strict):
@@ -577,7 +661,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(
-                f"--set expects key.path=value. Received: {item!r}"
+                f"--set expects key.path=value. Received: {_short(item)}"
             )
         value = parse_yaml(text, f"--set {key}")
         parts = key.split(".")
@@ -586,13 +670,14 @@ def apply_overrides(raw: dict, overrides) -> dict:
             last = depth == len(parts) - 1
             where = ".".join(parts[:depth]) or "the config"
             if isinstance(node, list):
-                if not part.lstrip("-").isdigit():
+                if not part.isdigit():
                     raise ConfigError(
-                        f"--set {key}: {where} is a list; use an index. "
-                        f"Received: {part!r}"
+                        f"--set {key}: {where} is a list; use an index from 0 "
+                        f"to {len(node) - 1} (negative indices are not "
+                        f"supported). Received: {_short(part)}"
                     )
                 index = int(part)
-                if not -len(node) <= index < len(node):
+                if not index < len(node):
                     raise ConfigError(
                         f"--set {key}: {where} has {len(node)} entries "
                         f"(indices 0-{len(node) - 1}). Received: {index}"
@@ -611,7 +696,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
             else:
                 raise ConfigError(
                     f"--set {key}: {where} is a value, not a section. "
-                    f"Received: {node!r}"
+                    f"Received: {_short(node)}"
                 )
     return raw
 
@@ -670,7 +755,7 @@ def format_errors(error: ValidationError, source: str) -> str:
             allowed = f" Allowed here: {', '.join(known)}." if known else ""
             lines.append(
                 f"{_path(loc)}: unknown key{hint}.{allowed} "
-                f"Received: {key}={err['input']!r}"
+                f"Received: {key}={_short(err['input'])}"
             )
             continue
         msg = err["msg"]
@@ -691,7 +776,7 @@ def format_errors(error: ValidationError, source: str) -> str:
                              "{regex: PATTERN}")
             lines.append(
                 f"{_path(loc)}: expected one of {expected}{hint}. "
-                f"Received: {_path(loc)}={err['input']!r}"
+                f"Received: {_path(loc)}={_short(err['input'])}"
             )
             continue
         if "Received" in msg:
@@ -699,7 +784,7 @@ def format_errors(error: ValidationError, source: str) -> str:
         else:
             lines.append(
                 f"{_path(loc)}: {msg[:1].lower() + msg[1:]}. "
-                f"Received: {_path(loc)}={err['input']!r}"
+                f"Received: {_path(loc)}={_short(err['input'])}"
             )
     head = f"invalid config {source}:"
     if len(lines) == 1:

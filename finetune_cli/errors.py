@@ -14,6 +14,8 @@ no traceback (unless `--debug`). Anything else is a bug and exits with 1.
 | 6 | locked: another live run holds the run folder or experiment |
 """
 
+import reprlib
+
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
@@ -63,3 +65,15 @@ class LockedError(FinetuneError):
 
     exit_code = EXIT_LOCKED
     kind = "locked"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist = 3, 4, 4
+_REPR.maxtuple, _REPR.maxset, _REPR.maxstring, _REPR.maxother = 4, 4, 60, 60
+
+
+def short(value, limit: int = 80) -> str:
+    """A readable excerpt of a value for `Received: ...` (bounded in time
+    and length, whatever the value is)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
