@@ -500,13 +500,20 @@ def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False)
 @config_app.command("validate")
 def config_validate(config: ConfigArg, set_: SetOpt = None,
                     debug: DebugOpt = False):
-    """Check a config; exit 0 when valid, 2 with the reason when not."""
+    """Check a config and the files it names, without TensorFlow.
+
+    Exit 0 when valid; 2 for a config problem, 3 for a data problem, with
+    the reason (see README: what config validate checks)."""
     out = Output()
 
     def job():
+        from finetune_cli import checks
+
         cfg = _load(config, set_)
+        checks.check(cfg)
         out.success(f"{config}: valid ({len(cfg.phases)} phases, model "
-                    f"{cfg.model.name})")
+                    f"{cfg.model.name}; paths, data layout, weights file and "
+                    "memory checked)")
 
     _run(out, debug, job)
 

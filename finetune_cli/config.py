@@ -625,8 +625,14 @@ def load_config(path, overrides=()) -> Config:
         ConfigError: naming the file, the key path and what was expected.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; expected a YAML "
+                          "file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} "
+                          f"bytes; a config is at most {MAX_BYTES:,}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

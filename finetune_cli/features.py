@@ -346,7 +346,16 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
     from finetune_cli import environment
     from finetune_cli.errors import ConfigError
 
+    from finetune_cli import checks
+
+    checks.check(cfg)
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    # The same pre-flight check as finetune, so both see the same files
+    # (and a bad image is a data error naming it, not a crash).
+    index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
+    if skipped:
+        out.warn(f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "
+                 f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}")
     splits = list(index.splits) if split == "all" else [split]
     for s in splits:
         if s not in index.splits:

@@ -11,7 +11,6 @@ Only Keras APIs are used here, so the same code runs on any Keras backend.
 
 from __future__ import annotations
 
-import os
 import re
 
 from finetune_cli import applications
@@ -86,13 +85,9 @@ def build_base(model_cfg, image_size):
     elif weights == "imagenet":
         keras_weights = "imagenet"
     else:
-        if not os.path.isfile(weights):
-            raise ConfigError(f"model.weights: file not found: {weights}")
-        if not weights.endswith((".h5", ".hdf5", ".weights.h5")):
-            raise ConfigError(
-                "model.weights: expected imagenet, none or a .h5 / .weights.h5 "
-                f"file. Received: {weights!r}"
-            )
+        from finetune_cli import checks
+
+        checks.check_weights(weights)
         keras_weights = weights
     h, w = image_size
     import warnings

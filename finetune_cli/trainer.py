@@ -41,6 +41,7 @@ import keras
 import tensorflow as tf
 
 from finetune_cli import __version__
+from finetune_cli import checks
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
 from finetune_cli import environment
@@ -84,6 +85,12 @@ def finetune(cfg, out: Optional[Output] = None, argv=None,
     """
     out = out or Output()
     exp = cfg.experiment
+    if resume is None:
+        checks.check(cfg)
+    else:  # the data is the recorded split, checked when it is read
+        checks.check_output_dir(exp.output_dir, "experiment.output_dir")
+        if cfg.model.weights not in ("imagenet", "none"):
+            checks.check_weights(cfg.model.weights)
     exp_dir = Path(exp.output_dir) / exp.name
     lock = Lock(exp_dir / LOCK_FILE, f"experiment {exp.name!r} in "
                 f"{exp.output_dir}")

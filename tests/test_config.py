@@ -141,10 +141,14 @@ def test_json_schema_describes_sections():
     json.dumps(schema)
 
 
-def test_cli_validate_and_show(tmp_path):
-    path = write(tmp_path, tiny_config("d", tmp_path))
+def test_cli_validate_and_show(tmp_path, shapes_dir):
+    path = write(tmp_path, tiny_config(shapes_dir, tmp_path))
     result = runner.invoke(app, ["config", "validate", str(path)])
     assert result.exit_code == 0, result.output
+    # What finetune would find seconds later, validate finds now.
+    missing = write(tmp_path, tiny_config(tmp_path / "nope", tmp_path), "m.yaml")
+    result = runner.invoke(app, ["config", "validate", str(missing)])
+    assert result.exit_code == 3 and "data.dir: folder not found" in result.output
     result = runner.invoke(app, ["config", "show", str(path), "--set",
                                  "phases.0.epochs=7"])
     assert result.exit_code == 0
