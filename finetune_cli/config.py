@@ -376,17 +376,27 @@ class TrainableLayers(_Strict):
 
 
 def _trainable_tag(v):
-    return "mode" if isinstance(v, str) else "layers"
+    return "trainable:name" if isinstance(v, str) else "trainable:layers"
 
 
 Trainable = Annotated[
     Union[
-        Annotated[Literal["none", "all"], Tag("mode")],
-        Annotated[TrainableLayers, Tag("layers")],
+        Annotated[Literal["none", "all"], Tag("trainable:name")],
+        Annotated[TrainableLayers, Tag("trainable:layers")],
     ],
     Discriminator(_trainable_tag),
 ]
-_UNION_TAGS = {"mode", "layers"}
+
+# What a union-typed key accepts, in words (pydantic would name its types).
+_UNION_EXPECTED = {
+    "trainable": "'none', 'all' or a mapping {top: N}, {from_layer: NAME} "
+                 "or {regex: PATTERN}",
+    "class_weight": "null, 'auto' or a mapping {class_name: weight}",
+}
+# Parts of a pydantic error location that name a union member, not a key:
+# our tags ("trainable:name") and pydantic's ("literal['auto']",
+# "dict[str,float]", "function-before[...]").
+_TAG = re.compile(r"^[a-z-]+[:\[]|^(int|float|str|bool|none)$")
 
 _OPTIMIZER_PARAMS = {
     "adam": {"beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay"},
@@ -707,11 +717,15 @@ def apply_overrides(raw: dict, overrides) -> dict:
     return raw
 
 
+def _is_tag(part) -> bool:
+    return isinstance(part, str) and bool(_TAG.match(part))
+
+
 def _model_at(loc) -> Optional[type]:
     """The schema class that owns the keys at `loc` (None if not a section)."""
     cls: Any = Config
     for part in loc:
-        if part in _UNION_TAGS:
+        if _is_tag(part):
             continue
         if isinstance(part, int):
             continue  # list items: the element type was taken already
@@ -739,14 +753,67 @@ def _model_in(annotation):
     return None
 
 
+def _clean(loc) -> tuple:
+    return tuple(p for p in loc if not _is_tag(p))
+
+
 def _path(loc) -> str:
-    return ".".join(str(p) for p in loc if p not in _UNION_TAGS) or "(top level)"
+    return ".".join(str(p) for p in _clean(loc)) or "(top level)"
+
+
+# pydantic's wording, in the words of a YAML file.
+_PHRASES = [
+    (re.compile(r"a valid dictionary( or instance of \w+)?"), "a mapping (key: value)"),
+    (re.compile(r"a valid list"), "a list"),
+    (re.compile(r"a valid tuple"), "a list"),
+    (re.compile(r"tuple should have at most (\d+) items after validation, "
+                r"not (\d+)"), r"expected at most \1 items, not \2"),
+    (re.compile(r"a valid integer, unable to parse string as an integer"),
+     "an integer"),
+    (re.compile(r"a valid number, unable to parse string as a number"),
+     "a number"),
+    (re.compile(r"input should be"), "expected"),
+]
+_PHRASES = [(re.compile(p.pattern, re.I), r) for p, r in _PHRASES]
+
+
+def _plain(msg: str) -> str:
+    for pattern, repl in _PHRASES:
+        msg = pattern.sub(repl, msg)
+    return msg
+
+
+def _union_errors(errors):
+    """Errors of one union-typed key become one: the branch that matched the
+    input's shape, or a single "expected ..." line."""
+    groups: dict[tuple, list] = {}
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        tags = [i for i, p in enumerate(loc) if _is_tag(p)]
+        if not tags:
+            out.append(err)
+            continue
+        groups.setdefault(loc[:tags[0]], []).append(err)
+    for prefix, errs in groups.items():
+        deeper = [e for e in errs if len(_clean(e["loc"])) > len(prefix)]
+        if deeper:
+            out.extend(deeper)
+            continue
+        key = next((p for p in reversed(prefix) if isinstance(p, str)), "")
+        expected = _UNION_EXPECTED.get(key)
+        if expected is None or len(errs) == 1:
+            out.extend(errs[:1])
+            continue
+        out.append({"loc": prefix, "type": "union", "input": errs[0]["input"],
+                    "msg": f"expected {expected}", "ctx": {}})
+    return out
 
 
 def format_errors(error: ValidationError, source: str) -> str:
     """One readable message from pydantic errors: key path, expectation, value."""
     lines = []
-    for err in error.errors(include_url=False):
+    for err in _union_errors(error.errors(include_url=False)):
         loc = tuple(err["loc"])
         kind = err["type"]
         ctx_error = (err.get("ctx") or {}).get("error")
@@ -777,14 +844,17 @@ def format_errors(error: ValidationError, source: str) -> str:
                 if isinstance(err["input"], str)
                 else ""
             )
-            if "mode" in loc:  # the string form of `trainable`
-                expected += (" or a mapping {top: N}, {from_layer: NAME} or "
-                             "{regex: PATTERN}")
+            key = next((p for p in reversed(_clean(loc)) if isinstance(p, str)), "")
+            if any(str(p).startswith("trainable:") for p in loc):
+                expected = _UNION_EXPECTED["trainable"]
             lines.append(
                 f"{_path(loc)}: expected one of {expected}{hint}. "
                 f"Received: {_path(loc)}={_short(err['input'])}"
             )
             continue
+        msg = _plain(msg)
+        if "image_size" in loc and kind != "value_error":
+            msg = "expected a size N or [height, width] of positive integers"
         if "Received" in msg:
             lines.append(f"{_path(loc)}: {msg}")
         else:
