@@ -15,7 +15,8 @@ validation stays instant; `constructor()` imports lazily.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+
+from finetune_cli.errors import did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +124,6 @@ APPLICATIONS: dict[str, Application] = {
 }
 
 
-def suggest(name: str, options) -> str:
-    """A ' (did you mean ...?)' hint, or '' when nothing is close."""
-    lowered = {o.lower(): o for o in options}
-    match = difflib.get_close_matches(name.lower(), list(lowered), n=1)
-    return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
-
-
 def get(name: str) -> Application:
     """Look up an application by name, case-insensitively.
 
@@ -140,6 +134,6 @@ def get(name: str) -> Application:
         if key.lower() == name.lower():
             return app
     raise KeyError(
-        f"unknown application{suggest(name, APPLICATIONS)}; expected one of "
+        f"unknown application{did_you_mean(name, APPLICATIONS)}; expected one of "
         f"{', '.join(APPLICATIONS)}. Received: {name!r}"
     )

@@ -457,6 +457,7 @@ def runs_list(
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
     json_out: Annotated[bool, typer.Option("--json",
                                            help="Print JSON.")] = False,
+    debug: DebugOpt = False,
 ):
     """Recent runs with their status and key metrics."""
     out = Output()
@@ -475,7 +476,7 @@ def runs_list(
                     r["best"] or "-", r["test_accuracy"] or "-",
                     _run_note(r)] for r in rows])
 
-    _run(out, False, job)
+    _run(out, debug, job)
 
 
 def _run_note(row: dict) -> str:
@@ -524,14 +525,24 @@ def config_schema(
         "--out", "-o", help="Write to this file instead of stdout.")] = None,
 ):
     """Write the config's JSON Schema (for editor completion)."""
-    from finetune_cli.config import json_schema
-    from finetune_cli.rundir import atomic_write
+    out = Output()
 
-    text = json.dumps(json_schema(), indent=2) + "\n"
-    if out_file is None:
-        Output().text(text.rstrip())
-    else:
-        atomic_write(out_file, text)
+    def job():
+        from finetune_cli.config import json_schema
+        from finetune_cli.rundir import atomic_write
+
+        text = json.dumps(json_schema(), indent=2) + "\n"
+        if out_file is None:
+            out.text(text.rstrip())
+            return
+        if out_file.is_dir():
+            raise_config(f"--out {out_file} is a folder; expected a file path")
+        try:
+            atomic_write(out_file, text)
+        except OSError as e:
+            raise_config(f"--out {out_file}: cannot write: {e.strerror}")
+
+    _run(out, False, job)
 
 
 @app.command()
@@ -546,6 +557,7 @@ def synth(
     force: Annotated[bool, typer.Option(
         help="Replace the folder if it exists.")] = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ):
     """Generate a labelled synthetic image dataset (folder per class).
 
@@ -562,7 +574,7 @@ def synth(
                     f"classes to {out_dir}: " + ", ".join(
                         f"{k} {v}" for k, v in counts.items()))
 
-    _run(out, False, job)
+    _run(out, debug, job)
 
 
 def _version(value: bool):

@@ -11,7 +11,6 @@ Relative paths in a config (`data.dir`, `data.csv`, `model.weights`,
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from pathlib import Path
@@ -31,6 +30,7 @@ from pydantic import model_validator
 
 from finetune_cli import applications
 from finetune_cli.errors import ConfigError
+from finetune_cli.errors import did_you_mean
 from finetune_cli.errors import short as _short
 
 # --------------------------------------------------------------------------
@@ -824,7 +824,7 @@ def format_errors(error: ValidationError, source: str) -> str:
             parent = _model_at(loc[:-1])
             key = str(loc[-1])
             known = list(parent.model_fields) if parent else []
-            hint = _did_you_mean(key, known)
+            hint = did_you_mean(key, known)
             allowed = f" Allowed here: {', '.join(known)}." if known else ""
             lines.append(
                 f"{_path(loc)}: unknown key{hint}.{allowed} "
@@ -840,7 +840,7 @@ def format_errors(error: ValidationError, source: str) -> str:
             expected = (err.get("ctx") or {}).get("expected", "")
             options = re.findall(r"'([^']*)'", expected)
             hint = (
-                _did_you_mean(str(err["input"]), options)
+                did_you_mean(str(err["input"]), options)
                 if isinstance(err["input"], str)
                 else ""
             )
@@ -868,9 +868,6 @@ def format_errors(error: ValidationError, source: str) -> str:
     return "\n  ".join([head, *lines])
 
 
-def _did_you_mean(word: str, options) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def to_yaml(config: Config) -> str:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import re
 from pathlib import Path
 
 from finetune_cli.errors import DataError
@@ -69,14 +70,16 @@ def _is_image(path: Path) -> bool:
 
 
 def _class_files(folder: Path, key: str) -> list[Path]:
+    """Every image in a class folder, subfolders included (they belong to
+    the class); hidden files and folders are left out."""
     files, strays = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.is_file() and _is_image(p):
-            files.append(p)
-        elif p.is_file():
-            strays.append(p)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            (files if _is_image(p) else strays).append(p)
     if strays:
         shown = ", ".join(str(p) for p in strays[:3])
         more = f" and {len(strays) - 3} more" if len(strays) > 3 else ""
@@ -84,7 +87,7 @@ def _class_files(folder: Path, key: str) -> list[Path]:
             f"{key}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
             f" in a class folder: {shown}{more}"
         )
-    return files
+    return sorted(files)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -242,6 +245,7 @@ def _index_csv(data, seed: int) -> DataIndex:
             by_split[split].append((str(path), label))
         else:
             per_class.setdefault(label, []).append(str(path))
+    _check_label_spellings(rows, csv_path)
     if not has_split:
         return _split_stratified(per_class, data.split, seed, str(csv_path))
     class_names = sorted({label for label in (lb for _, lb in by_split["train"])})
@@ -261,6 +265,19 @@ def _index_csv(data, seed: int) -> DataIndex:
         if items:
             splits[split] = [(p, class_names.index(lb)) for p, lb in items]
     return DataIndex(class_names, splits, str(csv_path))
+
+
+def _check_label_spellings(rows, csv_path) -> None:
+    """Labels that differ only in case are a typo, not two classes."""
+    first: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows, start=2):
+        label = (row.get("label") or "").strip()
+        other = first.setdefault(label.casefold(), (label, i))
+        if other[0] != label:
+            raise DataError(
+                f"data.csv: {csv_path} line {i}: label {label!r} differs from "
+                f"{other[0]!r} (line {other[1]}) only in case; use one "
+                "spelling for one class")
 
 
 # --------------------------------------------------------------------------
@@ -372,6 +389,17 @@ def load_image(path, image_size):
     return tf.image.resize(image, image_size)
 
 
+def decode_failure(path, error) -> str:
+    """Why TensorFlow could not decode `path`, in words (TensorFlow's own
+    message names graph nodes, not the problem)."""
+    reason = check_image(str(path))
+    if reason is not None:
+        return reason
+    text = (getattr(error, "message", None) or str(error)).strip()
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text).splitlines()[0]
+    return f"cannot decode: {text}"
+
+
 def find_unreadable(paths, limit: int = 5) -> list[tuple[str, str]]:
     """Files TensorFlow cannot decode, with the reason (at most `limit`).
 
@@ -386,8 +414,7 @@ def find_unreadable(paths, limit: int = 5) -> list[tuple[str, str]]:
             tf.io.decode_image(tf.io.read_file(path), channels=3,
                                expand_animations=False)
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-            reason = (e.message or str(e)).strip().splitlines()[0]
-            bad.append((path, reason))
+            bad.append((path, decode_failure(path, e)))
             if len(bad) >= limit:
                 break
     return bad

@@ -14,6 +14,7 @@ no traceback (unless `--debug`). Anything else is a bug and exits with 1.
 | 6 | locked: another live run holds the run folder or experiment |
 """
 
+import difflib
 import reprlib
 
 EXIT_OK = 0
@@ -77,3 +78,12 @@ def short(value, limit: int = 80) -> str:
     and length, whatever the value is)."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: str, options) -> str:
+    """A ' (did you mean ...?)' hint (case-insensitive), or '' when nothing
+    is close."""
+    lowered = {str(o).lower(): o for o in options}
+    match = difflib.get_close_matches(str(word).lower(), list(lowered), n=1,
+                                      cutoff=0.6)
+    return f" (did you mean {lowered[match[0]]!r}?)" if match else ""

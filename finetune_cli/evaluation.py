@@ -206,8 +206,16 @@ def load_model(target: Target):
         return keras.saving.load_model(target.model_path, compile=False,
                                        safe_mode=True)
     except Exception as e:  # noqa: BLE001 - report any load failure plainly
+        text = str(e)
+        if "safe_mode" in text or "Lambda" in text:
+            raise ConfigError(
+                f"refusing to load {target.model_path}: it contains a Lambda "
+                "layer or other Python code, and finetune-cli only loads "
+                "models in Keras safe mode, so no code from a model file "
+                "runs. Rebuild the model from standard Keras layers (as "
+                "finetune-cli's own models are) and save it again") from None
         raise ConfigError(f"cannot load {target.model_path}: "
-                          f"{str(e).splitlines()[0] if str(e) else e}") from None
+                          f"{text.splitlines()[0] if text else e}") from None
 
 
 def model_image_size(model) -> tuple[int, int]:
@@ -499,10 +507,10 @@ def parse_gates(items, option: str) -> dict[str, float]:
         if not sep:
             raise ConfigError(f"{option} expects METRIC=VALUE. Received: {item!r}")
         if key not in METRIC_KEYS:
-            from finetune_cli.applications import suggest
+            from finetune_cli.errors import did_you_mean
 
             raise ConfigError(
-                f"{option}: unknown metric{suggest(key, METRIC_KEYS)}; expected "
+                f"{option}: unknown metric{did_you_mean(key, METRIC_KEYS)}; expected "
                 f"one of {', '.join(METRIC_KEYS)}. Received: {key!r}")
         if option == "--fail-under" and key in LOWER_IS_BETTER:
             raise ConfigError(f"--fail-under {key}: lower is better for {key}; "
@@ -633,8 +641,7 @@ def predict(target_path, inputs, *, top_k=3, batch_size=32):
             images.append(np.asarray(data_lib.load_image(f, size)))
             good.append(f)
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-            reason = (e.message or str(e)).strip().splitlines()[0]
-            rows.append({"file": f, "error": reason})
+            rows.append({"file": f, "error": data_lib.decode_failure(f, e)})
     probs = {}
     for i in range(0, len(images), batch_size):
         batch = np.stack(images[i:i + batch_size])

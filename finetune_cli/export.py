@@ -63,9 +63,9 @@ def parse_list(value: str, allowed, option: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        from finetune_cli.applications import suggest
+        from finetune_cli.errors import did_you_mean
 
-        hint = suggest(bad[0], allowed) if bad else ""
+        hint = did_you_mean(bad[0], allowed) if bad else ""
         raise ConfigError(f"{option}: expected a comma-separated list of "
                           f"{', '.join(allowed)}{hint}. Received: {value!r}")
     return list(dict.fromkeys(items))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from finetune_cli import applications
-from finetune_cli.applications import suggest
+from finetune_cli.errors import did_you_mean
 from finetune_cli.errors import ConfigError
 
 PREPROCESS_NAME = "preprocess"
@@ -90,6 +90,7 @@ def build_base(model_cfg, image_size):
         checks.check_weights(weights)
         keras_weights = weights
     h, w = image_size
+    check_options(app, model_cfg.options)
     import warnings
 
     try:
@@ -140,6 +141,45 @@ def build_base(model_cfg, image_size):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = model_cfg.bn_momentum
     return base
+
+
+def check_options(app, options: dict) -> None:
+    """Check `model.options` against the application constructor's own
+    signature: known names, and values of the type of each default.
+
+    Raises:
+        ConfigError: naming the option, what it expects and the value.
+    """
+    import inspect
+
+    from finetune_cli.errors import short
+
+    params = inspect.signature(app.constructor()).parameters
+    reserved = {"weights", "include_top", "input_shape", "pooling", "classes",
+                "input_tensor"}
+    known = [p for p in params if p not in reserved]
+    for key, value in options.items():
+        if key not in params:
+            raise ConfigError(
+                f"model.options.{key}: {app.name} has no such option"
+                f"{did_you_mean(key, known)}; its options: {', '.join(known)}."
+                f" Received: {key}={short(value)}")
+        default = params[key].default
+        if default is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(
+                f"model.options.{key}: expected {want} (the default is "
+                f"{default!r}). Received: {key}={short(value)}")
 
 
 def _first_line(e: Exception) -> str:
@@ -245,7 +285,7 @@ def select_layers(base, trainable, key: str) -> list[str]:
         if trainable.from_layer not in names:
             raise ConfigError(
                 f"{key}.from_layer: no layer named {trainable.from_layer!r} "
-                f"in {base.name}{suggest(trainable.from_layer, names)}. "
+                f"in {base.name}{did_you_mean(trainable.from_layer, names)}. "
                 f"Received: from_layer={trainable.from_layer!r}"
             )
         return names[names.index(trainable.from_layer):]

@@ -94,16 +94,23 @@ def finetune(cfg, out: Optional[Output] = None, argv=None,
     exp_dir = Path(exp.output_dir) / exp.name
     lock = Lock(exp_dir / LOCK_FILE, f"experiment {exp.name!r} in "
                 f"{exp.output_dir}")
-    with lock, _sigterm_as_interrupt():
-        if lock.took_over:
-            out.warn(f"the previous run of {exp.name!r} (process "
-                     f"{lock.took_over.get('pid')}) ended without "
-                     "releasing its lock")
-        for p in exp_dir.iterdir():
-            if (p / STATUS_FILE).is_file() and not p.is_symlink():
-                RunDir(p).settle()  # dead runs read as interrupted
-        trainer = Trainer.prepare(cfg, out, argv, resume)
-        return trainer.run_guarded()
+    # A run that never starts leaves no folder behind, not even the lock's.
+    made = [p for p in (Path(exp.output_dir), exp_dir) if not p.exists()]
+    try:
+        with lock, _sigterm_as_interrupt():
+            if lock.took_over:
+                out.warn(f"the previous run of {exp.name!r} (process "
+                         f"{lock.took_over.get('pid')}) ended without "
+                         "releasing its lock")
+            for p in exp_dir.iterdir():
+                if (p / STATUS_FILE).is_file() and not p.is_symlink():
+                    RunDir(p).settle()  # dead runs read as interrupted
+            trainer = Trainer.prepare(cfg, out, argv, resume)
+            return trainer.run_guarded()
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only when empty
 
 
 @contextlib.contextmanager
