@@ -57,7 +57,7 @@ CompareToPromotedOpt = Annotated[bool, typer.Option(
     "--compare-to-promoted/--no-compare-to-promoted",
     help="Refuse promotion when worse than the promoted model on held-out "
          "images neither model trained on.")]
-PromoteToleranceOpt = Annotated[float, typer.Option(
+PromoteToleranceOpt = Annotated[float, typer.Option(min=0.0,
     help="How much worse than the promoted model is tolerated.")]
 
 
@@ -229,7 +229,7 @@ def evaluate(
         "--out", help="Output folder. Default: RUN/eval/<name or split>.")] = None,
     name: Annotated[Optional[str], typer.Option(
         help="Name of the evaluation folder under RUN/eval/.")] = None,
-    top_k: Annotated[int, typer.Option(help="k of top-k accuracy.")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="k of top-k accuracy.")] = 5,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print only the metrics JSON to stdout.")] = False,
     fail_under: Annotated[Optional[list[str]], typer.Option(
@@ -242,7 +242,7 @@ def evaluate(
         help="Gate: fail (exit 4) when worse than this run or model on the "
              "same images.")] = None,
     tolerance: Annotated[float, typer.Option(
-        help="How much worse --compare-to allows.")] = 0.005,
+        min=0.0, help="How much worse --compare-to allows.")] = 0.005,
     compare_metric: Annotated[str, typer.Option(
         help="Metric --compare-to compares.")] = "accuracy",
     allow_missing: Annotated[bool, typer.Option(
@@ -305,14 +305,14 @@ def export_(
     data: Annotated[Optional[Path], typer.Option(
         help="Images for the parity check and int8 calibration (default: "
              "the run's validation and training splits).")] = None,
-    parity_images: Annotated[int, typer.Option(
+    parity_images: Annotated[int, typer.Option(min=1,
         help="Validation images in the parity check.")] = 64,
-    calibration_images: Annotated[int, typer.Option(
+    calibration_images: Annotated[int, typer.Option(min=1,
         help="Training images that calibrate int8.")] = 128,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    opset: Annotated[int, typer.Option(min=9, help="ONNX opset.")] = 17,
     tolerance: Annotated[float, typer.Option(
         help="Max probability difference allowed for float artifacts.")] = 1e-4,
-    min_agreement: Annotated[float, typer.Option(
+    min_agreement: Annotated[float, typer.Option(min=0.0, max=1.0,
         help="Min top-1 agreement for quantized artifacts.")] = 0.97,
     check: Annotated[bool, typer.Option(
         "--check/--no-check", help="Run the parity check.")] = True,
@@ -364,7 +364,8 @@ def predict(
     images: Annotated[list[Path], typer.Argument(
         help="Image files and/or folders (searched recursively).",
         show_default=False)],
-    top_k: Annotated[int, typer.Option(help="How many labels per image.")] = 3,
+    top_k: Annotated[int, typer.Option(
+        min=1, help="How many labels per image.")] = 3,
     out_file: Annotated[Optional[Path], typer.Option(
         "--out", help="Write predictions to a .csv or .json file.")] = None,
     quiet: QuietOpt = False,
@@ -454,7 +455,8 @@ def runs_list(
         help="Where runs are written (experiment.output_dir).")] = Path("runs"),
     experiment: Annotated[Optional[str], typer.Option(
         help="Only this experiment.")] = None,
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(
+        min=1, help="How many, newest first.")] = 20,
     json_out: Annotated[bool, typer.Option("--json",
                                            help="Print JSON.")] = False,
     debug: DebugOpt = False,
@@ -465,6 +467,9 @@ def runs_list(
     def job():
         from finetune_cli.rundir import list_runs
 
+        if output_dir.exists() and not output_dir.is_dir():
+            raise_config(f"--output-dir {output_dir} is a file; expected the "
+                         "folder runs are written to (experiment.output_dir)")
         rows = list_runs(output_dir, experiment)[:limit]
         if json_out:
             out.text(json.dumps(rows, indent=2))
@@ -551,8 +556,10 @@ def synth(
                                             show_default=False)],
     task: Annotated[str, typer.Option(
         help="Which class set: 'source' or 'target'.")] = "source",
-    per_class: Annotated[int, typer.Option(help="Images per class.")] = 100,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    per_class: Annotated[int, typer.Option(
+        min=2, max=100_000, help="Images per class.")] = 100,
+    size: Annotated[int, typer.Option(
+        min=8, max=4096, help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option(
         help="Replace the folder if it exists.")] = False,

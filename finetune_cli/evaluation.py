@@ -244,6 +244,11 @@ def resolve_data(target: Target, *, config=None, data=None, split="test",
             section = config_lib.Data(dir=str(data))
         if not data.exists():
             raise DataError(f"--data: not found: {data}")
+        if data.is_file() and data.suffix.lower() != ".csv":
+            raise DataError(f"--data {data} is a file; expected a folder of "
+                            "class folders or a .csv manifest")
+        if data.is_dir() and data.suffix.lower() == ".csv":
+            raise DataError(f"--data {data} is a folder; expected a .csv file")
         if data.is_dir() and not (data / "train").is_dir():
             # A plain folder of class folders: every image is held out.
             index = data_lib.index_whole_folder(data, "--data")
