@@ -32,6 +32,8 @@ ACTIVATION_FACTOR = 16
 def check(cfg) -> None:
     """Raise ConfigError or DataError for the first problem found."""
     check_output_dir(cfg.experiment.output_dir, "experiment.output_dir")
+    if cfg.feature_cache.enabled:
+        check_output_dir(cfg.feature_cache.dir, "feature_cache.dir")
     if cfg.data.dir is not None:
         check_data_dir(Path(cfg.data.dir))
     else:
@@ -75,7 +77,7 @@ def check_csv(path: Path) -> None:
         raise DataError(f"data.csv: {path} is a folder; expected a CSV file "
                         "with a path,label[,split] header")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"data.csv: cannot read {path}: {e}") from None

@@ -11,12 +11,14 @@ Relative paths in a config (`data.dir`, `data.csv`, `model.weights`,
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import AfterValidator
 from pydantic import BaseModel
 from pydantic import BeforeValidator
 from pydantic import Strict
@@ -166,8 +168,16 @@ def _not_number(v):
 
 # Typed values: a boolean is not a number, a number is not a boolean, and a
 # float is not silently truncated to an int.
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"expected a finite number. Received: {v}")
+    return v
+
+
 Int = Annotated[int, BeforeValidator(_not_bool), Strict()]
-Float = Annotated[float, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool), AfterValidator(_finite)]
+# A path: never the empty string (which would mean "here" silently).
+PathStr = Annotated[str, Field(min_length=1)]
 Bool = Annotated[bool, BeforeValidator(_not_number)]
 
 
@@ -179,8 +189,8 @@ class Experiment(_Strict):
     """Names the run and where it is written."""
 
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: Int = 42
-    output_dir: str = "runs"
+    seed: Int = Field(42, ge=0, le=2**32 - 1)
+    output_dir: PathStr = "runs"
     # The metric that picks the best epoch of each phase and `best.keras`.
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     tensorboard: Bool = False
@@ -212,8 +222,8 @@ class Data(_Strict):
     test/) or `csv` (a `path,label` manifest, paths relative to the CSV).
     """
 
-    dir: Optional[str] = None
-    csv: Optional[str] = None
+    dir: Optional[PathStr] = None
+    csv: Optional[PathStr] = None
     split: Split = Split()
     image_size: tuple[Int, Int] = (224, 224)
     batch_size: Int = Field(32, ge=1)
@@ -254,7 +264,7 @@ class Model(_Strict):
     name: str = "MobileNetV2"
     # "imagenet" (downloads), "none" (random init) or a path to a .h5 /
     # .weights.h5 file of the base without its top.
-    weights: str = "imagenet"
+    weights: PathStr = "imagenet"
     pooling: Literal["avg", "max"] = "avg"
     # Extra keyword arguments of the application constructor, e.g. alpha.
     options: dict[str, Any] = {}
@@ -292,7 +302,7 @@ class HeadLayer(_Strict):
     """One layer of the classification head, before the output layer."""
 
     type: Literal["dense", "dropout", "batchnorm"]
-    units: Optional[Int] = Field(None, ge=1)
+    units: Optional[Int] = Field(None, ge=1, le=65536)
     activation: Optional[str] = None
     l2: Optional[Float] = Field(None, ge=0)
     rate: Optional[Float] = Field(None, ge=0, lt=1)
@@ -551,7 +561,7 @@ class FeatureCache(_Strict):
     """
 
     enabled: Bool = True
-    dir: str = "features"
+    dir: PathStr = "features"
     # With augmentation declared: "faithful" runs the base every epoch on
     # freshly augmented images; "views" caches `views` augmented copies of
     # each training image and cycles through them, one per epoch.

@@ -202,7 +202,8 @@ def _index_csv(data, seed: int) -> DataIndex:
         raise DataError(f"data.csv: file not found: {csv_path}")
     root = csv_path.parent.resolve()
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs start CSV files with a BOM.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
             header = rows and list(rows[0]) or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:

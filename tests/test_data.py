@@ -157,3 +157,26 @@ def test_preflight_skip_drops_bad_and_duplicate_held_out_copies(tmp_path, shapes
     kept = set(cleaned.files("train")) | set(cleaned.files("val")) | set(
         cleaned.files("test"))
     assert not kept & set(reasons)
+
+
+def test_csv_with_a_bom_and_nested_class_subfolders(tmp_path, shapes_dir):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes_dir, data)
+    # Images in a subfolder of a class folder belong to the class.
+    (data / "star" / "more").mkdir()
+    shutil.copy(next((data / "circle").iterdir()), data / "star" / "more" / "x.png")
+    cfg = config_lib.Data(dir=str(data), split={"train": 0.5, "val": 0.5,
+                                                 "test": 0.0})
+    index = data_lib.index_data(cfg, 0)
+    star = index.class_names.index("star")
+    files = [p for s in index.splits.values() for p, lb in s if lb == star]
+    assert str(data / "star" / "more" / "x.png") in files and len(files) == 9
+    # Spreadsheets write CSV files that start with a byte-order mark.
+    rows = [f"{p.relative_to(data)},{p.parent.name}"
+            for c in ("circle", "square") for p in sorted((data / c).iterdir())]
+    (data / "m.csv").write_bytes("\ufeffpath,label\n".encode() +
+                                 "\n".join(rows).encode() + b"\n")
+    index = data_lib.index_data(config_lib.Data(csv=str(data / "m.csv")), 0)
+    assert index.class_names == ["circle", "square"]
