@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 FT     := $(BIN)/finetune-cli
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean demo-data
+.PHONY: demo test test-slow lint install clean demo-data
 
 install: $(STAMP)
 
@@ -33,7 +33,12 @@ demo: demo-data
 # Two workers: the crash/resume and promotion tests spend most of their time
 # in child processes importing TensorFlow, which one core cannot overlap.
 # A test file's tests stay on one worker (they share module fixtures).
-test: $(STAMP)
+# Style and the no-TensorFlow-at-import rule for cli/config (pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check finetune_cli tests bench
+	$(BIN)/ruff format --check finetune_cli tests bench
+
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --dist loadfile tests
 
 # Tests on ../shared/assets (real photos and ImageNet weights); they skip

@@ -11,11 +11,16 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
 def parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser with --data and --weights defaulting to the assets."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--data", default=str(SHARED / "flower_photos"),
-                   help="Folder of class folders (default: the flower photos).")
-    p.add_argument("--weights", default=str(
-        SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"),
-        help="MobileNetV2 no-top weights file.")
+    p.add_argument(
+        "--data",
+        default=str(SHARED / "flower_photos"),
+        help="Folder of class folders (default: the flower photos).",
+    )
+    p.add_argument(
+        "--weights",
+        default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"),
+        help="MobileNetV2 no-top weights file.",
+    )
     return p
 
 

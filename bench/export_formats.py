@@ -36,34 +36,50 @@ def main(argv=None) -> int:
     from finetune_cli.console import Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
-    cfg = config_lib.validate({
-        "experiment": {"name": "flowers", "output_dir": str(tmp / "runs")},
-        "data": {"dir": args.data, "image_size": 224, "batch_size": 32,
-                 "on_bad_image": "skip",  # tf_flowers has duplicate photos
-                 "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
-        "model": {"name": "MobileNetV2", "weights": args.weights},
-        "phases": [{"name": "head", "epochs": args.epochs,
-                    "learning_rate": 1e-3}],
-        "feature_cache": {"dir": str(tmp / "features")},
-    })
+    cfg = config_lib.validate(
+        {
+            "experiment": {"name": "flowers", "output_dir": str(tmp / "runs")},
+            "data": {
+                "dir": args.data,
+                "image_size": 224,
+                "batch_size": 32,
+                "on_bad_image": "skip",  # tf_flowers has duplicate photos
+                "split": {"train": 0.8, "val": 0.1, "test": 0.1},
+            },
+            "model": {"name": "MobileNetV2", "weights": args.weights},
+            "phases": [{"name": "head", "epochs": args.epochs, "learning_rate": 1e-3}],
+            "feature_cache": {"dir": str(tmp / "features")},
+        }
+    )
     run = trainer.finetune(cfg, Output(file=open(os.devnull, "w"))).run_dir
     metrics = json.loads((run / "metrics.json").read_text())
-    print(f"trained: val accuracy {metrics['val']['accuracy']:.4f}, test "
-          f"accuracy {metrics['test']['accuracy']:.4f} ({run})")
+    print(
+        f"trained: val accuracy {metrics['val']['accuracy']:.4f}, test "
+        f"accuracy {metrics['test']['accuracy']:.4f} ({run})"
+    )
     result = export_lib.export(
-        run, formats=export_lib.FORMATS, quantize=export_lib.QUANTIZATIONS,
+        run,
+        formats=export_lib.FORMATS,
+        quantize=export_lib.QUANTIZATIONS,
         parity_images=args.parity_images,
-        calibration_images=args.calibration_images)
+        calibration_images=args.calibration_images,
+    )
     r = result.report
-    print(f"parity: {r['images']} validation images, Keras model accuracy "
-          f"{r['reference_accuracy']:.4f}")
-    print(f"{'artifact':<16}{'size MB':>9}{'ms/image':>10}{'accuracy':>10}"
-          f"{'top-1 agree':>13}{'max|diff|':>11}  ok")
+    print(
+        f"parity: {r['images']} validation images, Keras model accuracy "
+        f"{r['reference_accuracy']:.4f}"
+    )
+    print(
+        f"{'artifact':<16}{'size MB':>9}{'ms/image':>10}{'accuracy':>10}"
+        f"{'top-1 agree':>13}{'max|diff|':>11}  ok"
+    )
     for a in r["artifacts"]:
-        print(f"{a['artifact']:<16}{a['size_bytes'] / 1e6:>9.2f}"
-              f"{a['latency_ms']:>10.2f}{a['accuracy']:>10.4f}"
-              f"{a['top1_agreement']:>13.4f}{a['max_abs_diff']:>11.2e}  "
-              f"{'yes' if a['passed'] else 'NO'}")
+        print(
+            f"{a['artifact']:<16}{a['size_bytes'] / 1e6:>9.2f}"
+            f"{a['latency_ms']:>10.2f}{a['accuracy']:>10.4f}"
+            f"{a['top1_agreement']:>13.4f}{a['max_abs_diff']:>11.2e}  "
+            f"{'yes' if a['passed'] else 'NO'}"
+        )
     return 0
 
 

@@ -32,16 +32,18 @@ from finetune_cli import features
 cfg = load_config(sys.argv[1])
 t0 = time.perf_counter()
 (r,) = features.extract_command(cfg, Output(file=open(os.devnull, "w")), "train")
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"images": r.images, "seconds": time.perf_counter() - t0,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": rss}))
 """
 
 
 def manifest(root: Path, per_class: int, path: Path) -> int:
     rows = []
     for cls in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in
-                       (".jpg", ".jpeg", ".png"))[:per_class]
+        files = sorted(
+            f for f in cls.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png")
+        )[:per_class]
         rows += [(os.path.relpath(f, path.parent), cls.name) for f in files]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -67,25 +69,45 @@ def main(argv=None) -> int:
         try:
             count = manifest(root, n, csv_path)
             cfg = tmp / f"{label}.yaml"
-            cfg.write_text(json.dumps({
-                "experiment": {"name": label},
-                "data": {"csv": str(csv_path), "image_size": args.image_size,
-                         "batch_size": 32, "allow_outside_root": True},
-                "model": {"name": "MobileNetV2", "weights": args.weights},
-                "phases": [{"name": "head", "epochs": 1}],
-                "feature_cache": {"dir": str(tmp / "features"), "shard_size": 512},
-            }))
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(cfg)],
-                                 check=True, capture_output=True, text=True)
+            cfg.write_text(
+                json.dumps(
+                    {
+                        "experiment": {"name": label},
+                        "data": {
+                            "csv": str(csv_path),
+                            "image_size": args.image_size,
+                            "batch_size": 32,
+                            "allow_outside_root": True,
+                        },
+                        "model": {"name": "MobileNetV2", "weights": args.weights},
+                        "phases": [{"name": "head", "epochs": 1}],
+                        "feature_cache": {
+                            "dir": str(tmp / "features"),
+                            "shard_size": 512,
+                        },
+                    }
+                )
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(cfg)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         finally:
             csv_path.unlink(missing_ok=True)
         results[label] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[label]
-        print(f"{label}: {r['images']} images ({count} listed), "
-              f"{r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(
+            f"{label}: {r['images']} images ({count} listed), "
+            f"{r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+        )
     ratio = results["large"]["peak_rss_mib"] / results["small"]["peak_rss_mib"]
-    print(f"peak memory large/small: {ratio:.3f} "
-          f"({(ratio - 1) * 100:+.1f}%) for {results['large']['images'] / results['small']['images']:.1f}x the images")
+    scale = results["large"]["images"] / results["small"]["images"]
+    print(
+        f"peak memory large/small: {ratio:.3f} "
+        f"({(ratio - 1) * 100:+.1f}%) for {scale:.1f}x the images"
+    )
     return 0
 
 

@@ -50,44 +50,64 @@ def main(argv=None) -> int:
     from finetune_cli.console import Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    cfg = config_lib.validate({
-        "experiment": {"name": "bench", "seed": 42, "output_dir": str(tmp / "runs")},
-        "data": {"dir": args.data, "image_size": args.image_size,
-                 "batch_size": args.batch_size,
-                 "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
-        "model": {"name": "MobileNetV2", "weights": args.weights},
-        "phases": [{"name": "head", "epochs": args.epochs,
-                    "learning_rate": args.learning_rate}],
-        "feature_cache": {"dir": str(tmp / "features")},
-    })
+    cfg = config_lib.validate(
+        {
+            "experiment": {
+                "name": "bench",
+                "seed": 42,
+                "output_dir": str(tmp / "runs"),
+            },
+            "data": {
+                "dir": args.data,
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "split": {"train": 0.8, "val": 0.1, "test": 0.1},
+            },
+            "model": {"name": "MobileNetV2", "weights": args.weights},
+            "phases": [
+                {
+                    "name": "head",
+                    "epochs": args.epochs,
+                    "learning_rate": args.learning_rate,
+                }
+            ],
+            "feature_cache": {"dir": str(tmp / "features")},
+        }
+    )
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     k = len(index.class_names)
     size = cfg.data.image_size
     mk = lambda split: data_lib.make_dataset(  # noqa: E731
-        index.splits[split], k, size, args.batch_size,
-        shuffle=split == "train", seed=42)
-    print(f"data: {args.data}: {k} classes, " + ", ".join(
-        f"{s} {len(v)}" for s, v in index.splits.items()))
-    print(f"model: MobileNetV2 {size[0]}x{size[1]}, weights {args.weights}; "
-          f"{args.epochs} epochs, batch {args.batch_size}, Adam "
-          f"{args.learning_rate:g}")
+        index.splits[split], k, size, args.batch_size, shuffle=split == "train", seed=42
+    )
+    print(
+        f"data: {args.data}: {k} classes, "
+        + ", ".join(f"{s} {len(v)}" for s, v in index.splits.items())
+    )
+    print(
+        f"model: MobileNetV2 {size[0]}x{size[1]}, weights {args.weights}; "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam "
+        f"{args.learning_rate:g}"
+    )
 
     # Hand-written recipe (keras.io transfer-learning guide).
     keras.utils.set_random_seed(42)
     base = keras.applications.MobileNetV2(
-        weights=args.weights, include_top=False,
-        input_shape=(*size, 3), pooling="avg")
+        weights=args.weights, include_top=False, input_shape=(*size, 3), pooling="avg"
+    )
     base.trainable = False
     inputs = keras.Input((*size, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
     x = base(x, training=False)
     outputs = keras.layers.Dense(k, activation="softmax")(x)
     hand = keras.Model(inputs, outputs)
-    hand.compile(keras.optimizers.Adam(args.learning_rate),
-                 "categorical_crossentropy", metrics=["accuracy"])
+    hand.compile(
+        keras.optimizers.Adam(args.learning_rate),
+        "categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     t0 = time.perf_counter()
-    hand.fit(mk("train"), validation_data=mk("val"), epochs=args.epochs,
-             verbose=0)
+    hand.fit(mk("train"), validation_data=mk("val"), epochs=args.epochs, verbose=0)
     t_hand = time.perf_counter() - t0
     acc_hand = hand.evaluate(mk("test"), verbose=0, return_dict=True)["accuracy"]
     print(f"hand-written: {t_hand:.1f}s, test accuracy {acc_hand:.4f}")
@@ -99,22 +119,29 @@ def main(argv=None) -> int:
     assert [p.path for p in plans] == ["features"]
     out = Output(file=open(os.devnull, "w"))
     t0 = time.perf_counter()
-    cached = feature_training.cached_datasets(cfg, out, model, base, index,
-                                              "features")
+    cached = feature_training.cached_datasets(cfg, out, model, base, index, "features")
     t_extract = time.perf_counter() - t0
     head = cached.head
     phases_lib.compile_phase(head, cfg.phases[0], 1, k, False)
-    head.fit(cached.train_dataset(0, args.epochs),
-             validation_data=cached.val_dataset(), epochs=args.epochs,
-             steps_per_epoch=cached.steps_per_epoch, verbose=0)
+    head.fit(
+        cached.train_dataset(0, args.epochs),
+        validation_data=cached.val_dataset(),
+        epochs=args.epochs,
+        steps_per_epoch=cached.steps_per_epoch,
+        verbose=0,
+    )
     t_cache = time.perf_counter() - t0
     phases_lib.compile_phase(model, cfg.phases[0], 1, k, False)
     acc_cache = model.evaluate(mk("test"), verbose=0, return_dict=True)["accuracy"]
-    print(f"cached: {t_cache:.1f}s (extract {t_extract:.1f}s + head "
-          f"{t_cache - t_extract:.1f}s), test accuracy {acc_cache:.4f} "
-          "(head grafted on the base, real images)")
-    print(f"speed-up: {t_hand / t_cache:.1f}x; accuracy difference "
-          f"{100 * (acc_cache - acc_hand):+.2f} points")
+    print(
+        f"cached: {t_cache:.1f}s (extract {t_extract:.1f}s + head "
+        f"{t_cache - t_extract:.1f}s), test accuracy {acc_cache:.4f} "
+        "(head grafted on the base, real images)"
+    )
+    print(
+        f"speed-up: {t_hand / t_cache:.1f}x; accuracy difference "
+        f"{100 * (acc_cache - acc_hand):+.2f} points"
+    )
     np.asarray(0)
     return 0
 

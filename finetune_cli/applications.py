@@ -52,9 +52,7 @@ def _family(module, preprocess, sizes, min_size=32, **kwargs):
 APPLICATIONS: dict[str, Application] = {
     **_family("vgg16", "caffe", {"VGG16": 224}),
     **_family("vgg19", "caffe", {"VGG19": 224}),
-    **_family(
-        "resnet", "caffe", {"ResNet50": 224, "ResNet101": 224, "ResNet152": 224}
-    ),
+    **_family("resnet", "caffe", {"ResNet50": 224, "ResNet101": 224, "ResNet152": 224}),
     **_family(
         "resnet_v2",
         "tf",
@@ -101,9 +99,7 @@ APPLICATIONS: dict[str, Application] = {
     ),
     **_family("xception", "tf", {"Xception": 299}, min_size=71),
     **_family("inception_v3", "tf", {"InceptionV3": 299}, min_size=75),
-    **_family(
-        "inception_resnet_v2", "tf", {"InceptionResNetV2": 299}, min_size=75
-    ),
+    **_family("inception_resnet_v2", "tf", {"InceptionResNetV2": 299}, min_size=75),
     **_family(
         "convnext",
         "none",

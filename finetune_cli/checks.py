@@ -53,29 +53,36 @@ def check_output_dir(path, key: str) -> None:
     for p in [*reversed(path.parents), path]:
         if p.exists() and not p.is_dir():
             where = "is" if p == path else f"lies under {p}, which is"
-            raise ConfigError(f"{key}: {path} {where} a file; expected a "
-                              "folder (it is created when missing)")
+            raise ConfigError(
+                f"{key}: {path} {where} a file; expected a "
+                "folder (it is created when missing)"
+            )
 
 
 def check_data_dir(root: Path) -> None:
     if not root.exists():
         raise DataError(f"data.dir: folder not found: {root}")
     if not root.is_dir():
-        raise DataError(f"data.dir: {root} is a file; expected a folder of "
-                        "class folders (or of train/, val/ and test/ folders)")
-    if not any(p.is_dir() and not p.name.startswith(".")
-               for p in root.iterdir()):
-        raise DataError(f"data.dir: {root} has no class folders; expected one "
-                        "folder per class (or train/, val/, test/ folders of "
-                        "class folders)")
+        raise DataError(
+            f"data.dir: {root} is a file; expected a folder of "
+            "class folders (or of train/, val/ and test/ folders)"
+        )
+    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        raise DataError(
+            f"data.dir: {root} has no class folders; expected one "
+            "folder per class (or train/, val/, test/ folders of "
+            "class folders)"
+        )
 
 
 def check_csv(path: Path) -> None:
     if not path.exists():
         raise DataError(f"data.csv: file not found: {path}")
     if path.is_dir():
-        raise DataError(f"data.csv: {path} is a folder; expected a CSV file "
-                        "with a path,label[,split] header")
+        raise DataError(
+            f"data.csv: {path} is a folder; expected a CSV file "
+            "with a path,label[,split] header"
+        )
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
@@ -83,8 +90,10 @@ def check_csv(path: Path) -> None:
         raise DataError(f"data.csv: cannot read {path}: {e}") from None
     header = [h.strip() for h in header]
     if "path" not in header or "label" not in header:
-        raise DataError(f"data.csv: {path} needs a header with `path` and "
-                        f"`label` (optionally `split`). Received: {header[:5]}")
+        raise DataError(
+            f"data.csv: {path} needs a header with `path` and "
+            f"`label` (optionally `split`). Received: {header[:5]}"
+        )
 
 
 def check_weights(weights: str) -> None:
@@ -92,21 +101,26 @@ def check_weights(weights: str) -> None:
     if not path.exists():
         raise ConfigError(f"model.weights: file not found: {weights}")
     if path.is_dir():
-        raise ConfigError(f"model.weights: {weights} is a folder; expected "
-                          "imagenet, none or a .h5 / .weights.h5 file")
+        raise ConfigError(
+            f"model.weights: {weights} is a folder; expected "
+            "imagenet, none or a .h5 / .weights.h5 file"
+        )
     if not weights.endswith((".h5", ".hdf5")):
         raise ConfigError(
             "model.weights: expected imagenet, none or a .h5 / .weights.h5 "
-            f"file. Received: {weights!r}")
+            f"file. Received: {weights!r}"
+        )
     try:
         with open(path, "rb") as f:
             magic = f.read(len(HDF5_MAGIC))
     except OSError as e:
         raise ConfigError(f"model.weights: cannot read {weights}: {e}") from None
     if magic != HDF5_MAGIC:
-        raise ConfigError(f"model.weights: {weights} is not an HDF5 file "
-                          "(Keras weights files are HDF5: the file is damaged "
-                          "or of another kind)")
+        raise ConfigError(
+            f"model.weights: {weights} is not an HDF5 file "
+            "(Keras weights files are HDF5: the file is damaged "
+            "or of another kind)"
+        )
 
 
 def memory_bytes() -> int:
@@ -128,4 +142,5 @@ def check_memory(cfg) -> None:
             f"least {need / 2**30:,.1f} GiB to train (activations of one "
             f"batch); this machine has {have / 2**30:,.1f} GiB. Lower "
             "data.image_size (applications are made for about 224) or "
-            f"data.batch_size. Received: data.image_size={[h, w]}")
+            f"data.batch_size. Received: data.image_size={[h, w]}"
+        )

@@ -27,38 +27,59 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Inspect and check experiment configs.",
-                         no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect and check experiment configs.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 
-ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).",
-                                           show_default=False)]
+ConfigArg = Annotated[
+    Path, typer.Argument(help="Experiment config (YAML).", show_default=False)
+]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", metavar="KEY.PATH=VALUE",
-                 help="Override a config value (repeatable), e.g. "
-                      "--set phases.1.epochs=3 --set data.batch_size=16."),
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY.PATH=VALUE",
+        help="Override a config value (repeatable), e.g. "
+        "--set phases.1.epochs=3 --set data.batch_size=16.",
+    ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q",
-                                        help="Only warnings and errors.")]
-DebugOpt = Annotated[bool, typer.Option("--debug",
-                                        help="Show tracebacks for errors.")]
-PlainOpt = Annotated[Optional[bool], typer.Option(
-    "--plain/--rich", help="Force plain (log-friendly) or rich output. "
-                           "Default: rich at a terminal, plain otherwise.",
-    show_default=False)]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+PlainOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--plain/--rich",
+        help="Force plain (log-friendly) or rich output. "
+        "Default: rich at a terminal, plain otherwise.",
+        show_default=False,
+    ),
+]
 
 
 # Promotion options, shared by `finetune --promote-to` and `promote`.
-PromoteGateOpt = Annotated[Optional[list[str]], typer.Option(
-    metavar="METRIC=VALUE",
-    help="Promotion gate on the held-out metrics (repeatable).")]
-CompareToPromotedOpt = Annotated[bool, typer.Option(
-    "--compare-to-promoted/--no-compare-to-promoted",
-    help="Refuse promotion when worse than the promoted model on held-out "
-         "images neither model trained on.")]
-PromoteToleranceOpt = Annotated[float, typer.Option(min=0.0,
-    help="How much worse than the promoted model is tolerated.")]
+PromoteGateOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        metavar="METRIC=VALUE",
+        help="Promotion gate on the held-out metrics (repeatable).",
+    ),
+]
+CompareToPromotedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compare-to-promoted/--no-compare-to-promoted",
+        help="Refuse promotion when worse than the promoted model on held-out "
+        "images neither model trained on.",
+    ),
+]
+PromoteToleranceOpt = Annotated[
+    float,
+    typer.Option(min=0.0, help="How much worse than the promoted model is tolerated."),
+]
 
 
 def _quiet_tensorflow():
@@ -83,8 +104,11 @@ def _run(out: Output, debug: bool, fn):
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             raise
-        out.error("unexpected error", f"{type(e).__name__}: {e} "
-                  "(rerun with --debug for the traceback and please report it)")
+        out.error(
+            "unexpected error",
+            f"{type(e).__name__}: {e} "
+            "(rerun with --debug for the traceback and please report it)",
+        )
         raise typer.Exit(EXIT_UNEXPECTED) from None
 
 
@@ -96,15 +120,27 @@ def _load(config: Path, overrides):
 
 @app.command()
 def finetune(
-    config: Annotated[Optional[Path], typer.Argument(
-        help="Experiment config (YAML). Not needed with --resume.",
-        show_default=False)] = None,
-    resume: Annotated[Optional[Path], typer.Option(
-        help="Complete an interrupted run in its folder, from its last "
-             "saved state (uses the run's own config.yaml and split).")] = None,
-    promote_to: Annotated[Optional[Path], typer.Option(
-        help="After training, make this link point at the new model if it "
-             "passes --fail-under and is not worse than the one promoted.")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Experiment config (YAML). Not needed with --resume.",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Complete an interrupted run in its folder, from its last "
+            "saved state (uses the run's own config.yaml and split)."
+        ),
+    ] = None,
+    promote_to: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="After training, make this link point at the new model if it "
+            "passes --fail-under and is not worse than the one promoted."
+        ),
+    ] = None,
     fail_under: PromoteGateOpt = None,
     compare_to_promoted: CompareToPromotedOpt = True,
     tolerance: PromoteToleranceOpt = 0.005,
@@ -123,8 +159,10 @@ def finetune(
 
     def job():
         if (config is None) == (resume is None):
-            raise_config("give a CONFIG to start a run, or --resume RUN_DIR to "
-                         "continue one (not both)")
+            raise_config(
+                "give a CONFIG to start a run, or --resume RUN_DIR to "
+                "continue one (not both)"
+            )
         if resume is not None:
             if set_:
                 raise_config("--set cannot change a run being resumed")
@@ -139,8 +177,10 @@ def finetune(
             gates = evaluation.parse_gates(fail_under, "--fail-under")
             promotion.check_target(promote_to)  # before hours of training
         elif fail_under:
-            raise_config("--fail-under on finetune goes with --promote-to; "
-                         "use `finetune-cli evaluate RUN --fail-under` otherwise")
+            raise_config(
+                "--fail-under on finetune goes with --promote-to; "
+                "use `finetune-cli evaluate RUN --fail-under` otherwise"
+            )
         _quiet_tensorflow()
         from finetune_cli.trainer import finetune as run
 
@@ -148,9 +188,14 @@ def finetune(
         if promote_to is not None:
             from finetune_cli import promotion
 
-            promotion.run_promotion(result.run_dir, promote_to, out,
-                                    fail_under=gates, compare=compare_to_promoted,
-                                    tolerance=tolerance)
+            promotion.run_promotion(
+                result.run_dir,
+                promote_to,
+                out,
+                fail_under=gates,
+                compare=compare_to_promoted,
+                tolerance=tolerance,
+            )
 
     _run(out, debug, job)
 
@@ -159,30 +204,50 @@ def _render_evaluation(out: Output, ev) -> None:
     from finetune_cli.evaluation import fmt
 
     m = ev.metrics
-    out.step(f"evaluate {m['model']} on {m['data']} ({m['split']}, "
-             f"{m['num_samples']} images)")
+    out.step(
+        f"evaluate {m['model']} on {m['data']} ({m['split']}, "
+        f"{m['num_samples']} images)"
+    )
     s = m["summary"]
-    out.table("metrics", ["metric", "value"],
-              [[("top_%d_accuracy" % m["top_k"]) if k == "top_k_accuracy" else k,
-                fmt(v)] for k, v in s.items()])
-    out.table("per class", ["class", "precision", "recall", "f1", "support"],
-              [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]),
-                v["support"]] for c, v in m["per_class"].items()])
+    out.table(
+        "metrics",
+        ["metric", "value"],
+        [
+            [("top_%d_accuracy" % m["top_k"]) if k == "top_k_accuracy" else k, fmt(v)]
+            for k, v in s.items()
+        ],
+    )
+    out.table(
+        "per class",
+        ["class", "precision", "recall", "f1", "support"],
+        [
+            [c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
+            for c, v in m["per_class"].items()
+        ],
+    )
     if m["most_confused"]:
-        out.table("most confused", ["true", "predicted", "count"],
-                  [[p["true"], p["predicted"], p["count"]]
-                   for p in m["most_confused"][:5]])
+        out.table(
+            "most confused",
+            ["true", "predicted", "count"],
+            [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"][:5]],
+        )
     out.info(f"report: {ev.out_dir / 'report.html'}")
 
 
 @app.command()
 def extract(
     config: ConfigArg,
-    split: Annotated[str, typer.Option(
-        help="Which split: train, val, test or all.")] = "all",
-    out_dir: Annotated[Optional[Path], typer.Option(
-        "--out", help="Folder for the features. Default: "
-                      "<feature_cache.dir>/<experiment.name>.")] = None,
+    split: Annotated[
+        str, typer.Option(help="Which split: train, val, test or all.")
+    ] = "all",
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Folder for the features. Default: "
+            "<feature_cache.dir>/<experiment.name>.",
+        ),
+    ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -197,58 +262,112 @@ def extract(
 
     def job():
         if split not in ("train", "val", "test", "all"):
-            raise_config(f"--split must be train, val, test or all. Received: "
-                         f"{split!r}")
+            raise_config(
+                f"--split must be train, val, test or all. Received: {split!r}"
+            )
         cfg = _load(config, set_)
         _quiet_tensorflow()
         from finetune_cli import features
 
         results = features.extract_command(cfg, out, split, out_dir)
-        out.table("features", ["split", "images", "feature dim", "seconds",
-                               "images/s", "cache", "folder"],
-                  [[r.split, r.images, r.feature_dim, f"{r.seconds:.1f}",
+        out.table(
+            "features",
+            [
+                "split",
+                "images",
+                "feature dim",
+                "seconds",
+                "images/s",
+                "cache",
+                "folder",
+            ],
+            [
+                [
+                    r.split,
+                    r.images,
+                    r.feature_dim,
+                    f"{r.seconds:.1f}",
                     f"{r.images / r.seconds:.1f}" if r.seconds else "-",
-                    "reused" if r.reused else "computed", str(r.folder)]
-                   for r in results])
+                    "reused" if r.reused else "computed",
+                    str(r.folder),
+                ]
+                for r in results
+            ],
+        )
 
     _run(out, debug, job)
 
 
 @app.command()
 def evaluate(
-    target: Annotated[Path, typer.Argument(
-        help="A run folder (uses best.keras) or a .keras file with labels.txt "
-             "beside it.", show_default=False)],
-    config: Annotated[Optional[Path], typer.Option(
-        help="Take the data (and split) from this config instead of the "
-             "run's.")] = None,
-    data: Annotated[Optional[Path], typer.Option(
-        help="Evaluate on this folder of class folders (all images) or CSV.")] = None,
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder (uses best.keras) or a .keras file with labels.txt "
+            "beside it.",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Take the data (and split) from this config instead of the run's."
+        ),
+    ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Evaluate on this folder of class folders (all images) or CSV."
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="Which split of the data.")] = "test",
-    out_dir: Annotated[Optional[Path], typer.Option(
-        "--out", help="Output folder. Default: RUN/eval/<name or split>.")] = None,
-    name: Annotated[Optional[str], typer.Option(
-        help="Name of the evaluation folder under RUN/eval/.")] = None,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Output folder. Default: RUN/eval/<name or split>."),
+    ] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="Name of the evaluation folder under RUN/eval/."),
+    ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="k of top-k accuracy.")] = 5,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print only the metrics JSON to stdout.")] = False,
-    fail_under: Annotated[Optional[list[str]], typer.Option(
-        metavar="METRIC=VALUE",
-        help="Gate: fail (exit 4) when METRIC is below VALUE. Repeatable.")] = None,
-    fail_over: Annotated[Optional[list[str]], typer.Option(
-        metavar="METRIC=VALUE",
-        help="Gate: fail (exit 4) when METRIC (log_loss, ece) is above VALUE.")] = None,
-    compare_to: Annotated[Optional[Path], typer.Option(
-        help="Gate: fail (exit 4) when worse than this run or model on the "
-             "same images.")] = None,
-    tolerance: Annotated[float, typer.Option(
-        min=0.0, help="How much worse --compare-to allows.")] = 0.005,
-    compare_metric: Annotated[str, typer.Option(
-        help="Metric --compare-to compares.")] = "accuracy",
-    allow_missing: Annotated[bool, typer.Option(
-        "--allow-missing",
-        help="Leave out files of the run's recorded split that are gone or "
-             "changed (named in a warning) instead of stopping.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print only the metrics JSON to stdout.")
+    ] = False,
+    fail_under: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="METRIC=VALUE",
+            help="Gate: fail (exit 4) when METRIC is below VALUE. Repeatable.",
+        ),
+    ] = None,
+    fail_over: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="METRIC=VALUE",
+            help="Gate: fail (exit 4) when METRIC (log_loss, ece) is above VALUE.",
+        ),
+    ] = None,
+    compare_to: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Gate: fail (exit 4) when worse than this run or model on the "
+            "same images."
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0.0, help="How much worse --compare-to allows.")
+    ] = 0.005,
+    compare_metric: Annotated[
+        str, typer.Option(help="Metric --compare-to compares.")
+    ] = "accuracy",
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Leave out files of the run's recorded split that are gone or "
+            "changed (named in a warning) instead of stopping.",
+        ),
+    ] = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -266,21 +385,36 @@ def evaluate(
         under = evaluation.parse_gates(fail_under, "--fail-under")
         over = evaluation.parse_gates(fail_over, "--fail-over")
         if compare_metric not in evaluation.METRIC_KEYS:
-            raise_config(f"--compare-metric: expected one of "
-                         f"{', '.join(evaluation.METRIC_KEYS)}. Received: "
-                         f"{compare_metric!r}")
+            raise_config(
+                f"--compare-metric: expected one of "
+                f"{', '.join(evaluation.METRIC_KEYS)}. Received: "
+                f"{compare_metric!r}"
+            )
         cfg = _load(config, set_) if config is not None else None
         _quiet_tensorflow()
-        ev = evaluation.evaluate(target, config=cfg, data=data, split=split,
-                                 out=out_dir, name=name, top_k=top_k,
-                                 allow_missing=allow_missing, warn=out.warn)
+        ev = evaluation.evaluate(
+            target,
+            config=cfg,
+            data=data,
+            split=split,
+            out=out_dir,
+            name=name,
+            top_k=top_k,
+            allow_missing=allow_missing,
+            warn=out.warn,
+        )
         if json_out:
             out.text(json.dumps(ev.metrics, indent=2))
         else:
             _render_evaluation(out, ev)
-        evaluation.gate(ev, fail_under=under, fail_over=over,
-                        compare_to=compare_to, tolerance=tolerance,
-                        compare_metric=compare_metric)
+        evaluation.gate(
+            ev,
+            fail_under=under,
+            fail_over=over,
+            compare_to=compare_to,
+            tolerance=tolerance,
+            compare_metric=compare_metric,
+        )
         if under or over or compare_to is not None:
             out.success("all gates passed")
 
@@ -289,33 +423,60 @@ def evaluate(
 
 @app.command("export")
 def export_(
-    target: Annotated[Path, typer.Argument(
-        help="A run folder (uses best.keras) or a .keras file with labels.txt "
-             "beside it.", show_default=False)],
-    format_: Annotated[str, typer.Option(
-        "--format", help="Comma-separated: keras, saved_model, tflite, onnx.")
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder (uses best.keras) or a .keras file with labels.txt "
+            "beside it.",
+            show_default=False,
+        ),
+    ],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format", help="Comma-separated: keras, saved_model, tflite, onnx."
+        ),
     ] = "keras,saved_model,tflite",
-    quantize: Annotated[str, typer.Option(
-        help="TFLite variants, comma-separated: none, float16, dynamic, int8.")
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="TFLite variants, comma-separated: none, float16, dynamic, int8."
+        ),
     ] = "none",
-    out_dir: Annotated[Optional[Path], typer.Option(
-        "--out", help="Output folder. Default: RUN/export.")] = None,
-    force: Annotated[bool, typer.Option(
-        help="Replace an existing export folder.")] = False,
-    data: Annotated[Optional[Path], typer.Option(
-        help="Images for the parity check and int8 calibration (default: "
-             "the run's validation and training splits).")] = None,
-    parity_images: Annotated[int, typer.Option(min=1,
-        help="Validation images in the parity check.")] = 64,
-    calibration_images: Annotated[int, typer.Option(min=1,
-        help="Training images that calibrate int8.")] = 128,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Output folder. Default: RUN/export."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing export folder.")
+    ] = False,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Images for the parity check and int8 calibration (default: "
+            "the run's validation and training splits)."
+        ),
+    ] = None,
+    parity_images: Annotated[
+        int, typer.Option(min=1, help="Validation images in the parity check.")
+    ] = 64,
+    calibration_images: Annotated[
+        int, typer.Option(min=1, help="Training images that calibrate int8.")
+    ] = 128,
     opset: Annotated[int, typer.Option(min=9, help="ONNX opset.")] = 17,
-    tolerance: Annotated[float, typer.Option(
-        help="Max probability difference allowed for float artifacts.")] = 1e-4,
-    min_agreement: Annotated[float, typer.Option(min=0.0, max=1.0,
-        help="Min top-1 agreement for quantized artifacts.")] = 0.97,
-    check: Annotated[bool, typer.Option(
-        "--check/--no-check", help="Run the parity check.")] = True,
+    tolerance: Annotated[
+        float,
+        typer.Option(help="Max probability difference allowed for float artifacts."),
+    ] = 1e-4,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Min top-1 agreement for quantized artifacts."
+        ),
+    ] = 0.97,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Run the parity check.")
+    ] = True,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
@@ -329,27 +490,52 @@ def export_(
         from finetune_cli.evaluation import fmt
 
         formats = export_lib.parse_list(format_, export_lib.FORMATS, "--format")
-        quants = export_lib.parse_list(quantize, export_lib.QUANTIZATIONS,
-                                       "--quantize")
+        quants = export_lib.parse_list(quantize, export_lib.QUANTIZATIONS, "--quantize")
         _quiet_tensorflow()
         result = export_lib.export(
-            target, formats=formats, quantize=quants, out=out_dir, force=force,
-            data=data, parity_images=parity_images,
-            calibration_images=calibration_images, opset=opset,
-            tolerance=tolerance, min_agreement=min_agreement, check=check,
-            progress=out.info)
+            target,
+            formats=formats,
+            quantize=quants,
+            out=out_dir,
+            force=force,
+            data=data,
+            parity_images=parity_images,
+            calibration_images=calibration_images,
+            opset=opset,
+            tolerance=tolerance,
+            min_agreement=min_agreement,
+            check=check,
+            progress=out.info,
+        )
         report = result.report
         if report is not None:
             out.table(
                 f"parity check: {report['images']} images (Keras model accuracy "
                 f"{fmt(report['reference_accuracy'])})",
-                ["artifact", "file", "size", "max |diff|", "top-1 agree",
-                 "accuracy", "ms/image", "ok"],
-                [[r["artifact"], Path(r["path"]).name,
-                  f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['max_abs_diff']:.2e}",
-                  f"{r['top1_agreement']:.4f}", fmt(r["accuracy"]),
-                  f"{r['latency_ms']:.2f}", "yes" if r["passed"] else "NO"]
-                 for r in report["artifacts"]])
+                [
+                    "artifact",
+                    "file",
+                    "size",
+                    "max |diff|",
+                    "top-1 agree",
+                    "accuracy",
+                    "ms/image",
+                    "ok",
+                ],
+                [
+                    [
+                        r["artifact"],
+                        Path(r["path"]).name,
+                        f"{r['size_bytes'] / 1e6:.2f} MB",
+                        f"{r['max_abs_diff']:.2e}",
+                        f"{r['top1_agreement']:.4f}",
+                        fmt(r["accuracy"]),
+                        f"{r['latency_ms']:.2f}",
+                        "yes" if r["passed"] else "NO",
+                    ]
+                    for r in report["artifacts"]
+                ],
+            )
         out.info(f"exported to {result.out_dir}")
         export_lib.raise_on_failures(report)
 
@@ -358,16 +544,25 @@ def export_(
 
 @app.command()
 def predict(
-    target: Annotated[Path, typer.Argument(
-        help="A run folder or a .keras file with labels.txt beside it.",
-        show_default=False)],
-    images: Annotated[list[Path], typer.Argument(
-        help="Image files and/or folders (searched recursively).",
-        show_default=False)],
-    top_k: Annotated[int, typer.Option(
-        min=1, help="How many labels per image.")] = 3,
-    out_file: Annotated[Optional[Path], typer.Option(
-        "--out", help="Write predictions to a .csv or .json file.")] = None,
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder or a .keras file with labels.txt beside it.",
+            show_default=False,
+        ),
+    ],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files and/or folders (searched recursively).",
+            show_default=False,
+        ),
+    ],
+    top_k: Annotated[int, typer.Option(min=1, help="How many labels per image.")] = 3,
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Write predictions to a .csv or .json file."),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
@@ -387,29 +582,47 @@ def predict(
         rows = evaluation.predict(target, images, top_k=top_k)
         if out_file is not None:
             evaluation.write_predictions(rows, out_file)
-        out.table("predictions", ["file", "label", "confidence", f"top {top_k}"],
-                  [[r["file"], r["label"] or "-",
+        out.table(
+            "predictions",
+            ["file", "label", "confidence", f"top {top_k}"],
+            [
+                [
+                    r["file"],
+                    r["label"] or "-",
                     evaluation.fmt(r["confidence"]),
-                    ", ".join(f"{t['label']} {t['probability']:.3f}"
-                              for t in r["top_k"]) or r["error"]]
-                   for r in rows])
+                    ", ".join(
+                        f"{t['label']} {t['probability']:.3f}" for t in r["top_k"]
+                    )
+                    or r["error"],
+                ]
+                for r in rows
+            ],
+        )
         if out_file is not None:
             out.info(f"wrote {len(rows)} rows to {out_file}")
         bad = [r for r in rows if r["error"]]
         if bad:
-            raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(
-                f"{r['file']}: {r['error']}" for r in bad[:5]))
+            raise DataError(
+                f"{len(bad)} unreadable image(s): "
+                + "; ".join(f"{r['file']}: {r['error']}" for r in bad[:5])
+            )
 
     _run(out, debug, job)
 
 
 @app.command()
 def promote(
-    run_dir: Annotated[Path, typer.Argument(
-        help="A completed run folder.", show_default=False)],
-    to: Annotated[Path, typer.Option(
-        "--to", help="The promotion link (e.g. /srv/models/flowers).",
-        show_default=False)],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A completed run folder.", show_default=False)
+    ],
+    to: Annotated[
+        Path,
+        typer.Option(
+            "--to",
+            help="The promotion link (e.g. /srv/models/flowers).",
+            show_default=False,
+        ),
+    ],
     fail_under: PromoteGateOpt = None,
     compare_to_promoted: CompareToPromotedOpt = True,
     tolerance: PromoteToleranceOpt = 0.005,
@@ -429,12 +642,19 @@ def promote(
         gates = evaluation.parse_gates(fail_under, "--fail-under")
         state = RunDir(run_dir).live_status().get("state")
         if state != "completed":
-            raise_config(f"{run_dir}: only a completed run can be promoted "
-                         f"(its status is {state or 'unknown'})")
+            raise_config(
+                f"{run_dir}: only a completed run can be promoted "
+                f"(its status is {state or 'unknown'})"
+            )
         _quiet_tensorflow()
-        promotion.run_promotion(run_dir, to, out, fail_under=gates,
-                                compare=compare_to_promoted,
-                                tolerance=tolerance)
+        promotion.run_promotion(
+            run_dir,
+            to,
+            out,
+            fail_under=gates,
+            compare=compare_to_promoted,
+            tolerance=tolerance,
+        )
 
     _run(out, debug, job)
 
@@ -451,14 +671,14 @@ app.add_typer(runs_app, name="runs")
 
 @runs_app.command("list")
 def runs_list(
-    output_dir: Annotated[Path, typer.Option(
-        help="Where runs are written (experiment.output_dir).")] = Path("runs"),
-    experiment: Annotated[Optional[str], typer.Option(
-        help="Only this experiment.")] = None,
-    limit: Annotated[int, typer.Option(
-        min=1, help="How many, newest first.")] = 20,
-    json_out: Annotated[bool, typer.Option("--json",
-                                           help="Print JSON.")] = False,
+    output_dir: Annotated[
+        Path, typer.Option(help="Where runs are written (experiment.output_dir).")
+    ] = Path("runs"),
+    experiment: Annotated[
+        Optional[str], typer.Option(help="Only this experiment.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     debug: DebugOpt = False,
 ):
     """Recent runs with their status and key metrics."""
@@ -468,18 +688,30 @@ def runs_list(
         from finetune_cli.rundir import list_runs
 
         if output_dir.exists() and not output_dir.is_dir():
-            raise_config(f"--output-dir {output_dir} is a file; expected the "
-                         "folder runs are written to (experiment.output_dir)")
+            raise_config(
+                f"--output-dir {output_dir} is a file; expected the "
+                "folder runs are written to (experiment.output_dir)"
+            )
         rows = list_runs(output_dir, experiment)[:limit]
         if json_out:
             out.text(json.dumps(rows, indent=2))
             return
-        out.table(f"runs in {output_dir}", ["experiment", "run", "state",
-                                            "started", "best", "test acc",
-                                            "note"],
-                  [[r["experiment"], r["run"], r["state"], r["started"] or "-",
-                    r["best"] or "-", r["test_accuracy"] or "-",
-                    _run_note(r)] for r in rows])
+        out.table(
+            f"runs in {output_dir}",
+            ["experiment", "run", "state", "started", "best", "test acc", "note"],
+            [
+                [
+                    r["experiment"],
+                    r["run"],
+                    r["state"],
+                    r["started"] or "-",
+                    r["best"] or "-",
+                    r["test_accuracy"] or "-",
+                    _run_note(r),
+                ]
+                for r in rows
+            ],
+        )
 
     _run(out, debug, job)
 
@@ -504,8 +736,7 @@ def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False)
 
 
 @config_app.command("validate")
-def config_validate(config: ConfigArg, set_: SetOpt = None,
-                    debug: DebugOpt = False):
+def config_validate(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
     """Check a config and the files it names, without TensorFlow.
 
     Exit 0 when valid; 2 for a config problem, 3 for a data problem, with
@@ -517,17 +748,21 @@ def config_validate(config: ConfigArg, set_: SetOpt = None,
 
         cfg = _load(config, set_)
         checks.check(cfg)
-        out.success(f"{config}: valid ({len(cfg.phases)} phases, model "
-                    f"{cfg.model.name}; paths, data layout, weights file and "
-                    "memory checked)")
+        out.success(
+            f"{config}: valid ({len(cfg.phases)} phases, model "
+            f"{cfg.model.name}; paths, data layout, weights file and "
+            "memory checked)"
+        )
 
     _run(out, debug, job)
 
 
 @config_app.command("schema")
 def config_schema(
-    out_file: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Write to this file instead of stdout.")] = None,
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write to this file instead of stdout."),
+    ] = None,
 ):
     """Write the config's JSON Schema (for editor completion)."""
     out = Output()
@@ -552,17 +787,22 @@ def config_schema(
 
 @app.command()
 def synth(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to create.",
-                                            show_default=False)],
-    task: Annotated[str, typer.Option(
-        help="Which class set: 'source' or 'target'.")] = "source",
-    per_class: Annotated[int, typer.Option(
-        min=2, max=100_000, help="Images per class.")] = 100,
-    size: Annotated[int, typer.Option(
-        min=8, max=4096, help="Image side in pixels.")] = 64,
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder to create.", show_default=False)
+    ],
+    task: Annotated[
+        str, typer.Option(help="Which class set: 'source' or 'target'.")
+    ] = "source",
+    per_class: Annotated[
+        int, typer.Option(min=2, max=100_000, help="Images per class.")
+    ] = 100,
+    size: Annotated[
+        int, typer.Option(min=8, max=4096, help="Image side in pixels.")
+    ] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    force: Annotated[bool, typer.Option(
-        help="Replace the folder if it exists.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace the folder if it exists.")
+    ] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ):
@@ -575,11 +815,13 @@ def synth(
     def job():
         from finetune_cli import synthetic
 
-        counts = synthetic.generate(out_dir, task, per_class=per_class,
-                                    size=size, seed=seed, force=force)
-        out.success(f"wrote {sum(counts.values())} images in {len(counts)} "
-                    f"classes to {out_dir}: " + ", ".join(
-                        f"{k} {v}" for k, v in counts.items()))
+        counts = synthetic.generate(
+            out_dir, task, per_class=per_class, size=size, seed=seed, force=force
+        )
+        out.success(
+            f"wrote {sum(counts.values())} images in {len(counts)} "
+            f"classes to {out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
 
     _run(out, debug, job)
 
@@ -594,9 +836,12 @@ def _version(value: bool):
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option(
-        "--version", help="Print the version.", is_eager=True,
-        callback=_version)] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version.", is_eager=True, callback=_version
+        ),
+    ] = False,
 ):
     """Fine-tune keras.applications image classifiers from YAML configs.
 

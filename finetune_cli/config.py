@@ -92,8 +92,9 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
             deeper than MAX_DEPTH, or refers to itself.
     """
     if len(text) > MAX_BYTES:
-        raise ConfigError(f"{source}: {len(text):,} characters; a config is "
-                          f"at most {MAX_BYTES:,}")
+        raise ConfigError(
+            f"{source}: {len(text):,} characters; a config is at most {MAX_BYTES:,}"
+        )
     try:
         value = yaml.load(text, Loader=_Loader)  # noqa: S506 (safe subclass)
     except yaml.YAMLError as e:
@@ -102,8 +103,10 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
     except RecursionError:
-        raise ConfigError(f"{source}: nested more than Python can read; a "
-                          f"config nests at most {MAX_DEPTH} levels") from None
+        raise ConfigError(
+            f"{source}: nested more than Python can read; a "
+            f"config nests at most {MAX_DEPTH} levels"
+        ) from None
     _check_bounds(value, source)
     return value
 
@@ -120,24 +123,28 @@ def _check_bounds(value, source: str) -> None:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise ConfigError(f"{source}: a YAML alias refers to itself; a "
-                              "config cannot contain itself")
+            raise ConfigError(
+                f"{source}: a YAML alias refers to itself; a "
+                "config cannot contain itself"
+            )
         active.add(key)
-        children = list(v.keys()) + list(v.values()) if isinstance(v, dict) \
-            else v
+        children = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
         total, depth = 1, 0
         for child in children:
             n, d = walk(child)
             total += n
             depth = max(depth, d + 1)
             if depth > MAX_DEPTH:
-                raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} "
-                                  "levels; a config is a few levels deep")
+                raise ConfigError(
+                    f"{source}: nested deeper than {MAX_DEPTH} "
+                    "levels; a config is a few levels deep"
+                )
             if total > MAX_VALUES:
                 raise ConfigError(
                     f"{source}: expands to more than {MAX_VALUES:,} values "
                     "(through YAML aliases, &anchor/*alias); a config has a "
-                    "few hundred")
+                    "few hundred"
+                )
         active.discard(key)
         sizes[key] = (total, depth)
         return sizes[key]
@@ -154,15 +161,17 @@ def _not_bool(v):
     # YAML reads `true` as a boolean, and Python's bool is an int: without
     # this, `batch_size: true` would train with a batch of 1.
     if isinstance(v, bool):
-        raise ValueError(f"expected a number, not a boolean (true/false). "
-                         f"Received: {v}")
+        raise ValueError(
+            f"expected a number, not a boolean (true/false). Received: {v}"
+        )
     return v
 
 
 def _not_number(v):
     if not isinstance(v, bool):
-        raise ValueError("expected true or false. Received: "
-                         f"{_short(v)} ({type(v).__name__})")
+        raise ValueError(
+            f"expected true or false. Received: {_short(v)} ({type(v).__name__})"
+        )
     return v
 
 
@@ -314,8 +323,11 @@ class HeadLayer(_Strict):
             "dropout": {"rate"},
             "batchnorm": set(),
         }[self.type]
-        given = {k for k in ("units", "activation", "l2", "rate")
-                 if getattr(self, k) is not None}
+        given = {
+            k
+            for k in ("units", "activation", "l2", "rate")
+            if getattr(self, k) is not None
+        }
         extra = sorted(given - allowed)
         if extra:
             raise ValueError(
@@ -332,30 +344,28 @@ class HeadLayer(_Strict):
 class Augmentation(_Strict):
     """One Keras preprocessing op applied to training batches only."""
 
-    type: Literal[
-        "flip", "rotation", "zoom", "translation", "contrast", "brightness"
-    ]
+    type: Literal["flip", "rotation", "zoom", "translation", "contrast", "brightness"]
     # Fraction: of a full turn (rotation), of the size (zoom, translation),
     # of the intensity range (contrast, brightness).
     factor: Optional[Float] = Field(None, gt=0, le=1)
-    mode: Optional[Literal["horizontal", "vertical", "horizontal_and_vertical"]] = (
-        None
-    )
+    mode: Optional[Literal["horizontal", "vertical", "horizontal_and_vertical"]] = None
 
     @model_validator(mode="after")
     def _fields_fit_type(self):
         if self.type == "flip":
             if self.factor is not None:
-                raise ValueError("flip takes `mode`, not `factor`. Received: "
-                                 f"factor={self.factor}")
+                raise ValueError(
+                    f"flip takes `mode`, not `factor`. Received: factor={self.factor}"
+                )
             self.mode = self.mode or "horizontal"
         else:
             if self.mode is not None:
-                raise ValueError(f"{self.type} takes `factor`, not `mode`. "
-                                 f"Received: mode={self.mode!r}")
+                raise ValueError(
+                    f"{self.type} takes `factor`, not `mode`. "
+                    f"Received: mode={self.mode!r}"
+                )
             if self.factor is None:
-                raise ValueError(f"{self.type} needs `factor`. Received: "
-                                 "factor=None")
+                raise ValueError(f"{self.type} needs `factor`. Received: factor=None")
         return self
 
 
@@ -368,8 +378,9 @@ class TrainableLayers(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [k for k in ("top", "from_layer", "regex")
-                 if getattr(self, k) is not None]
+        given = [
+            k for k in ("top", "from_layer", "regex") if getattr(self, k) is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of `top` (the top N layers), `from_layer` "
@@ -380,8 +391,9 @@ class TrainableLayers(_Strict):
             try:
                 re.compile(self.regex)
             except re.error as e:
-                raise ValueError(f"invalid regex: {e}. Received: "
-                                 f"{_short(self.regex)}") from None
+                raise ValueError(
+                    f"invalid regex: {e}. Received: {_short(self.regex)}"
+                ) from None
         return self
 
 
@@ -400,7 +412,7 @@ Trainable = Annotated[
 # What a union-typed key accepts, in words (pydantic would name its types).
 _UNION_EXPECTED = {
     "trainable": "'none', 'all' or a mapping {top: N}, {from_layer: NAME} "
-                 "or {regex: PATTERN}",
+    "or {regex: PATTERN}",
     "class_weight": "null, 'auto' or a mapping {class_name: weight}",
 }
 # Parts of a pydantic error location that name a union member, not a key:
@@ -453,8 +465,9 @@ class Optimizer(_Strict):
 
     def params(self) -> dict:
         """The parameters set by the user, as Keras keyword arguments."""
-        return {k: v for k, v in self.model_dump().items()
-                if k != "name" and v is not None}
+        return {
+            k: v for k, v in self.model_dump().items() if k != "name" and v is not None
+        }
 
 
 class Schedule(_Strict):
@@ -529,8 +542,10 @@ class Phase(_Strict):
     @model_validator(mode="after")
     def _rules(self):
         cbs = self.callbacks
-        for key, cb in (("early_stopping", cbs.early_stopping),
-                        ("reduce_lr_on_plateau", cbs.reduce_lr_on_plateau)):
+        for key, cb in (
+            ("early_stopping", cbs.early_stopping),
+            ("reduce_lr_on_plateau", cbs.reduce_lr_on_plateau),
+        ):
             if cb is not None and cb.monitor not in _MONITORS:
                 raise ValueError(
                     f"callbacks.{key}.monitor must be one of "
@@ -547,8 +562,7 @@ class Phase(_Strict):
         if isinstance(self.class_weight, dict):
             bad = {k: v for k, v in self.class_weight.items() if v <= 0}
             if bad:
-                raise ValueError(f"class weights must be positive. Received: "
-                                 f"{bad}")
+                raise ValueError(f"class weights must be positive. Received: {bad}")
         return self
 
 
@@ -646,13 +660,14 @@ def load_config(path, overrides=()) -> Config:
     """
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; expected a YAML "
-                          "file")
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.stat().st_size > MAX_BYTES:
-        raise ConfigError(f"config file {path} is {path.stat().st_size:,} "
-                          f"bytes; a config is at most {MAX_BYTES:,}")
+        raise ConfigError(
+            f"config file {path} is {path.stat().st_size:,} "
+            f"bytes; a config is at most {MAX_BYTES:,}"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -686,9 +701,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(
-                f"--set expects key.path=value. Received: {_short(item)}"
-            )
+            raise ConfigError(f"--set expects key.path=value. Received: {_short(item)}")
         value = parse_yaml(text, f"--set {key}")
         parts = key.split(".")
         node: Any = raw
@@ -776,12 +789,18 @@ _PHRASES = [
     (re.compile(r"a valid dictionary( or instance of \w+)?"), "a mapping (key: value)"),
     (re.compile(r"a valid list"), "a list"),
     (re.compile(r"a valid tuple"), "a list"),
-    (re.compile(r"tuple should have at most (\d+) items after validation, "
-                r"not (\d+)"), r"expected at most \1 items, not \2"),
-    (re.compile(r"a valid integer, unable to parse string as an integer"),
-     "an integer"),
-    (re.compile(r"a valid number, unable to parse string as a number"),
-     "a number"),
+    (
+        re.compile(
+            r"tuple should have at most (\d+) items after validation, "
+            r"not (\d+)"
+        ),
+        r"expected at most \1 items, not \2",
+    ),
+    (
+        re.compile(r"a valid integer, unable to parse string as an integer"),
+        "an integer",
+    ),
+    (re.compile(r"a valid number, unable to parse string as a number"), "a number"),
     (re.compile(r"input should be"), "expected"),
 ]
 _PHRASES = [(re.compile(p.pattern, re.I), r) for p, r in _PHRASES]
@@ -804,7 +823,7 @@ def _union_errors(errors):
         if not tags:
             out.append(err)
             continue
-        groups.setdefault(loc[:tags[0]], []).append(err)
+        groups.setdefault(loc[: tags[0]], []).append(err)
     for prefix, errs in groups.items():
         deeper = [e for e in errs if len(_clean(e["loc"])) > len(prefix)]
         if deeper:
@@ -815,8 +834,15 @@ def _union_errors(errors):
         if expected is None or len(errs) == 1:
             out.extend(errs[:1])
             continue
-        out.append({"loc": prefix, "type": "union", "input": errs[0]["input"],
-                    "msg": f"expected {expected}", "ctx": {}})
+        out.append(
+            {
+                "loc": prefix,
+                "type": "union",
+                "input": errs[0]["input"],
+                "msg": f"expected {expected}",
+                "ctx": {},
+            }
+        )
     return out
 
 
@@ -876,8 +902,6 @@ def format_errors(error: ValidationError, source: str) -> str:
     if len(lines) == 1:
         return f"{head} {lines[0]}"
     return "\n  ".join([head, *lines])
-
-
 
 
 def to_yaml(config: Config) -> str:

@@ -35,17 +35,21 @@ class Output:
         plain: Optional[bool] = None,
         err_file: Optional[TextIO] = None,
     ):
-        self.console = Console(file=file or sys.stdout, highlight=False,
-                               soft_wrap=False)
+        self.console = Console(
+            file=file or sys.stdout, highlight=False, soft_wrap=False
+        )
         # Messages are never wrapped: one error is one line in a log.
-        self.err = Console(file=err_file or sys.stderr, highlight=False,
-                           soft_wrap=True)
+        self.err = Console(file=err_file or sys.stderr, highlight=False, soft_wrap=True)
         self.plain = (not self.console.is_terminal) if plain is None else plain
         if self.plain:
-            self.console = Console(file=file or sys.stdout, highlight=False,
-                                   no_color=True, force_terminal=False,
-                                   width=max(self.console.width, 120),
-                                   soft_wrap=True)
+            self.console = Console(
+                file=file or sys.stdout,
+                highlight=False,
+                no_color=True,
+                force_terminal=False,
+                width=max(self.console.width, 120),
+                soft_wrap=True,
+            )
         self.quiet = quiet
         self._log: Optional[Console] = None
         self._log_file = None
@@ -55,9 +59,14 @@ class Output:
     def attach_log(self, path) -> None:
         """Also write everything, plain, to `path` (appending)."""
         self._log_file = open(path, "a", encoding="utf-8")
-        self._log = Console(file=self._log_file, no_color=True, width=120,
-                            force_terminal=False, highlight=False,
-                            soft_wrap=True)
+        self._log = Console(
+            file=self._log_file,
+            no_color=True,
+            width=120,
+            force_terminal=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def close(self) -> None:
         if self._log_file is not None:
@@ -84,20 +93,25 @@ class Output:
         self._emit(escape(message), style="green")
 
     def warn(self, message: str) -> None:
-        self.err.print(f"warning: {escape(message)}",
-                       style=None if self.plain else "yellow")
+        self.err.print(
+            f"warning: {escape(message)}", style=None if self.plain else "yellow"
+        )
         if self._log is not None:
             self._log.print(f"warning: {escape(message)}")
 
     def error(self, kind: str, message: str) -> None:
-        self.err.print(f"{kind}: {escape(message)}",
-                       style=None if self.plain else "bold red")
+        self.err.print(
+            f"{kind}: {escape(message)}", style=None if self.plain else "bold red"
+        )
         if self._log is not None:
             self._log.print(f"{kind}: {escape(message)}")
 
     def table(self, title: str, columns, rows) -> None:
-        table = Table(title=title, box=box.ASCII if self.plain else box.ROUNDED,
-                      title_justify="left")
+        table = Table(
+            title=title,
+            box=box.ASCII if self.plain else box.ROUNDED,
+            title_justify="left",
+        )
         for col in columns:
             table.add_column(col, overflow="fold")
         for row in rows:
@@ -121,9 +135,13 @@ class Output:
         from rich.progress import TimeRemainingColumn
 
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-            console=self.console, transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
         )
         return _RichProgress(progress, total, description)
 
@@ -147,8 +165,9 @@ class _RichProgress:
 
     def __enter__(self):
         self._progress.start()
-        self._task = self._progress.add_task(self._description,
-                                             total=self._total, status="")
+        self._task = self._progress.add_task(
+            self._description, total=self._total, status=""
+        )
         return self
 
     def __exit__(self, *exc):

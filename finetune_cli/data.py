@@ -91,8 +91,9 @@ def _class_files(folder: Path, key: str) -> list[Path]:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith("."))
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
 
 
 def _index_folders(data, seed: int) -> DataIndex:
@@ -186,8 +187,8 @@ def _split_stratified(per_class: dict[str, list[str]], split, seed, source):
             )
         parts = {
             "val": files[:n_val],
-            "test": files[n_val:n_val + n_test],
-            "train": files[n_val + n_test:],
+            "test": files[n_val : n_val + n_test],
+            "train": files[n_val + n_test :],
         }
         for s, paths in parts.items():
             splits[s] += [(p, label) for p in paths]
@@ -278,7 +279,8 @@ def _check_label_spellings(rows, csv_path) -> None:
             raise DataError(
                 f"data.csv: {csv_path} line {i}: label {label!r} differs from "
                 f"{other[0]!r} (line {other[1]}) only in case; use one "
-                "spelling for one class")
+                "spelling for one class"
+            )
 
 
 # --------------------------------------------------------------------------
@@ -316,8 +318,9 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def preflight(index: DataIndex, on_bad_image: str = "error",
-              progress=None) -> tuple[DataIndex, list[tuple[str, str]]]:
+def preflight(
+    index: DataIndex, on_bad_image: str = "error", progress=None
+) -> tuple[DataIndex, list[tuple[str, str]]]:
     """Check every image and the splits before training.
 
     Returns the index without bad images (when `on_bad_image` is "skip") and
@@ -342,7 +345,8 @@ def preflight(index: DataIndex, on_bad_image: str = "error",
                 if on_bad_image == "error":
                     raise DataError(
                         f"bad image {path}: {reason} (set data.on_bad_image: "
-                        "skip to leave such images out)")
+                        "skip to leave such images out)"
+                    )
                 bad.append((path, reason))
                 continue
             digest = sha256_file(path)
@@ -354,22 +358,24 @@ def preflight(index: DataIndex, on_bad_image: str = "error",
                         f"the same image is in two splits: {other[0]} "
                         f"({other[1]}) and {path} ({split}); remove one so "
                         "held-out metrics stay honest (or set "
-                        "data.on_bad_image: skip to leave the later copy out)")
+                        "data.on_bad_image: skip to leave the later copy out)"
+                    )
                 # Splits are indexed train first: the held-out copy goes.
                 bad.append((path, f"duplicate of {other[0]} ({other[1]})"))
                 continue
             seen.setdefault(digest, (path, split))
     if not bad:
-        return DataIndex(index.class_names, index.splits, index.source,
-                         digests), bad
+        return DataIndex(index.class_names, index.splits, index.source, digests), bad
     dropped = {p for p, _ in bad}
-    splits = {s: [(p, lb) for p, lb in v if p not in dropped]
-              for s, v in index.splits.items()}
+    splits = {
+        s: [(p, lb) for p, lb in v if p not in dropped] for s, v in index.splits.items()
+    }
     cleaned = DataIndex(index.class_names, splits, index.source, digests)
     for i, name in enumerate(index.class_names):
         if cleaned.counts("train")[i] == 0:
-            raise DataError(f"class {name!r} has no usable training images "
-                            "after skipping bad ones")
+            raise DataError(
+                f"class {name!r} has no usable training images after skipping bad ones"
+            )
     if not splits.get("val"):
         raise DataError("no usable validation images after skipping bad ones")
     return cleaned, bad
@@ -412,8 +418,9 @@ def find_unreadable(paths, limit: int = 5) -> list[tuple[str, str]]:
     bad = []
     for path in paths:
         try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3,
-                               expand_animations=False)
+            tf.io.decode_image(
+                tf.io.read_file(path), channels=3, expand_animations=False
+            )
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
             bad.append((path, decode_failure(path, e)))
             if len(bad) >= limit:
@@ -459,16 +466,23 @@ def make_dataset(
             deterministic=True,
         ).batch(batch_size)
         if augmenter is not None:
-            ds = ds.map(lambda x, y: (augmenter(x, training=True), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(
+                lambda x, y: (augmenter(x, training=True), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
         return ds
 
     if shuffle and epochs is not None:
         first, end = epochs
         ds = tf.data.Dataset.range(first, end).flat_map(
-            lambda e: pipeline(base.shuffle(
-                n, seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
-                reshuffle_each_iteration=False)))
+            lambda e: pipeline(
+                base.shuffle(
+                    n,
+                    seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
+                    reshuffle_each_iteration=False,
+                )
+            )
+        )
     elif shuffle:
         ds = pipeline(base.shuffle(n, seed=seed, reshuffle_each_iteration=True))
     else:

@@ -21,14 +21,23 @@ def main(argv=None) -> int:
     for run in runs:
         metrics = json.loads((run / "metrics.json").read_text())
         weights = _weights(run)
-        phases = ", ".join(f"{p['phase']} {p['val_accuracy']:.3f}"
-                           for p in metrics["phases"])
+        phases = ", ".join(
+            f"{p['phase']} {p['val_accuracy']:.3f}" for p in metrics["phases"]
+        )
         test = metrics.get("test", {}).get("accuracy")
-        rows.append([str(run.resolve().parent.name), weights, phases,
-                     "-" if test is None else f"{test:.3f}"])
-    out.table("demo: validation accuracy after each phase, and test accuracy",
-              ["experiment", "base weights", "val accuracy by phase", "test"],
-              rows)
+        rows.append(
+            [
+                str(run.resolve().parent.name),
+                weights,
+                phases,
+                "-" if test is None else f"{test:.3f}",
+            ]
+        )
+    out.table(
+        "demo: validation accuracy after each phase, and test accuracy",
+        ["experiment", "base weights", "val accuracy by phase", "test"],
+        rows,
+    )
     return 0
 
 

@@ -10,8 +10,12 @@ import sys
 def git_commit(cwd=".") -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-            text=True, timeout=5, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -69,6 +73,5 @@ def configure_runtime(cfg, gpu: bool) -> dict:
     keras.utils.set_random_seed(cfg.experiment.seed)
     mp = cfg.runtime.mixed_precision
     mixed = mp == "on" or (mp == "auto" and gpu)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if mixed else "float32")
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     return {"mixed_precision": mixed, "xla": cfg.runtime.xla}

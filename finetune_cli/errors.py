@@ -84,6 +84,5 @@ def did_you_mean(word: str, options) -> str:
     """A ' (did you mean ...?)' hint (case-insensitive), or '' when nothing
     is close."""
     lowered = {str(o).lower(): o for o in options}
-    match = difflib.get_close_matches(str(word).lower(), list(lowered), n=1,
-                                      cutoff=0.6)
+    match = difflib.get_close_matches(str(word).lower(), list(lowered), n=1, cutoff=0.6)
     return f" (did you mean {lowered[match[0]]!r}?)" if match else ""

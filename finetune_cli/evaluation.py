@@ -47,9 +47,16 @@ from finetune_cli.rundir import write_json
 # Metrics where lower is better: `--fail-under` makes no sense for them.
 LOWER_IS_BETTER = {"log_loss", "ece"}
 METRIC_KEYS = (
-    "accuracy", "top_k_accuracy", "log_loss", "ece",
-    "macro_precision", "macro_recall", "macro_f1",
-    "weighted_precision", "weighted_recall", "weighted_f1",
+    "accuracy",
+    "top_k_accuracy",
+    "log_loss",
+    "ece",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
 )
 
 
@@ -73,10 +80,15 @@ def per_class_scores(cm: np.ndarray) -> dict:
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp),
-                   where=denom > 0)
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "support": support.astype(np.int64)}
+    f1 = np.divide(
+        2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0
+    )
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support.astype(np.int64),
+    }
 
 
 def top_k_accuracy(y_true, probs, k: int) -> float:
@@ -99,7 +111,7 @@ def expected_calibration_error(y_true, probs, bins: int = 15) -> float:
     correct = probs.argmax(axis=1) == np.asarray(y_true)
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
@@ -126,12 +138,18 @@ def compute_metrics(y_true, probs, class_names, top_k: int = 5) -> dict:
     for key in ("precision", "recall", "f1"):
         # Macro over the classes present in the data, as scikit-learn does
         # with `labels=` the present ones.
-        summary[f"macro_{key}"] = float(scores[key][present].mean()) if present.any() else 0.0
+        summary[f"macro_{key}"] = (
+            float(scores[key][present].mean()) if present.any() else 0.0
+        )
         summary[f"weighted_{key}"] = float((scores[key] * weights).sum())
     row_sums = cm.sum(axis=1, keepdims=True)
     normalized = np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0)
-    off = [(int(cm[i, j]), i, j) for i in range(c) for j in range(c)
-           if i != j and cm[i, j] > 0]
+    off = [
+        (int(cm[i, j]), i, j)
+        for i in range(c)
+        for j in range(c)
+        if i != j and cm[i, j] > 0
+    ]
     off.sort(key=lambda t: (-t[0], t[1], t[2]))
     return {
         "summary": summary,
@@ -139,17 +157,23 @@ def compute_metrics(y_true, probs, class_names, top_k: int = 5) -> dict:
         "num_samples": int(n),
         "classes": list(class_names),
         "per_class": {
-            name: {"precision": float(scores["precision"][i]),
-                   "recall": float(scores["recall"][i]),
-                   "f1": float(scores["f1"][i]),
-                   "support": int(support[i])}
+            name: {
+                "precision": float(scores["precision"][i]),
+                "recall": float(scores["recall"][i]),
+                "f1": float(scores["f1"][i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": normalized.round(6).tolist(),
         "most_confused": [
-            {"true": class_names[i], "predicted": class_names[j], "count": k,
-             "fraction_of_true": float(normalized[i, j])}
+            {
+                "true": class_names[i],
+                "predicted": class_names[j],
+                "count": k,
+                "fraction_of_true": float(normalized[i, j]),
+            }
             for k, i, j in off[:10]
         ],
     }
@@ -193,9 +217,11 @@ def resolve_target(path) -> Target:
         raise ConfigError(f"expected a run folder or a .keras file. Received: {path}")
     labels_path = model_path.parent / "labels.txt"
     if not labels_path.is_file():
-        raise ConfigError(f"no labels.txt beside {model_path}; the class names "
-                          "are needed to read the model's outputs")
-    labels = [l.strip() for l in labels_path.read_text().splitlines() if l.strip()]
+        raise ConfigError(
+            f"no labels.txt beside {model_path}; the class names "
+            "are needed to read the model's outputs"
+        )
+    labels = [la.strip() for la in labels_path.read_text().splitlines() if la.strip()]
     return Target(model_path, labels, run_dir)
 
 
@@ -203,8 +229,7 @@ def load_model(target: Target):
     import keras
 
     try:
-        return keras.saving.load_model(target.model_path, compile=False,
-                                       safe_mode=True)
+        return keras.saving.load_model(target.model_path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - report any load failure plainly
         text = str(e)
         if "safe_mode" in text or "Lambda" in text:
@@ -213,9 +238,11 @@ def load_model(target: Target):
                 "layer or other Python code, and finetune-cli only loads "
                 "models in Keras safe mode, so no code from a model file "
                 "runs. Rebuild the model from standard Keras layers (as "
-                "finetune-cli's own models are) and save it again") from None
-        raise ConfigError(f"cannot load {target.model_path}: "
-                          f"{text.splitlines()[0] if text else e}") from None
+                "finetune-cli's own models are) and save it again"
+            ) from None
+        raise ConfigError(
+            f"cannot load {target.model_path}: {text.splitlines()[0] if text else e}"
+        ) from None
 
 
 def model_image_size(model) -> tuple[int, int]:
@@ -223,9 +250,16 @@ def model_image_size(model) -> tuple[int, int]:
     return int(shape[1]), int(shape[2])
 
 
-def resolve_data(target: Target, *, config=None, data=None, split="test",
-                 seed: Optional[int] = None, allow_missing: bool = False,
-                 warn=None):
+def resolve_data(
+    target: Target,
+    *,
+    config=None,
+    data=None,
+    split="test",
+    seed: Optional[int] = None,
+    allow_missing: bool = False,
+    warn=None,
+):
     """The (path, class name) pairs to evaluate and a description of them.
 
     Precedence: `data` (a folder of class folders, a folder with train/val/
@@ -245,8 +279,10 @@ def resolve_data(target: Target, *, config=None, data=None, split="test",
         if not data.exists():
             raise DataError(f"--data: not found: {data}")
         if data.is_file() and data.suffix.lower() != ".csv":
-            raise DataError(f"--data {data} is a file; expected a folder of "
-                            "class folders or a .csv manifest")
+            raise DataError(
+                f"--data {data} is a file; expected a folder of "
+                "class folders or a .csv manifest"
+            )
         if data.is_dir() and data.suffix.lower() == ".csv":
             raise DataError(f"--data {data} is a folder; expected a .csv file")
         if data.is_dir() and not (data / "train").is_dir():
@@ -257,29 +293,38 @@ def resolve_data(target: Target, *, config=None, data=None, split="test",
         return _pairs(index, split), str(data), split
     if config is None:
         if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
-            raise ConfigError("no data to evaluate on: pass --data DIR|CSV or "
-                              "--config CONFIG (or a run folder)")
-        recorded = split_lib.load(target.run_dir, [split],
-                                  allow_missing=allow_missing, warn=warn)
+            raise ConfigError(
+                "no data to evaluate on: pass --data DIR|CSV or "
+                "--config CONFIG (or a run folder)"
+            )
+        recorded = split_lib.load(
+            target.run_dir, [split], allow_missing=allow_missing, warn=warn
+        )
         if recorded is not None:
             if split not in recorded.splits:
                 raise DataError(
                     f"--split {split}: the run recorded no {split} split (it "
                     f"has {', '.join(split_lib.read(target.run_dir)['files'])})"
-                    "; pass --split val or --data DIR")
-            source = f"{recorded.source} (split recorded in " \
-                     f"{target.run_dir / split_lib.FILE})"
+                    "; pass --split val or --data DIR"
+                )
+            source = (
+                f"{recorded.source} (split recorded in "
+                f"{target.run_dir / split_lib.FILE})"
+            )
             return _pairs(recorded, split), source, split
         if warn is not None:
-            warn(f"{target.run_dir} has no recorded file list (made by an "
-                 "older finetune-cli): splitting its data folder again, which "
-                 "is only the same split if the folder has not changed")
+            warn(
+                f"{target.run_dir} has no recorded file list (made by an "
+                "older finetune-cli): splitting its data folder again, which "
+                "is only the same split if the folder has not changed"
+            )
         config = config_lib.load_config(target.run_dir / "config.yaml")
     index = data_lib.index_data(config.data, config.experiment.seed)
     if split not in index.splits:
         raise DataError(
             f"--split {split}: the data has no {split} split (it has "
-            f"{', '.join(index.splits)}); pass --split val or --data DIR")
+            f"{', '.join(index.splits)}); pass --split val or --data DIR"
+        )
     return _pairs(index, split), index.source, split
 
 
@@ -300,12 +345,14 @@ def align_labels(pairs, model_classes) -> list[tuple[str, int]]:
     if unknown or missing:
         parts = []
         if unknown:
-            parts.append(f"classes in the data that the model does not know: "
-                         f"{unknown}")
+            parts.append(f"classes in the data that the model does not know: {unknown}")
         if missing:
             parts.append(f"model classes with no images in the data: {missing}")
-        raise DataError("class mismatch between model and data: " + "; ".join(parts)
-                        + f". Model classes: {list(model_classes)}")
+        raise DataError(
+            "class mismatch between model and data: "
+            + "; ".join(parts)
+            + f". Model classes: {list(model_classes)}"
+        )
     return [(p, model_classes.index(c)) for p, c in pairs]
 
 
@@ -314,18 +361,26 @@ def predict_files(model, paths, batch_size: int = 32):
     import tensorflow as tf
 
     size = model_image_size(model)
-    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
-        lambda p: data_lib.load_image(p, size),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-    ).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(list(paths))
+        .map(
+            lambda p: data_lib.load_image(p, size),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     try:
         return np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
     except tf.errors.InvalidArgumentError:
         bad = data_lib.find_unreadable(paths)
         if not bad:
             raise
-        raise DataError("image(s) could not be decoded: " + "; ".join(
-            f"{p}: {why}" for p, why in bad)) from None
+        raise DataError(
+            "image(s) could not be decoded: "
+            + "; ".join(f"{p}: {why}" for p, why in bad)
+        ) from None
 
 
 # --------------------------------------------------------------------------
@@ -342,9 +397,20 @@ class Evaluation:
     files: list[str]
 
 
-def evaluate(target_path, *, config=None, data=None, split="test", out=None,
-             name=None, top_k=5, write=True, batch_size=32,
-             allow_missing=False, warn=None) -> Evaluation:
+def evaluate(
+    target_path,
+    *,
+    config=None,
+    data=None,
+    split="test",
+    out=None,
+    name=None,
+    top_k=5,
+    write=True,
+    batch_size=32,
+    allow_missing=False,
+    warn=None,
+) -> Evaluation:
     """Evaluate a run or model on held-out images and write the report.
 
     A run folder is evaluated on its recorded split (see `resolve_data`);
@@ -352,17 +418,24 @@ def evaluate(target_path, *, config=None, data=None, split="test", out=None,
     (reported through `warn`) instead of stopping.
     """
     target = resolve_target(target_path)
-    pairs, source, split = resolve_data(target, config=config, data=data,
-                                        split=split,
-                                        allow_missing=allow_missing, warn=warn)
+    pairs, source, split = resolve_data(
+        target,
+        config=config,
+        data=data,
+        split=split,
+        allow_missing=allow_missing,
+        warn=warn,
+    )
     if not pairs:
         raise DataError(f"no images to evaluate in {source} ({split})")
     samples = align_labels(pairs, target.labels)
     model = load_model(target)
     n_out = int(model.output_shape[-1])
     if n_out != len(target.labels):
-        raise DataError(f"{target.model_path} has {n_out} outputs but labels.txt "
-                        f"lists {len(target.labels)} classes")
+        raise DataError(
+            f"{target.model_path} has {n_out} outputs but labels.txt "
+            f"lists {len(target.labels)} classes"
+        )
     files = [p for p, _ in samples]
     labels = np.array([lb for _, lb in samples])
     probs = predict_files(model, files, batch_size)
@@ -388,25 +461,40 @@ def write_report(ev: Evaluation, target: Target) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["class", "precision", "recall", "f1", "support"])
     for name, s in m["per_class"].items():
-        w.writerow([name, f"{s['precision']:.6f}", f"{s['recall']:.6f}",
-                    f"{s['f1']:.6f}", s["support"]])
+        w.writerow(
+            [
+                name,
+                f"{s['precision']:.6f}",
+                f"{s['recall']:.6f}",
+                f"{s['f1']:.6f}",
+                s["support"],
+            ]
+        )
     atomic_write(out / "per_class.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "true", "predicted", "confidence", "top_k"])
     k = m["top_k"]
-    for f, y, p in zip(ev.files, ev.labels, ev.probs):
+    for f, y, p in zip(ev.files, ev.labels, ev.probs, strict=True):
         top = np.argsort(-p, kind="stable")[:k]
-        w.writerow([f, classes[y], classes[int(p.argmax())], f"{p.max():.6f}",
-                    ";".join(f"{classes[i]}:{p[i]:.6f}" for i in top)])
+        w.writerow(
+            [
+                f,
+                classes[y],
+                classes[int(p.argmax())],
+                f"{p.max():.6f}",
+                ";".join(f"{classes[i]}:{p[i]:.6f}" for i in top),
+            ]
+        )
     atomic_write(out / "predictions.csv", buf.getvalue())
     from finetune_cli import faults
 
     faults.point("report")
     from finetune_cli import plots
 
-    plots.confusion_matrix_png(np.array(m["confusion_matrix"]), classes,
-                               out / "confusion_matrix.png")
+    plots.confusion_matrix_png(
+        np.array(m["confusion_matrix"]), classes, out / "confusion_matrix.png"
+    )
     history = target.run_dir / "history.csv" if target.run_dir else None
     curves = None
     if history is not None and history.is_file():
@@ -431,8 +519,11 @@ def _thumbnail(path: str, size: int = 96) -> str:
             im.save(b, "JPEG", quality=85)
     except Exception:  # noqa: BLE001 - a thumbnail is best effort
         return "<span>(unreadable)</span>"
-    return ('<img src="data:image/jpeg;base64,'
-            + base64.b64encode(b.getvalue()).decode() + '">')
+    return (
+        '<img src="data:image/jpeg;base64,'
+        + base64.b64encode(b.getvalue()).decode()
+        + '">'
+    )
 
 
 def worst_mistakes(ev: Evaluation, limit: int = 24):
@@ -440,8 +531,10 @@ def worst_mistakes(ev: Evaluation, limit: int = 24):
     pred = ev.probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != ev.labels)
     order = wrong[np.argsort(-ev.probs[wrong, pred[wrong]], kind="stable")]
-    return [(ev.files[i], int(ev.labels[i]), int(pred[i]),
-             float(ev.probs[i, pred[i]])) for i in order[:limit]]
+    return [
+        (ev.files[i], int(ev.labels[i]), int(pred[i]), float(ev.probs[i, pred[i]]))
+        for i in order[:limit]
+    ]
 
 
 def render_html(ev: Evaluation, curves: Optional[Path]) -> str:
@@ -449,23 +542,34 @@ def render_html(ev: Evaluation, curves: Optional[Path]) -> str:
     s = m["summary"]
     classes = m["classes"]
     e = html.escape
-    rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{v:.4f}</td></tr>" for k, v in s.items())
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{v:.4f}</td></tr>" for k, v in s.items())
     per_class = "".join(
         f"<tr><td>{e(c)}</td><td>{v['precision']:.4f}</td><td>{v['recall']:.4f}"
         f"</td><td>{v['f1']:.4f}</td><td>{v['support']}</td></tr>"
-        for c, v in m["per_class"].items())
-    confused = "".join(
-        f"<tr><td>{e(p['true'])}</td><td>{e(p['predicted'])}</td>"
-        f"<td>{p['count']}</td><td>{p['fraction_of_true']:.3f}</td></tr>"
-        for p in m["most_confused"]) or '<tr><td colspan="4">none</td></tr>'
-    mistakes = "".join(
-        f'<figure>{_thumbnail(f)}<figcaption>{e(Path(f).name)}<br>true '
-        f'<b>{e(classes[t])}</b><br>pred <b>{e(classes[p])}</b> ({c:.2f})'
-        f'</figcaption></figure>'
-        for f, t, p, c in worst_mistakes(ev)) or "<p>No misclassified images.</p>"
-    curves_html = (_img_tag(curves, "training curves") if curves is not None
-                   else "<p>No training history (not a run folder).</p>")
+        for c, v in m["per_class"].items()
+    )
+    confused = (
+        "".join(
+            f"<tr><td>{e(p['true'])}</td><td>{e(p['predicted'])}</td>"
+            f"<td>{p['count']}</td><td>{p['fraction_of_true']:.3f}</td></tr>"
+            for p in m["most_confused"]
+        )
+        or '<tr><td colspan="4">none</td></tr>'
+    )
+    mistakes = (
+        "".join(
+            f"<figure>{_thumbnail(f)}<figcaption>{e(Path(f).name)}<br>true "
+            f"<b>{e(classes[t])}</b><br>pred <b>{e(classes[p])}</b> ({c:.2f})"
+            f"</figcaption></figure>"
+            for f, t, p, c in worst_mistakes(ev)
+        )
+        or "<p>No misclassified images.</p>"
+    )
+    curves_html = (
+        _img_tag(curves, "training curves")
+        if curves is not None
+        else "<p>No training history (not a run folder).</p>"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>finetune-cli evaluation</title>
@@ -478,15 +582,15 @@ figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 11p
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Evaluation</h1>
-<p>Model: <code>{e(m['model'])}</code><br>Data: <code>{e(str(m['data']))}</code>
- (split {e(m['split'])}), {m['num_samples']} images, {len(classes)} classes.</p>
+<p>Model: <code>{e(m["model"])}</code><br>Data: <code>{e(str(m["data"]))}</code>
+ (split {e(m["split"])}), {m["num_samples"]} images, {len(classes)} classes.</p>
 <h2 id="summary">Summary</h2>
 <table><tr><th>metric</th><th>value</th></tr>{rows}</table>
 <h2 id="per-class">Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>
 {per_class}</table>
 <h2 id="confusion">Confusion matrix</h2>
-{_img_tag(ev.out_dir / 'confusion_matrix.png', 'confusion matrix')}
+{_img_tag(ev.out_dir / "confusion_matrix.png", "confusion matrix")}
 <h2 id="most-confused">Most confused pairs</h2>
 <table><tr><th>true</th><th>predicted</th><th>count</th><th>fraction of true</th></tr>
 {confused}</table>
@@ -516,15 +620,19 @@ def parse_gates(items, option: str) -> dict[str, float]:
 
             raise ConfigError(
                 f"{option}: unknown metric{did_you_mean(key, METRIC_KEYS)}; expected "
-                f"one of {', '.join(METRIC_KEYS)}. Received: {key!r}")
+                f"one of {', '.join(METRIC_KEYS)}. Received: {key!r}"
+            )
         if option == "--fail-under" and key in LOWER_IS_BETTER:
-            raise ConfigError(f"--fail-under {key}: lower is better for {key}; "
-                              f"use --fail-over {key}=VALUE")
+            raise ConfigError(
+                f"--fail-under {key}: lower is better for {key}; "
+                f"use --fail-over {key}=VALUE"
+            )
         try:
             gates[key] = float(value)
         except ValueError:
-            raise ConfigError(f"{option} {key}: expected a number. Received: "
-                              f"{value!r}") from None
+            raise ConfigError(
+                f"{option} {key}: expected a number. Received: {value!r}"
+            ) from None
     return gates
 
 
@@ -534,13 +642,15 @@ def check_gates(summary: dict, fail_under: dict, fail_over: dict) -> list[str]:
     for key, threshold in fail_under.items():
         value = summary[key]
         if value < threshold:
-            failed.append(f"{key} {value:.4f} < {threshold:g} (short by "
-                          f"{threshold - value:.4f})")
+            failed.append(
+                f"{key} {value:.4f} < {threshold:g} (short by {threshold - value:.4f})"
+            )
     for key, threshold in fail_over.items():
         value = summary[key]
         if value > threshold:
-            failed.append(f"{key} {value:.4f} > {threshold:g} (over by "
-                          f"{value - threshold:.4f})")
+            failed.append(
+                f"{key} {value:.4f} > {threshold:g} (over by {value - threshold:.4f})"
+            )
     return failed
 
 
@@ -549,13 +659,16 @@ def compare(new: dict, old: dict, metric: str, tolerance: float) -> Optional[str
     a, b = new["summary"][metric], old["summary"][metric]
     worse = a > b + tolerance if metric in LOWER_IS_BETTER else a < b - tolerance
     if worse:
-        return (f"{metric} {a:.4f} is worse than the reference's {b:.4f} by "
-                f"{abs(a - b):.4f} (tolerance {tolerance:g})")
+        return (
+            f"{metric} {a:.4f} is worse than the reference's {b:.4f} by "
+            f"{abs(a - b):.4f} (tolerance {tolerance:g})"
+        )
     return None
 
 
-def compare_unseen(ev: Evaluation, other: Target, metric: str,
-                   tolerance: float, batch_size: int = 32):
+def compare_unseen(
+    ev: Evaluation, other: Target, metric: str, tolerance: float, batch_size: int = 32
+):
     """Compare `ev`'s model with `other` on the images of `ev` that `other`
     neither trained nor validated on (by content), so neither model is
     scored on its own training data.
@@ -565,26 +678,41 @@ def compare_unseen(ev: Evaluation, other: Target, metric: str,
     from finetune_cli import split as split_lib
 
     keep = split_lib.unseen_by(other.run_dir, ev.files)
-    record = {"model": str(other.model_path), "metric": metric,
-              "tolerance": tolerance, "images": len(keep),
-              "left_out_seen_by_reference": len(ev.files) - len(keep)}
+    record = {
+        "model": str(other.model_path),
+        "metric": metric,
+        "tolerance": tolerance,
+        "images": len(keep),
+        "left_out_seen_by_reference": len(ev.files) - len(keep),
+    }
     if not keep:
-        return (f"{other.model_path} trained or validated on every one of "
-                "these images, so the two cannot be compared fairly"), record
+        return (
+            f"{other.model_path} trained or validated on every one of "
+            "these images, so the two cannot be compared fairly"
+        ), record
     labels = np.asarray(ev.labels)[keep]
-    new = compute_metrics(labels, ev.probs[keep], other.labels,
-                          ev.metrics["top_k"])
-    probs = predict_files(load_model(other), [ev.files[i] for i in keep],
-                          batch_size)
+    new = compute_metrics(labels, ev.probs[keep], other.labels, ev.metrics["top_k"])
+    probs = predict_files(load_model(other), [ev.files[i] for i in keep], batch_size)
     old = compute_metrics(labels, probs, other.labels, ev.metrics["top_k"])
-    record.update(value=old["summary"][metric],
-                  new_value=new["summary"][metric],
-                  metrics=old["summary"], new_metrics=new["summary"])
+    record.update(
+        value=old["summary"][metric],
+        new_value=new["summary"][metric],
+        metrics=old["summary"],
+        new_metrics=new["summary"],
+    )
     return compare(new, old, metric, tolerance), record
 
 
-def gate(ev: Evaluation, *, fail_under=None, fail_over=None, compare_to=None,
-         tolerance=0.005, compare_metric="accuracy", batch_size=32) -> dict:
+def gate(
+    ev: Evaluation,
+    *,
+    fail_under=None,
+    fail_over=None,
+    compare_to=None,
+    tolerance=0.005,
+    compare_metric="accuracy",
+    batch_size=32,
+) -> dict:
     """Apply the gates; write `gates.json`; raise GateError when one fails."""
     failed = check_gates(ev.metrics["summary"], fail_under or {}, fail_over or {})
     record = {"fail_under": fail_under or {}, "fail_over": fail_over or {}}
@@ -593,9 +721,11 @@ def gate(ev: Evaluation, *, fail_under=None, fail_over=None, compare_to=None,
         if other_target.labels != ev.metrics["classes"]:
             raise DataError(
                 f"--compare-to {compare_to}: its classes "
-                f"{other_target.labels} differ from {ev.metrics['classes']}")
+                f"{other_target.labels} differ from {ev.metrics['classes']}"
+            )
         message, record["compare_to"] = compare_unseen(
-            ev, other_target, compare_metric, tolerance, batch_size)
+            ev, other_target, compare_metric, tolerance, batch_size
+        )
         if message:
             failed.append(message)
     record["failed"] = failed
@@ -618,8 +748,11 @@ def collect_images(inputs) -> list[str]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*")
-                            if f.is_file() and f.suffix.lower() in data_lib.IMAGE_EXTENSIONS)
+            files += sorted(
+                str(f)
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in data_lib.IMAGE_EXTENSIONS
+            )
         elif p.is_file():
             files.append(str(p))
         else:
@@ -649,24 +782,40 @@ def predict(target_path, inputs, *, top_k=3, batch_size=32):
             rows.append({"file": f, "error": data_lib.decode_failure(f, e)})
     probs = {}
     for i in range(0, len(images), batch_size):
-        batch = np.stack(images[i:i + batch_size])
-        for f, p in zip(good[i:i + batch_size], model.predict(batch, verbose=0)):
+        batch = np.stack(images[i : i + batch_size])
+        for f, p in zip(
+            good[i : i + batch_size], model.predict(batch, verbose=0), strict=True
+        ):
             probs[f] = np.asarray(p, dtype=np.float64)
     k = min(top_k, len(target.labels))
     out = []
     errors = {r["file"]: r["error"] for r in rows}
     for f in files:
         if f in errors:
-            out.append({"file": f, "label": None, "confidence": None,
-                        "top_k": [], "error": errors[f]})
+            out.append(
+                {
+                    "file": f,
+                    "label": None,
+                    "confidence": None,
+                    "top_k": [],
+                    "error": errors[f],
+                }
+            )
             continue
         p = probs[f]
         top = np.argsort(-p, kind="stable")[:k]
-        out.append({"file": f, "label": target.labels[int(top[0])],
-                    "confidence": float(p[top[0]]),
-                    "top_k": [{"label": target.labels[int(i)],
-                               "probability": float(p[i])} for i in top],
-                    "error": None})
+        out.append(
+            {
+                "file": f,
+                "label": target.labels[int(top[0])],
+                "confidence": float(p[top[0]]),
+                "top_k": [
+                    {"label": target.labels[int(i)], "probability": float(p[i])}
+                    for i in top
+                ],
+                "error": None,
+            }
+        )
     return out
 
 
@@ -681,13 +830,21 @@ def write_predictions(rows, path) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "label", "confidence", "top_k", "error"])
     for r in rows:
-        w.writerow([r["file"], r["label"] or "",
-                    "" if r["confidence"] is None else f"{r['confidence']:.6f}",
-                    ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r["top_k"]),
-                    r["error"] or ""])
+        w.writerow(
+            [
+                r["file"],
+                r["label"] or "",
+                "" if r["confidence"] is None else f"{r['confidence']:.6f}",
+                ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r["top_k"]),
+                r["error"] or "",
+            ]
+        )
     atomic_write(path, buf.getvalue())
 
 
 def fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
         else f"{value:.4f}"
+    )

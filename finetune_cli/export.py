@@ -7,11 +7,18 @@ export unless `force`:
 | file | format | loads with |
 | --- | --- | --- |
 | `model.keras` | native Keras | `keras.saving.load_model(p, safe_mode=True)` |
-| `saved_model/` | TensorFlow SavedModel | `tf.saved_model.load(p)`; signatures `serve` (float pixels [batch, H, W, 3], 0-255) and `serve_bytes` (encoded JPEG/PNG/BMP/GIF strings [batch]); both return `probabilities`, `class_index`, `label` |
-| `model.tflite`, `model_float16.tflite`, `model_dynamic.tflite`, `model_int8.tflite` | TFLite | the TFLite interpreter; int8 takes uint8 pixels and returns uint8 scores (see its quantization parameters) |
+| `saved_model/` | TensorFlow SavedModel | `tf.saved_model.load(p)` (1) |
+| `model*.tflite` (2) | TFLite | the TFLite interpreter (3) |
 | `model.onnx` | ONNX (tf2onnx) | onnxruntime; input `pixels`, output probabilities |
-| `labels.txt`, `metadata.json` | | class names; input size, dtype, preprocessing, source run and its metrics, versions, artifacts |
+| `labels.txt`, `metadata.json` | | class names; input, preprocessing, run, versions |
 | `export_report.json` | | the parity check below |
+
+(1) signatures `serve` (float pixels [batch, H, W, 3], 0-255) and
+`serve_bytes` (encoded JPEG/PNG/BMP/GIF strings [batch]); both return
+`probabilities`, `class_index`, `label`. (2) `model.tflite`,
+`model_float16.tflite`, `model_dynamic.tflite`, `model_int8.tflite`.
+(3) int8 takes uint8 pixels and returns uint8 scores (see its quantization
+parameters).
 
 Every model takes raw RGB pixels in 0-255: preprocessing is inside.
 
@@ -47,8 +54,12 @@ from finetune_cli.rundir import write_json
 
 FORMATS = ("keras", "saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-TFLITE_NAMES = {"none": "model.tflite", "float16": "model_float16.tflite",
-                "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite"}
+TFLITE_NAMES = {
+    "none": "model.tflite",
+    "float16": "model_float16.tflite",
+    "dynamic": "model_dynamic.tflite",
+    "int8": "model_int8.tflite",
+}
 
 
 @dataclasses.dataclass
@@ -66,8 +77,10 @@ def parse_list(value: str, allowed, option: str) -> list[str]:
         from finetune_cli.errors import did_you_mean
 
         hint = did_you_mean(bad[0], allowed) if bad else ""
-        raise ConfigError(f"{option}: expected a comma-separated list of "
-                          f"{', '.join(allowed)}{hint}. Received: {value!r}")
+        raise ConfigError(
+            f"{option}: expected a comma-separated list of "
+            f"{', '.join(allowed)}{hint}. Received: {value!r}"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -96,8 +109,11 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
 
     def outputs(probs):
         index = tf.argmax(probs, axis=-1, output_type=tf.int32)
-        return {"probabilities": probs, "class_index": index,
-                "label": tf.gather(label_table, index)}
+        return {
+            "probabilities": probs,
+            "class_index": index,
+            "label": tf.gather(label_table, index),
+        }
 
     def serve(pixels):
         return outputs(model(pixels, training=False))
@@ -108,15 +124,21 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
         return tf.image.resize(image, size)
 
     def serve_bytes(image_bytes):
-        pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
-            [size[0], size[1], 3], tf.float32))
+        pixels = tf.map_fn(
+            decode,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size[0], size[1], 3], tf.float32),
+        )
         return outputs(model(pixels, training=False))
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serve", serve, input_signature=[_pixels_spec(size)])
-    archive.add_endpoint("serve_bytes", serve_bytes, input_signature=[
-        tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        "serve_bytes",
+        serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         archive.write_out(str(path), verbose=False)
@@ -161,11 +183,14 @@ def _configure_tflite(converter, quantize: str, calibration) -> None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif quantize == "int8":
         if calibration is None or len(calibration) == 0:
-            raise DataError("int8 quantization needs calibration images "
-                            "(the run's training data or --data)")
+            raise DataError(
+                "int8 quantization needs calibration images "
+                "(the run's training data or --data)"
+            )
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: (
-            [calibration[i:i + 1]] for i in range(len(calibration)))
+            [calibration[i : i + 1]] for i in range(len(calibration))
+        )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # Pixels 0-255 are exactly uint8: the input needs no rescaling.
         converter.inference_input_type = tf.uint8
@@ -178,11 +203,13 @@ def write_onnx(model, path: Path, opset: int) -> None:
     except ImportError:
         raise ConfigError(
             "ONNX export needs the optional onnx extra: "
-            "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)") from None
+            "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)"
+        ) from None
     fn = _concrete(model)
     size = evaluation.model_image_size(model)
     proto, _ = tf2onnx.convert.from_function(
-        fn, input_signature=[_pixels_spec(size)], opset=opset)
+        fn, input_signature=[_pixels_spec(size)], opset=opset
+    )
     atomic_write(path, proto.SerializeToString())
 
 
@@ -231,12 +258,14 @@ def runner_for(artifact: Artifact):
                 scale, zero = out["quantization"]
                 y = (y.astype(np.float32) - zero) * scale
             return y
+
         return run
     if artifact.format == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(artifact.path),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(artifact.path), providers=["CPUExecutionProvider"]
+        )
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x.astype(np.float32)})[0]
     raise ValueError(artifact.format)
@@ -248,47 +277,65 @@ def size_of(path: Path) -> int:
     return path.stat().st_size
 
 
-def check_parity(reference, artifacts, images, labels, *, tolerance=1e-4,
-                 min_agreement=0.97) -> dict:
+def check_parity(
+    reference, artifacts, images, labels, *, tolerance=1e-4, min_agreement=0.97
+) -> dict:
     """Run every artifact on `images` and compare with `reference` (Keras)."""
-    ref = np.concatenate([np.asarray(reference(images[i:i + 1], training=False))
-                          for i in range(len(images))])
+    ref = np.concatenate(
+        [
+            np.asarray(reference(images[i : i + 1], training=False))
+            for i in range(len(images))
+        ]
+    )
     rows, failures = [], []
     for art in artifacts:
         run = runner_for(art)
         run(images[:1])  # warm-up, not timed
         outs, t0 = [], time.perf_counter()
         for i in range(len(images)):
-            outs.append(np.asarray(run(images[i:i + 1]), dtype=np.float64))
+            outs.append(np.asarray(run(images[i : i + 1]), dtype=np.float64))
         latency = (time.perf_counter() - t0) / len(images) * 1000
         probs = np.concatenate(outs)
         diff = float(np.abs(probs - ref).max())
         agree = float(np.mean(probs.argmax(1) == ref.argmax(1)))
         row = {
-            "artifact": art.name, "format": art.format,
-            "path": art.path.name, "quantized": art.quantized,
-            "max_abs_diff": diff, "top1_agreement": agree,
-            "accuracy": (float(np.mean(probs.argmax(1) == labels))
-                         if labels is not None else None),
-            "size_bytes": size_of(art.path), "latency_ms": latency,
+            "artifact": art.name,
+            "format": art.format,
+            "path": art.path.name,
+            "quantized": art.quantized,
+            "max_abs_diff": diff,
+            "top1_agreement": agree,
+            "accuracy": (
+                float(np.mean(probs.argmax(1) == labels))
+                if labels is not None
+                else None
+            ),
+            "size_bytes": size_of(art.path),
+            "latency_ms": latency,
         }
         if art.quantized:
             row["passed"] = agree >= min_agreement
             if not row["passed"]:
-                failures.append(f"{art.name}: top-1 agreement {agree:.4f} < "
-                                f"{min_agreement:g}")
+                failures.append(
+                    f"{art.name}: top-1 agreement {agree:.4f} < {min_agreement:g}"
+                )
         else:
             row["passed"] = diff <= tolerance
             if not row["passed"]:
-                failures.append(f"{art.name}: max probability difference "
-                                f"{diff:.2e} > {tolerance:g}")
+                failures.append(
+                    f"{art.name}: max probability difference {diff:.2e} > {tolerance:g}"
+                )
         rows.append(row)
     return {
         "images": int(len(images)),
-        "reference_accuracy": (float(np.mean(ref.argmax(1) == labels))
-                               if labels is not None else None),
-        "tolerance": tolerance, "min_agreement": min_agreement,
-        "artifacts": rows, "failures": failures, "passed": not failures,
+        "reference_accuracy": (
+            float(np.mean(ref.argmax(1) == labels)) if labels is not None else None
+        ),
+        "tolerance": tolerance,
+        "min_agreement": min_agreement,
+        "artifacts": rows,
+        "failures": failures,
+        "passed": not failures,
     }
 
 
@@ -313,11 +360,22 @@ def _images(samples, size, limit: int, seed: int):
     return x.astype(np.float32), np.array([lb for _, lb in samples])
 
 
-def export(target_path, *, formats=("keras", "saved_model", "tflite"),
-           quantize=("none",), out=None, force=False, data=None,
-           parity_images=64, calibration_images=128, opset=17,
-           tolerance=1e-4, min_agreement=0.97, check=True,
-           progress=None) -> ExportResult:
+def export(
+    target_path,
+    *,
+    formats=("keras", "saved_model", "tflite"),
+    quantize=("none",),
+    out=None,
+    force=False,
+    data=None,
+    parity_images=64,
+    calibration_images=128,
+    opset=17,
+    tolerance=1e-4,
+    min_agreement=0.97,
+    check=True,
+    progress=None,
+) -> ExportResult:
     """Export a run (its best.keras) or a .keras model; see the module doc."""
     target = evaluation.resolve_target(target_path)
     if "onnx" in formats:
@@ -327,12 +385,15 @@ def export(target_path, *, formats=("keras", "saved_model", "tflite"),
         except ImportError:
             raise ConfigError(
                 "--format onnx needs the optional onnx extra: "
-                "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)") from None
+                "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)"
+            ) from None
     base_dir = target.run_dir or target.model_path.parent
     out = Path(out) if out is not None else Path(base_dir) / "export"
     if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out} already exists; pass --force to replace it "
-                          "or --out to choose another folder")
+        raise ConfigError(
+            f"{out} already exists; pass --force to replace it "
+            "or --out to choose another folder"
+        )
     needs_data = check or "int8" in quantize
     val = train = None
     if needs_data:
@@ -354,8 +415,9 @@ def export(target_path, *, formats=("keras", "saved_model", "tflite"),
         if "saved_model" in formats:
             say("writing saved_model/")
             write_saved_model(model, tmp / "saved_model", target.labels)
-            artifacts.append(Artifact("saved_model", "saved_model",
-                                      tmp / "saved_model"))
+            artifacts.append(
+                Artifact("saved_model", "saved_model", tmp / "saved_model")
+            )
         if "tflite" in formats:
             calib = None
             if "int8" in quantize:
@@ -363,9 +425,14 @@ def export(target_path, *, formats=("keras", "saved_model", "tflite"),
             for q in quantize:
                 say(f"writing {TFLITE_NAMES[q]}")
                 write_tflite(model, tmp / TFLITE_NAMES[q], q, calib)
-                artifacts.append(Artifact(
-                    "tflite" + ("" if q == "none" else f"_{q}"), "tflite",
-                    tmp / TFLITE_NAMES[q], quantized=q != "none"))
+                artifacts.append(
+                    Artifact(
+                        "tflite" + ("" if q == "none" else f"_{q}"),
+                        "tflite",
+                        tmp / TFLITE_NAMES[q],
+                        quantized=q != "none",
+                    )
+                )
         if "onnx" in formats:
             say("writing model.onnx")
             write_onnx(model, tmp / "model.onnx", opset)
@@ -376,8 +443,14 @@ def export(target_path, *, formats=("keras", "saved_model", "tflite"),
         if check:
             say(f"parity check on {min(parity_images, len(val))} images")
             images, labels = _images(val, size, parity_images, seed=0)
-            report = check_parity(model, artifacts, images, labels,
-                                  tolerance=tolerance, min_agreement=min_agreement)
+            report = check_parity(
+                model,
+                artifacts,
+                images,
+                labels,
+                tolerance=tolerance,
+                min_agreement=min_agreement,
+            )
             write_json(tmp / "export_report.json", report)
         if out.exists():
             shutil.rmtree(out)
@@ -400,21 +473,22 @@ def _data_for(target, data):
         samples = evaluation.align_labels(pairs, target.labels)
         return samples, samples
     if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
-        raise ConfigError("the parity check and int8 calibration need images: "
-                          "pass --data DIR|CSV (or export a run folder)")
+        raise ConfigError(
+            "the parity check and int8 calibration need images: "
+            "pass --data DIR|CSV (or export a run folder)"
+        )
     from finetune_cli import config as config_lib
     from finetune_cli import split as split_lib
 
     # The run's recorded files (a parity check needs images, not exactly
     # these: any that vanished are simply not used).
-    index = split_lib.load(target.run_dir, ["val", "train"],
-                           allow_missing=True)
+    index = split_lib.load(target.run_dir, ["val", "train"], allow_missing=True)
     if index is None:
         cfg = config_lib.load_config(target.run_dir / "config.yaml")
         index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     to_model = lambda split: evaluation.align_labels(  # noqa: E731
-        [(p, index.class_names[lb]) for p, lb in index.splits[split]],
-        target.labels)
+        [(p, index.class_names[lb]) for p, lb in index.splits[split]], target.labels
+    )
     return to_model("val"), to_model("train")
 
 
@@ -439,22 +513,41 @@ def metadata(target, model, artifacts) -> dict:
             from finetune_cli import applications
 
             app = applications.get(cfg["model"]["name"])
-            preprocess = {"application": app.name, "mode": app.preprocess,
-                          "inside_model": True}
+            preprocess = {
+                "application": app.name,
+                "mode": app.preprocess,
+                "inside_model": True,
+            }
     return {
         "class_names": target.labels,
-        "input": {"shape": [None, h, w, 3], "dtype": "float32",
-                  "range": [0, 255], "color": "RGB",
-                  "note": "raw pixels; preprocessing is inside the model"},
+        "input": {
+            "shape": [None, h, w, 3],
+            "dtype": "float32",
+            "range": [0, 255],
+            "color": "RGB",
+            "note": "raw pixels; preprocessing is inside the model",
+        },
         "output": {"probabilities": [None, len(target.labels)]},
         "preprocessing": preprocess,
-        "source": {"model": str(target.model_path),
-                   "run": str(target.run_dir) if target.run_dir else None,
-                   "metrics": run_metrics},
-        "artifacts": [{"name": a.name, "format": a.format, "file": a.path.name,
-                       "quantized": a.quantized} for a in artifacts],
-        "versions": {"finetune_cli": __version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__},
+        "source": {
+            "model": str(target.model_path),
+            "run": str(target.run_dir) if target.run_dir else None,
+            "metrics": run_metrics,
+        },
+        "artifacts": [
+            {
+                "name": a.name,
+                "format": a.format,
+                "file": a.path.name,
+                "quantized": a.quantized,
+            }
+            for a in artifacts
+        ],
+        "versions": {
+            "finetune_cli": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
     }
 
 

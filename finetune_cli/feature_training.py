@@ -23,7 +23,7 @@ from finetune_cli import model as model_lib
 
 def head_model(model, base):
     """The layers after the base as their own model (sharing weights)."""
-    head_layers = model.layers[model.layers.index(base) + 1:]
+    head_layers = model.layers[model.layers.index(base) + 1 :]
     inputs = keras.Input(tuple(base.output.shape[1:]), name="features")
     x = inputs
     for layer in head_layers:
@@ -31,8 +31,9 @@ def head_model(model, base):
     return keras.Model(inputs, x, name="head")
 
 
-def feature_dataset(feats, labels, num_classes: int, batch_size: int, *,
-                    seed: int, epochs=None):
+def feature_dataset(
+    feats, labels, num_classes: int, batch_size: int, *, seed: int, epochs=None
+):
     """Batches of (features, one-hot) from cached features [views, n, d].
 
     Args:
@@ -54,7 +55,8 @@ def feature_dataset(feats, labels, num_classes: int, batch_size: int, *,
     def epoch_batches(e):
         view = tf.math.floormod(e, views)
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+            tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), e])
+        )
         return tf.data.Dataset.from_tensor_slices(
             (tf.gather(stacked[view], order), tf.gather(ys, order))
         ).batch(batch_size)
@@ -79,32 +81,47 @@ class CachedData:
         return math.ceil(self.train[0].shape[1] / self.batch_size)
 
     def train_dataset(self, first: int, end: int):
-        return feature_dataset(*self.train, self.num_classes, self.batch_size,
-                               seed=self.seed, epochs=(first, end))
+        return feature_dataset(
+            *self.train,
+            self.num_classes,
+            self.batch_size,
+            seed=self.seed,
+            epochs=(first, end),
+        )
 
     def val_dataset(self):
-        return feature_dataset(*self.val, self.num_classes, self.batch_size,
-                               seed=self.seed)
+        return feature_dataset(
+            *self.val, self.num_classes, self.batch_size, seed=self.seed
+        )
 
 
 def cached_datasets(cfg, out, model, base, index, path: str) -> CachedData:
     """Extract (or reuse) the features a phase on `path` needs."""
-    preprocess = (model.get_layer(model_lib.PREPROCESS_NAME)
-                  if any(la.name == model_lib.PREPROCESS_NAME
-                         for la in model.layers) else None)
+    preprocess = (
+        model.get_layer(model_lib.PREPROCESS_NAME)
+        if any(la.name == model_lib.PREPROCESS_NAME for la in model.layers)
+        else None
+    )
     extractor = features.extractor_from(base, preprocess, cfg.data.image_size)
     root = features.cache_root(cfg)
     views = cfg.feature_cache.views if path == "views" else 1
-    augmenter = (data_lib.build_augmenter(cfg.augmentation, cfg.experiment.seed)
-                 if views > 1 else None)
+    augmenter = (
+        data_lib.build_augmenter(cfg.augmentation, cfg.experiment.seed)
+        if views > 1
+        else None
+    )
     train_dir = root / ("train" if views == 1 else f"train-{views}views")
-    train_fs, _ = features.get_features(cfg, extractor, index, "train",
-                                        train_dir, out, views=views,
-                                        augmenter=augmenter)
-    val_fs, _ = features.get_features(cfg, extractor, index, "val",
-                                      root / "val", out)
+    train_fs, _ = features.get_features(
+        cfg, extractor, index, "train", train_dir, out, views=views, augmenter=augmenter
+    )
+    val_fs, _ = features.get_features(cfg, extractor, index, "val", root / "val", out)
     f, labels, _ = train_fs.load()
     vf, vlabels, _ = val_fs.load()
-    return CachedData(head_model(model, base), (f, labels), (vf, vlabels),
-                      len(index.class_names), cfg.data.batch_size,
-                      cfg.experiment.seed)
+    return CachedData(
+        head_model(model, base),
+        (f, labels),
+        (vf, vlabels),
+        len(index.class_names),
+        cfg.data.batch_size,
+        cfg.experiment.seed,
+    )

@@ -61,8 +61,9 @@ def _weights_identity(cfg) -> str:
     return f"sha256:{data_lib.sha256_file(w)}"
 
 
-def key_fields(cfg, samples, *, views: int = 1, augmentation=None,
-               dtype: str = "float32") -> dict:
+def key_fields(
+    cfg, samples, *, views: int = 1, augmentation=None, dtype: str = "float32"
+) -> dict:
     """Everything the features depend on, as a JSON-able dict."""
     app = applications.get(cfg.model.name)
     files = []
@@ -78,8 +79,11 @@ def key_fields(cfg, samples, *, views: int = 1, augmentation=None,
         "options": cfg.model.options,
         "dtype": dtype,
         "views": views,
-        "augmentation": ([a.model_dump(exclude_none=True) for a in augmentation]
-                         if views > 1 and augmentation else None),
+        "augmentation": (
+            [a.model_dump(exclude_none=True) for a in augmentation]
+            if views > 1 and augmentation
+            else None
+        ),
         "seed": cfg.experiment.seed if views > 1 else None,
         "files": files,
     }
@@ -92,19 +96,28 @@ def content_key(fields: dict) -> str:
 def explain_mismatch(old: dict, new: dict) -> str:
     """Why a cache no longer fits, in words."""
     reasons = []
-    for name in ("application", "weights", "image_size", "pooling",
-                 "preprocess", "options", "dtype", "views", "augmentation",
-                 "seed"):
+    for name in (
+        "application",
+        "weights",
+        "image_size",
+        "pooling",
+        "preprocess",
+        "options",
+        "dtype",
+        "views",
+        "augmentation",
+        "seed",
+    ):
         if old.get(name) != new.get(name):
             reasons.append(f"{name} changed ({old.get(name)} -> {new.get(name)})")
     old_files = {f[0]: f[1:] for f in old.get("files", [])}
     new_files = {f[0]: f[1:] for f in new.get("files", [])}
     added = sorted(set(new_files) - set(old_files))
     removed = sorted(set(old_files) - set(new_files))
-    edited = sorted(p for p in set(old_files) & set(new_files)
-                    if old_files[p] != new_files[p])
-    for label, items in (("added", added), ("removed", removed),
-                         ("modified", edited)):
+    edited = sorted(
+        p for p in set(old_files) & set(new_files) if old_files[p] != new_files[p]
+    )
+    for label, items in (("added", added), ("removed", removed), ("modified", edited)):
         if items:
             shown = ", ".join(Path(p).name for p in items[:3])
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
@@ -133,7 +146,11 @@ class FeatureSet:
                 paths.append(z["paths"])
         v, n = self.manifest["views"], self.manifest["num_images"]
         f = np.concatenate(feats).reshape(v, n, -1)
-        return f, np.concatenate(labels)[:n], [str(p) for p in np.concatenate(paths)[:n]]
+        return (
+            f,
+            np.concatenate(labels)[:n],
+            [str(p) for p in np.concatenate(paths)[:n]],
+        )
 
 
 def open_cache(folder, fields) -> tuple[Optional[FeatureSet], Optional[str]]:
@@ -176,9 +193,21 @@ def extractor_from(base, preprocess, image_size):
     return keras.Model(inputs, base(x, training=False), name="feature_extractor")
 
 
-def extract(extractor, samples, class_names, folder, fields, *, image_size,
-            batch_size: int, shard_size: int = 1024, views: int = 1,
-            augmenter=None, seed: int = 0, progress=None) -> FeatureSet:
+def extract(
+    extractor,
+    samples,
+    class_names,
+    folder,
+    fields,
+    *,
+    image_size,
+    batch_size: int,
+    shard_size: int = 1024,
+    views: int = 1,
+    augmenter=None,
+    seed: int = 0,
+    progress=None,
+) -> FeatureSet:
     """Run the extractor over `samples` and stream shards into `folder`.
 
     Memory stays flat: one batch of images and at most one shard of
@@ -209,24 +238,27 @@ def extract(extractor, samples, class_names, folder, fields, *, image_size,
         name = f"shard-{len(shards):05d}.npz"
         with atomic_path(tmp / name) as t:
             with open(t, "wb") as f:
-                np.savez(f, features=np.concatenate(buf_f).astype("float32"),
-                         labels=np.concatenate(buf_l).astype("int64"),
-                         paths=np.concatenate(buf_p).astype(str),
-                         views=np.concatenate(buf_v).astype("int32"))
+                np.savez(
+                    f,
+                    features=np.concatenate(buf_f).astype("float32"),
+                    labels=np.concatenate(buf_l).astype("int64"),
+                    paths=np.concatenate(buf_p).astype(str),
+                    views=np.concatenate(buf_v).astype("int32"),
+                )
         shards.append(name)
         buf_f, buf_l, buf_p, buf_v = [], [], [], []
 
     for view in range(views):
-        ds = data_lib.make_dataset(samples, len(class_names), image_size,
-                                   batch_size)
+        ds = data_lib.make_dataset(samples, len(class_names), image_size, batch_size)
         paths_ds = tf.data.Dataset.from_tensor_slices([p for p, _ in samples]).batch(
-            batch_size)
+            batch_size
+        )
         if augmenter is not None and views > 1:
             # Fresh, reproducible randomness per view.
             import keras
 
             keras.utils.set_random_seed(seed + 1000 * view)
-        for (images, onehot), paths in zip(ds, paths_ds):
+        for (images, onehot), paths in zip(ds, paths_ds, strict=True):
             if augmenter is not None and views > 1:
                 images = augmenter(images, training=True)
             feats = np.asarray(extractor.predict_on_batch(images), dtype="float32")
@@ -298,30 +330,45 @@ class ExtractResult:
     reason: Optional[str]
 
 
-def get_features(cfg, extractor, index, split, folder, out, *, views=1,
-                 augmenter=None) -> tuple[FeatureSet, ExtractResult]:
+def get_features(
+    cfg, extractor, index, split, folder, out, *, views=1, augmenter=None
+) -> tuple[FeatureSet, ExtractResult]:
     """The cached features of a split: reused when the key matches, else
     recomputed (saying why)."""
     samples = index.splits[split]
     import keras
 
     dtype = keras.mixed_precision.global_policy().compute_dtype
-    fields = key_fields(cfg, samples, views=views,
-                        augmentation=cfg.augmentation if views > 1 else None,
-                        dtype=dtype)
+    fields = key_fields(
+        cfg,
+        samples,
+        views=views,
+        augmentation=cfg.augmentation if views > 1 else None,
+        dtype=dtype,
+    )
     t0 = time.monotonic()
     cached, why = open_cache(folder, fields)
     if cached is not None:
-        out.info(f"features [{split}]: reusing {folder} ({cached.num_rows} rows, "
-                 f"key {cached.manifest['key'][:12]})")
-        return cached, ExtractResult(split, Path(folder), len(samples),
-                                     cached.manifest["feature_dim"], 0.0, True, None)
+        out.info(
+            f"features [{split}]: reusing {folder} ({cached.num_rows} rows, "
+            f"key {cached.manifest['key'][:12]})"
+        )
+        return cached, ExtractResult(
+            split,
+            Path(folder),
+            len(samples),
+            cached.manifest["feature_dim"],
+            0.0,
+            True,
+            None,
+        )
     if why != "no cache yet":
         out.info(f"features [{split}]: recomputing, cache out of date: {why}")
     total = len(samples) * views
     meter = Throughput(total)
     last = [0.0]
     with out.progress(total, f"extract {split}") as bar:
+
         def progress(done, total_):
             bar.update(done - progress.done, meter.line(done))
             progress.done = done
@@ -329,16 +376,32 @@ def get_features(cfg, extractor, index, split, folder, out, *, views=1,
             if out.plain and (now - last[0] > 10 or done == total_):
                 last[0] = now
                 out.info(f"extract [{split}] {meter.line(done)}")
+
         progress.done = 0
-        fs = extract(extractor, samples, index.class_names, folder, fields,
-                     image_size=cfg.data.image_size,
-                     batch_size=cfg.data.batch_size,
-                     shard_size=cfg.feature_cache.shard_size, views=views,
-                     augmenter=augmenter, seed=cfg.experiment.seed,
-                     progress=progress)
+        fs = extract(
+            extractor,
+            samples,
+            index.class_names,
+            folder,
+            fields,
+            image_size=cfg.data.image_size,
+            batch_size=cfg.data.batch_size,
+            shard_size=cfg.feature_cache.shard_size,
+            views=views,
+            augmenter=augmenter,
+            seed=cfg.experiment.seed,
+            progress=progress,
+        )
     seconds = time.monotonic() - t0
-    return fs, ExtractResult(split, Path(folder), len(samples),
-                             fs.manifest["feature_dim"], seconds, False, why)
+    return fs, ExtractResult(
+        split,
+        Path(folder),
+        len(samples),
+        fs.manifest["feature_dim"],
+        seconds,
+        False,
+        why,
+    )
 
 
 def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractResult]:
@@ -354,13 +417,17 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
     # (and a bad image is a data error naming it, not a crash).
     index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
     if skipped:
-        out.warn(f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "
-                 f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}")
+        out.warn(
+            f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "
+            f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}"
+        )
     splits = list(index.splits) if split == "all" else [split]
     for s in splits:
         if s not in index.splits:
-            raise ConfigError(f"--split {s}: the data has no {s} split (it has "
-                              f"{', '.join(index.splits)})")
+            raise ConfigError(
+                f"--split {s}: the data has no {s} split (it has "
+                f"{', '.join(index.splits)})"
+            )
     environment.configure_runtime(cfg, environment.has_gpu())
     extractor = build_extractor(cfg)
     root = Path(out_dir) if out_dir is not None else cache_root(cfg)

@@ -56,9 +56,7 @@ def build_preprocessing(app: applications.Application, name=PREPROCESS_NAME):
             3,
             1,
             kernel_initializer=keras.initializers.Constant(flip),
-            bias_initializer=keras.initializers.Constant(
-                [-m for m in _CAFFE_MEAN_BGR]
-            ),
+            bias_initializer=keras.initializers.Constant([-m for m in _CAFFE_MEAN_BGR]),
             trainable=False,
             dtype="float32",
             name="rgb_to_bgr_minus_mean",
@@ -105,13 +103,24 @@ def build_base(model_cfg, image_size):
             )
         # Keras loads a partly matching file with only a warning, leaving
         # some layers random: for us that is a wrong weights file.
-        partial = [str(c.message) for c in caught if any(
-            k in str(c.message) for k in ("freshly-initialized", "Skipping variable",
-                                          "Skipping loading", "were not loaded"))]
+        partial = [
+            str(c.message)
+            for c in caught
+            if any(
+                k in str(c.message)
+                for k in (
+                    "freshly-initialized",
+                    "Skipping variable",
+                    "Skipping loading",
+                    "were not loaded",
+                )
+            )
+        ]
         if partial and keras_weights not in (None, "imagenet"):
             raise ConfigError(
                 f"model.weights: {weights} only partly fits {app.name} "
-                f"(options {model_cfg.options}): {partial[0].splitlines()[0]}")
+                f"(options {model_cfg.options}): {partial[0].splitlines()[0]}"
+            )
     except ConfigError:
         raise
     except TypeError as e:
@@ -132,8 +141,9 @@ def build_base(model_cfg, image_size):
                 f"{app.name} ({_first_line(e)}). On a machine without "
                 "internet, set model.weights to a local .h5 file."
             ) from None
-        raise ConfigError(f"model: {app.name} rejected the config: "
-                          f"{_first_line(e)}") from None
+        raise ConfigError(
+            f"model: {app.name} rejected the config: {_first_line(e)}"
+        ) from None
     if model_cfg.bn_momentum is not None:
         import keras
 
@@ -155,15 +165,22 @@ def check_options(app, options: dict) -> None:
     from finetune_cli.errors import short
 
     params = inspect.signature(app.constructor()).parameters
-    reserved = {"weights", "include_top", "input_shape", "pooling", "classes",
-                "input_tensor"}
+    reserved = {
+        "weights",
+        "include_top",
+        "input_shape",
+        "pooling",
+        "classes",
+        "input_tensor",
+    }
     known = [p for p in params if p not in reserved]
     for key, value in options.items():
         if key not in params:
             raise ConfigError(
                 f"model.options.{key}: {app.name} has no such option"
                 f"{did_you_mean(key, known)}; its options: {', '.join(known)}."
-                f" Received: {key}={short(value)}")
+                f" Received: {key}={short(value)}"
+            )
         default = params[key].default
         if default is None or default is inspect.Parameter.empty:
             continue
@@ -179,7 +196,8 @@ def check_options(app, options: dict) -> None:
         if not ok:
             raise ConfigError(
                 f"model.options.{key}: expected {want} (the default is "
-                f"{default!r}). Received: {key}={short(value)}")
+                f"{default!r}). Received: {key}={short(value)}"
+            )
 
 
 def _first_line(e: Exception) -> str:
@@ -189,8 +207,18 @@ def _first_line(e: Exception) -> str:
 
 def _looks_like_download(e: Exception) -> bool:
     text = f"{type(e).__name__} {e}".lower()
-    return any(w in text for w in ("url", "download", "fetch", "connection",
-                                   "resolve", "network", "http"))
+    return any(
+        w in text
+        for w in (
+            "url",
+            "download",
+            "fetch",
+            "connection",
+            "resolve",
+            "network",
+            "http",
+        )
+    )
 
 
 def build_head(head_cfg, num_classes: int):
@@ -201,20 +229,24 @@ def build_head(head_cfg, num_classes: int):
     for i, spec in enumerate(head_cfg):
         if spec.type == "dense":
             reg = keras.regularizers.L2(spec.l2) if spec.l2 else None
-            layers.append(keras.layers.Dense(
-                spec.units,
-                activation=spec.activation or "relu",
-                kernel_regularizer=reg,
-                name=f"head_{i}_dense",
-            ))
+            layers.append(
+                keras.layers.Dense(
+                    spec.units,
+                    activation=spec.activation or "relu",
+                    kernel_regularizer=reg,
+                    name=f"head_{i}_dense",
+                )
+            )
         elif spec.type == "dropout":
             layers.append(keras.layers.Dropout(spec.rate, name=f"head_{i}_dropout"))
         elif spec.type == "batchnorm":
             layers.append(keras.layers.BatchNormalization(name=f"head_{i}_batchnorm"))
     # float32 output: softmax under float16 loses too much precision.
-    layers.append(keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME
-    ))
+    layers.append(
+        keras.layers.Dense(
+            num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME
+        )
+    )
     return layers
 
 
@@ -254,7 +286,7 @@ def base_layers(base):
     """The base's layers that `top: N` counts (every layer but the input)."""
     import keras
 
-    return [l for l in base.layers if not isinstance(l, keras.layers.InputLayer)]
+    return [la for la in base.layers if not isinstance(la, keras.layers.InputLayer)]
 
 
 def select_layers(base, trainable, key: str) -> list[str]:
@@ -269,7 +301,7 @@ def select_layers(base, trainable, key: str) -> list[str]:
             matches nothing, naming `key`.
     """
     layers = base_layers(base)
-    names = [l.name for l in layers]
+    names = [la.name for la in layers]
     if trainable == "none":
         return []
     if trainable == "all":
@@ -280,7 +312,7 @@ def select_layers(base, trainable, key: str) -> list[str]:
                 f"{key}.top: {base.name} has {len(names)} layers. "
                 f"Received: top={trainable.top}"
             )
-        return names[-trainable.top:]
+        return names[-trainable.top :]
     if trainable.from_layer is not None:
         if trainable.from_layer not in names:
             raise ConfigError(
@@ -288,7 +320,7 @@ def select_layers(base, trainable, key: str) -> list[str]:
                 f"in {base.name}{did_you_mean(trainable.from_layer, names)}. "
                 f"Received: from_layer={trainable.from_layer!r}"
             )
-        return names[names.index(trainable.from_layer):]
+        return names[names.index(trainable.from_layer) :]
     pattern = re.compile(trainable.regex)
     chosen = [n for n in names if pattern.search(n)]
     if not chosen:

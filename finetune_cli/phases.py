@@ -42,16 +42,17 @@ def plan_phases(model, base, cfg) -> list[PhasePlan]:
     choose its data path (see `feature_paths`)."""
     plans = []
     for i, phase in enumerate(cfg.phases):
-        names = model_lib.select_layers(base, phase.trainable,
-                                        f"phases.{i}.trainable")
+        names = model_lib.select_layers(base, phase.trainable, f"phases.{i}.trainable")
         model_lib.apply_trainable(model, base, names, phase.batchnorm)
-        plans.append(PhasePlan(
-            index=i,
-            phase=phase,
-            layer_names=names,
-            trainable_params=model_lib.count_params(model.trainable_weights),
-            frozen_params=model_lib.count_params(model.non_trainable_weights),
-        ))
+        plans.append(
+            PhasePlan(
+                index=i,
+                phase=phase,
+                layer_names=names,
+                trainable_params=model_lib.count_params(model.trainable_weights),
+                frozen_params=model_lib.count_params(model.non_trainable_weights),
+            )
+        )
     for plan, path in zip(plans, feature_paths(cfg, plans), strict=True):
         plan.path = path
     return plans
@@ -86,8 +87,19 @@ def describe_path(path: str, cfg) -> str:
     return "base every epoch"
 
 
-PLAN_COLUMNS = ["#", "phase", "trains", "trainable", "frozen",
-                "BN mode", "optimizer", "LR", "schedule", "epochs", "path"]
+PLAN_COLUMNS = [
+    "#",
+    "phase",
+    "trains",
+    "trainable",
+    "frozen",
+    "BN mode",
+    "optimizer",
+    "LR",
+    "schedule",
+    "epochs",
+    "path",
+]
 
 
 def plan_rows(plans, cfg) -> list[list[str]]:
@@ -111,12 +123,21 @@ def plan_rows(plans, cfg) -> list[list[str]]:
         bn = "inference (frozen)" if ph.batchnorm == "frozen" else "train"
         if not p.layer_names:
             bn = "inference (frozen)"
-        rows.append([
-            str(p.index + 1), ph.name, what, f"{p.trainable_params:,}",
-            f"{p.frozen_params:,}", bn, ph.optimizer.name,
-            f"{ph.learning_rate:g}", sched, str(ph.epochs),
-            describe_path(p.path, cfg),
-        ])
+        rows.append(
+            [
+                str(p.index + 1),
+                ph.name,
+                what,
+                f"{p.trainable_params:,}",
+                f"{p.frozen_params:,}",
+                bn,
+                ph.optimizer.name,
+                f"{ph.learning_rate:g}",
+                sched,
+                str(ph.epochs),
+                describe_path(p.path, cfg),
+            ]
+        )
     return rows
 
 
@@ -135,8 +156,9 @@ def resolve_class_weight(phase, index: int, data_index) -> Optional[dict]:
             f"phases.{index}.class_weight: unknown classes {unknown}; the "
             f"classes are {', '.join(data_index.class_names)}"
         )
-    return {i: float(cw.get(name, 1.0))
-            for i, name in enumerate(data_index.class_names)}
+    return {
+        i: float(cw.get(name, 1.0)) for i, name in enumerate(data_index.class_names)
+    }
 
 
 def build_learning_rate(phase, steps_per_epoch: int):
@@ -150,42 +172,51 @@ def build_learning_rate(phase, steps_per_epoch: int):
     warm = min(total - 1, int(round(sched.warmup_epochs * steps_per_epoch)))
     if sched.name == "exponential":
         return keras.optimizers.schedules.ExponentialDecay(
-            lr, decay_steps=steps_per_epoch, decay_rate=sched.decay_rate)
+            lr, decay_steps=steps_per_epoch, decay_rate=sched.decay_rate
+        )
     if sched.name == "constant" and warm <= 0:
         return lr
     # Cosine with alpha=1 is flat: that is "warmup then constant".
     alpha = sched.alpha if sched.name == "cosine" else 1.0
     if warm <= 0:
         return keras.optimizers.schedules.CosineDecay(
-            lr, decay_steps=total, alpha=alpha)
+            lr, decay_steps=total, alpha=alpha
+        )
     return keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total - warm), alpha=alpha,
-        warmup_target=lr, warmup_steps=warm)
+        0.0,
+        decay_steps=max(1, total - warm),
+        alpha=alpha,
+        warmup_target=lr,
+        warmup_steps=warm,
+    )
 
 
 def build_optimizer(phase, steps_per_epoch: int):
     """The phase's optimizer through `keras.optimizers.get`."""
-    return keras.optimizers.get({
-        "class_name": phase.optimizer.name,
-        "config": {
-            "learning_rate": build_learning_rate(phase, steps_per_epoch),
-            **phase.optimizer.params(),
-        },
-    })
+    return keras.optimizers.get(
+        {
+            "class_name": phase.optimizer.name,
+            "config": {
+                "learning_rate": build_learning_rate(phase, steps_per_epoch),
+                **phase.optimizer.params(),
+            },
+        }
+    )
 
 
-def compile_phase(model, phase, steps_per_epoch: int, num_classes: int,
-                  jit_compile: bool) -> None:
+def compile_phase(
+    model, phase, steps_per_epoch: int, num_classes: int, jit_compile: bool
+) -> None:
     """Compile `model` for `phase` (a fresh optimizer; recompiling is what
     makes Keras pick up changed `trainable` flags)."""
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(
-            5, name="top5_accuracy"))
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
     model.compile(
         optimizer=build_optimizer(phase, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(
-            label_smoothing=phase.label_smoothing),
+            label_smoothing=phase.label_smoothing
+        ),
         metrics=metrics,
         jit_compile=jit_compile,
     )
@@ -200,14 +231,26 @@ def phase_callbacks(phase, tensorboard_dir=None) -> list:
     cbs = []
     es = phase.callbacks.early_stopping
     if es is not None:
-        cbs.append(keras.callbacks.EarlyStopping(
-            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
-            mode="auto"))
+        cbs.append(
+            keras.callbacks.EarlyStopping(
+                monitor=es.monitor,
+                patience=es.patience,
+                min_delta=es.min_delta,
+                mode="auto",
+            )
+        )
     rl = phase.callbacks.reduce_lr_on_plateau
     if rl is not None:
-        cbs.append(keras.callbacks.ReduceLROnPlateau(
-            monitor=rl.monitor, factor=rl.factor, patience=rl.patience,
-            min_lr=rl.min_lr, mode="auto", verbose=0))
+        cbs.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=rl.monitor,
+                factor=rl.factor,
+                patience=rl.patience,
+                min_lr=rl.min_lr,
+                mode="auto",
+                verbose=0,
+            )
+        )
     if tensorboard_dir is not None:
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
     return cbs
@@ -216,8 +259,7 @@ def phase_callbacks(phase, tensorboard_dir=None) -> list:
 # Counters that make EarlyStopping and ReduceLROnPlateau continue where
 # they were after a resume.
 _CALLBACK_FIELDS = {
-    keras.callbacks.EarlyStopping: ("wait", "best", "stopped_epoch",
-                                    "best_epoch"),
+    keras.callbacks.EarlyStopping: ("wait", "best", "stopped_epoch", "best_epoch"),
     keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter"),
 }
 

@@ -27,8 +27,10 @@ def confusion_matrix_png(cm: np.ndarray, classes, path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side), dpi=100)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
-    for ax, values, title, fmt in ((axes[0], cm, "counts", "d"),
-                                   (axes[1], norm, "row-normalised", ".2f")):
+    for ax, values, title, fmt in (
+        (axes[0], cm, "counts", "d"),
+        (axes[1], norm, "row-normalised", ".2f"),
+    ):
         im = ax.imshow(values, cmap="Blues", vmin=0)
         ax.set_title(title)
         ax.set_xlabel("predicted")
@@ -40,8 +42,15 @@ def confusion_matrix_png(cm: np.ndarray, classes, path) -> Path:
             for i in range(n):
                 for j in range(n):
                     v = values[i, j]
-                    ax.text(j, i, format(v, fmt), ha="center", va="center",
-                            fontsize=8, color="white" if v > top / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(v, fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if v > top / 2 else "black",
+                    )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return _save(fig, path, plt)
@@ -53,20 +62,38 @@ def curves_png(history_csv, path) -> Path:
     rows = list(csv.DictReader(open(history_csv, newline="")))
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             col = prefix + key
             if rows and col in rows[0]:
-                ax.plot(epochs, [float(r[col]) for r in rows], style, marker="o",
-                        markersize=3, label=col)
+                ax.plot(
+                    epochs,
+                    [float(r[col]) for r in rows],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label=col,
+                )
         for i in range(1, len(rows)):
             if rows[i]["phase"] != rows[i - 1]["phase"]:
                 ax.axvline(epochs[i] - 0.5, color="gray", linestyle=":")
-                ax.text(epochs[i] - 0.4, ax.get_ylim()[1], rows[i]["phase"],
-                        va="top", fontsize=8, color="gray")
+                ax.text(
+                    epochs[i] - 0.4,
+                    ax.get_ylim()[1],
+                    rows[i]["phase"],
+                    va="top",
+                    fontsize=8,
+                    color="gray",
+                )
         if rows:
-            ax.text(epochs[0], ax.get_ylim()[1], rows[0]["phase"], va="top",
-                    fontsize=8, color="gray")
+            ax.text(
+                epochs[0],
+                ax.get_ylim()[1],
+                rows[0]["phase"],
+                va="top",
+                fontsize=8,
+                color="gray",
+            )
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()

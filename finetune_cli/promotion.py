@@ -39,8 +39,7 @@ from finetune_cli.rundir import now
 from finetune_cli.rundir import write_json
 
 RECORD = "promotion.json"
-VERSION_FILES = ("labels.txt", "config.yaml", "metrics.json",
-                 split_lib.FILE)
+VERSION_FILES = ("labels.txt", "config.yaml", "metrics.json", split_lib.FILE)
 
 
 def _versions(link: Path) -> Path:
@@ -61,19 +60,24 @@ def check_target(promote_to) -> None:
     link = Path(promote_to)
     for parent in reversed(link.parents):
         if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"--promote-to {link}: {parent} is a file, not "
-                              "a folder; choose a path in a folder")
+            raise ConfigError(
+                f"--promote-to {link}: {parent} is a file, not "
+                "a folder; choose a path in a folder"
+            )
     if link.is_symlink() or link.exists():
         if not link.is_symlink():
-            raise ConfigError(f"--promote-to {link}: exists and is not a link "
-                              "made by finetune-cli; choose another path")
+            raise ConfigError(
+                f"--promote-to {link}: exists and is not a link "
+                "made by finetune-cli; choose another path"
+            )
         target = link.resolve()
         if not (target / "model.keras").is_file():
-            raise ConfigError(f"--promote-to {link}: links to {target}, which "
-                              "holds no model.keras; it was not made by "
-                              "finetune-cli, choose another path")
-    existing = next(p for p in [link.parent, *link.parent.parents]
-                    if p.exists())
+            raise ConfigError(
+                f"--promote-to {link}: links to {target}, which "
+                "holds no model.keras; it was not made by "
+                "finetune-cli, choose another path"
+            )
+    existing = next(p for p in [link.parent, *link.parent.parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--promote-to {link}: {existing} is not writable")
 
@@ -84,8 +88,10 @@ def current(promote_to) -> Optional[Path]:
     if not link.exists() and not link.is_symlink():
         return None
     if not link.is_symlink():
-        raise ConfigError(f"--promote-to {link}: exists and is not a link made "
-                          "by finetune-cli; choose another path")
+        raise ConfigError(
+            f"--promote-to {link}: exists and is not a link made "
+            "by finetune-cli; choose another path"
+        )
     return link.resolve()
 
 
@@ -121,21 +127,35 @@ def recover(link: Path, out=None) -> None:
         out.warn(f"an earlier promotion to {link} was interrupted: {what}")
 
 
-def decide(run_dir, promote_to, *, fail_under=None, compare=True,
-           tolerance=0.005, metric="accuracy") -> tuple[bool, list[str], dict]:
+def decide(
+    run_dir,
+    promote_to,
+    *,
+    fail_under=None,
+    compare=True,
+    tolerance=0.005,
+    metric="accuracy",
+) -> tuple[bool, list[str], dict]:
     """Evaluate the run on its held-out split and apply the gates.
 
     Returns (promote?, reasons it was refused, evaluation record).
     """
     run_dir = Path(run_dir)
     rec = split_lib.read(run_dir)
-    has_test = rec is not None and bool(rec["files"].get("test")) or (
-        rec is None and (run_dir / "eval" / "test" / "metrics.json").is_file())
+    has_test = (
+        rec is not None
+        and bool(rec["files"].get("test"))
+        or (rec is None and (run_dir / "eval" / "test" / "metrics.json").is_file())
+    )
     split = "test" if has_test else "val"
     ev = evaluation.evaluate(run_dir, split=split, name=f"promotion-{split}")
     reasons = evaluation.check_gates(ev.metrics["summary"], fail_under or {}, {})
-    record = {"split": split, "metrics": ev.metrics["summary"],
-              "images": len(ev.files), "fail_under": fail_under or {}}
+    record = {
+        "split": split,
+        "metrics": ev.metrics["summary"],
+        "images": len(ev.files),
+        "fail_under": fail_under or {},
+    }
     promoted = current(promote_to)
     if compare and promoted is not None:
         reasons += _compare_with(promoted, ev, metric, tolerance, record)
@@ -145,10 +165,8 @@ def decide(run_dir, promote_to, *, fail_under=None, compare=True,
 def _compare_with(promoted, ev, metric, tolerance, record) -> list[str]:
     old = evaluation.resolve_target(promoted / "model.keras")
     if old.labels != ev.metrics["classes"]:
-        return [f"classes changed: promoted {old.labels}, new "
-                f"{ev.metrics['classes']}"]
-    message, record["champion"] = evaluation.compare_unseen(
-        ev, old, metric, tolerance)
+        return [f"classes changed: promoted {old.labels}, new {ev.metrics['classes']}"]
+    message, record["champion"] = evaluation.compare_unseen(ev, old, metric, tolerance)
     record["champion"]["path"] = str(promoted)
     if record["champion"]["images"] == 0:
         return [message]
@@ -174,12 +192,17 @@ def promote(run_dir, promote_to, record: dict) -> Path:
         for f in VERSION_FILES:
             if (run_dir / f).is_file():
                 shutil.copy2(run_dir / f, partial / f)
-        write_json(partial / RECORD, {
-            "run": str(run_dir.resolve()), "promoted_at": now(), **record})
+        write_json(
+            partial / RECORD,
+            {"run": str(run_dir.resolve()), "promoted_at": now(), **record},
+        )
         old = current(link)
-        journal = {"version": name, "previous": old.name if old else None,
-                   "run": str(run_dir.resolve()),
-                   "record": {**record, "version": str(final)}}
+        journal = {
+            "version": name,
+            "previous": old.name if old else None,
+            "run": str(run_dir.resolve()),
+            "record": {**record, "version": str(final)},
+        }
         write_json(_journal(link), journal)
         partial.rename(final)
     except BaseException:
@@ -196,8 +219,9 @@ def _finish(link: Path, journal: dict) -> None:
     """After the link switched: the previous link, the run's record, and
     the journal's removal (each step safe to redo)."""
     if journal.get("previous"):
-        _swap_link(link.parent / f"{link.name}.previous",
-                   _versions(link) / journal["previous"])
+        _swap_link(
+            link.parent / f"{link.name}.previous", _versions(link) / journal["previous"]
+        )
     run = Path(journal["run"])
     if run.is_dir():
         write_json(run / RECORD, journal["record"])
@@ -212,23 +236,37 @@ def _swap_link(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def run_promotion(run_dir, promote_to, out, *, fail_under=None, compare=True,
-                  tolerance=0.005, wait: float = 3600.0) -> Path:
+def run_promotion(
+    run_dir,
+    promote_to,
+    out,
+    *,
+    fail_under=None,
+    compare=True,
+    tolerance=0.005,
+    wait: float = 3600.0,
+) -> Path:
     """Decide, then promote or raise GateError (exit 4) saying why.
 
     Waits up to `wait` seconds for another promotion to the same target.
     """
     link = Path(promote_to)
     check_target(link)
-    lock = Lock(link.parent / f".{link.name}.lock", f"promotion target {link}",
-                wait=wait, on_wait=lambda holder: out.info(
-                    f"waiting for the promotion lock on {link} (held by "
-                    f"process {holder.get('pid')})"))
+    lock = Lock(
+        link.parent / f".{link.name}.lock",
+        f"promotion target {link}",
+        wait=wait,
+        on_wait=lambda holder: out.info(
+            f"waiting for the promotion lock on {link} (held by "
+            f"process {holder.get('pid')})"
+        ),
+    )
     with lock:
         faults.point("promotion_locked")
         recover(link, out)
-        ok, reasons, record = decide(run_dir, link, fail_under=fail_under,
-                                     compare=compare, tolerance=tolerance)
+        ok, reasons, record = decide(
+            run_dir, link, fail_under=fail_under, compare=compare, tolerance=tolerance
+        )
         record.update(promoted=ok, reasons=reasons)
         if not ok:
             write_json(Path(run_dir) / RECORD, record)

@@ -43,8 +43,9 @@ def atomic_path(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem.split('.')[0]}.", suffix=suffix,
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem.split('.')[0]}.", suffix=suffix, dir=path.parent
+    )
     os.close(fd)
     os.unlink(tmp)  # Keras refuses to overwrite some files; let it create it.
     try:
@@ -126,10 +127,15 @@ class RunDir:
         record = self.status()
         if record.get("state") != "running" or _owner_alive(record):
             return record
-        return dict(record, state="interrupted", resumable=(
-            self.path / "resume.npz").is_file(), reason=(
-            f"process {record.get('pid')} on {record.get('host')} is gone "
-            "(killed or crashed)"))
+        return dict(
+            record,
+            state="interrupted",
+            resumable=(self.path / "resume.npz").is_file(),
+            reason=(
+                f"process {record.get('pid')} on {record.get('host')} is gone "
+                "(killed or crashed)"
+            ),
+        )
 
     def settle(self) -> dict:
         """`live_status`, written back to status.json when it changed."""
@@ -155,8 +161,13 @@ class RunDir:
         record = self.status()
         record.pop("reason", None)
         record.pop("resumable", None)
-        record.update(state=state, updated=now(), pid=os.getpid(),
-                      host=socket.gethostname(), **extra)
+        record.update(
+            state=state,
+            updated=now(),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            **extra,
+        )
         record.setdefault("started", record["updated"])
         if reason is not None:
             record["reason"] = reason
@@ -247,7 +258,8 @@ class Lock:
                 raise LockedError(
                     f"{self.what} is in use by process {holder.get('pid')} on "
                     f"{holder.get('host')} since {holder.get('since')} "
-                    f"(lock {self.path}); wait for it to finish") from None
+                    f"(lock {self.path}); wait for it to finish"
+                ) from None
             # The holder we waited for may have removed the file: then our
             # lock is on a file nobody else will open; take a fresh one.
             try:
@@ -260,8 +272,7 @@ class Lock:
             previous = _read_record(fd)
             if previous:
                 self.took_over = previous
-            me = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": now()}
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
             os.fsync(fd)
@@ -306,7 +317,11 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
         if experiment is not None and exp.name != experiment:
             continue
         for run in exp.iterdir():
-            if run.is_symlink() or not run.is_dir() or not (run / STATUS_FILE).is_file():
+            if (
+                run.is_symlink()
+                or not run.is_dir()
+                or not (run / STATUS_FILE).is_file()
+            ):
                 continue
             status = RunDir(run).settle()
             metrics = {}
@@ -314,15 +329,24 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
                 metrics = json.loads((run / "metrics.json").read_text())
             best = metrics.get("best_value")
             test = (metrics.get("test") or {}).get("accuracy")
-            rows.append({
-                "experiment": exp.name, "run": run.name, "path": str(run),
-                "state": status.get("state", "?"),
-                "started": status.get("started"),
-                "best": (f"{metrics.get('monitor')} {best:.4f}"
-                         if isinstance(best, (int, float)) else None),
-                "test_accuracy": f"{test:.4f}" if isinstance(test, (int, float)) else None,
-                "reason": status.get("reason"),
-                "resumable": bool(status.get("resumable")),
-            })
+            rows.append(
+                {
+                    "experiment": exp.name,
+                    "run": run.name,
+                    "path": str(run),
+                    "state": status.get("state", "?"),
+                    "started": status.get("started"),
+                    "best": (
+                        f"{metrics.get('monitor')} {best:.4f}"
+                        if isinstance(best, (int, float))
+                        else None
+                    ),
+                    "test_accuracy": f"{test:.4f}"
+                    if isinstance(test, (int, float))
+                    else None,
+                    "reason": status.get("reason"),
+                    "resumable": bool(status.get("resumable")),
+                }
+            )
     rows.sort(key=lambda r: r["started"] or "", reverse=True)
     return rows

@@ -80,10 +80,8 @@ class RunState:
     best_run_epoch: Optional[int] = None
     model: list = dataclasses.field(default_factory=list, repr=False)
     opt: list = dataclasses.field(default_factory=list, repr=False)
-    best_phase_weights: list = dataclasses.field(default_factory=list,
-                                                 repr=False)
-    best_run_weights: list = dataclasses.field(default_factory=list,
-                                               repr=False)
+    best_phase_weights: list = dataclasses.field(default_factory=list, repr=False)
+    best_run_weights: list = dataclasses.field(default_factory=list, repr=False)
 
     def start_phase(self) -> None:
         """The current phase begins: fresh optimizer, counters and best."""
@@ -107,23 +105,31 @@ class RunState:
 
     def save(self, path, *, config: dict, versions: dict) -> None:
         """Write atomically (temporary file, fsync, rename)."""
-        meta = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("model", "opt", "best_phase_weights",
-                             "best_run_weights")}
+        meta = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("model", "opt", "best_phase_weights", "best_run_weights")
+        }
         arrays = {}
         # The run's best is usually the phase's best: store it once.
-        same = (self.best_run_epoch is not None
-                and self.best_run_epoch == self.best_phase_epoch
-                and len(self.best_phase_weights) > 0)
-        values = {"model": self.model, "opt": self.opt,
-                  "best_phase": self.best_phase_weights,
-                  "best_run": [] if same else self.best_run_weights}
+        same = (
+            self.best_run_epoch is not None
+            and self.best_run_epoch == self.best_phase_epoch
+            and len(self.best_phase_weights) > 0
+        )
+        values = {
+            "model": self.model,
+            "opt": self.opt,
+            "best_phase": self.best_phase_weights,
+            "best_run": [] if same else self.best_run_weights,
+        }
         for prefix in _ARRAYS:
             for i, v in enumerate(values[prefix]):
                 arrays[f"{prefix}_{i}"] = np.asarray(v)
             meta[f"n_{prefix}"] = len(values[prefix])
-        meta.update(format=FORMAT, best_run_is_phase_best=same,
-                    config=config, versions=versions)
+        meta.update(
+            format=FORMAT, best_run_is_phase_best=same, config=config, versions=versions
+        )
         arrays["state"] = np.array(json.dumps(meta))
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -142,8 +148,10 @@ def load(path, *, config: dict, versions: dict) -> RunState:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--resume: {path.parent} has no {FILE}; it is not "
-                          "a run folder finetune-cli can resume")
+        raise ConfigError(
+            f"--resume: {path.parent} has no {FILE}; it is not "
+            "a run folder finetune-cli can resume"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["state"]))
@@ -153,25 +161,31 @@ def load(path, *, config: dict, versions: dict) -> RunState:
                     f"{meta.get('versions', {}).get('finetune_cli', '?')} "
                     f"(state format {meta.get('format')}); this finetune-cli "
                     f"{versions.get('finetune_cli')} reads format {FORMAT}. "
-                    "Resume it with the version that started it")
-            arrays = {p: [z[f"{p}_{i}"] for i in range(meta[f"n_{p}"])]
-                      for p in _ARRAYS}
+                    "Resume it with the version that started it"
+                )
+            arrays = {
+                p: [z[f"{p}_{i}"] for i in range(meta[f"n_{p}"])] for p in _ARRAYS
+            }
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"--resume: {path} is unreadable ({e}); the run "
-                          "cannot be resumed") from None
+        raise ConfigError(
+            f"--resume: {path} is unreadable ({e}); the run cannot be resumed"
+        ) from None
     changed = diff_config(meta.get("config") or {}, config)
     if changed:
         raise ConfigError(
             f"--resume: the config changed since the run started: "
             f"{'; '.join(changed[:5])}. A resumed run must run the config "
-            "it started with; start a new run for a new config")
+            "it started with; start a new run for a new config"
+        )
     fields = {f.name for f in dataclasses.fields(RunState)}
     state = RunState(**{k: v for k, v in meta.items() if k in fields})
     state.model, state.opt = arrays["model"], arrays["opt"]
     state.best_phase_weights = arrays["best_phase"]
-    state.best_run_weights = (arrays["best_phase"]
-                              if meta.get("best_run_is_phase_best")
-                              else arrays["best_run"])
+    state.best_run_weights = (
+        arrays["best_phase"]
+        if meta.get("best_run_is_phase_best")
+        else arrays["best_run"]
+    )
     state.versions = meta.get("versions", {})
     return state
 
@@ -185,7 +199,7 @@ def diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         out = []
-        for i, (a, b) in enumerate(zip(old, new)):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
             out += diff_config(a, b, f"{prefix}{i}.")
         return out
     if old != new:
@@ -206,13 +220,15 @@ def assign(variables, values, what: str) -> None:
         raise ConfigError(
             f"--resume: the saved {what} has {len(values)} variables, the "
             f"rebuilt one has {len(variables)}; the model code or the "
-            "Keras/TensorFlow version changed since the run started")
+            "Keras/TensorFlow version changed since the run started"
+        )
     for var, value in zip(variables, values, strict=True):
         if tuple(var.shape) != tuple(np.shape(value)):
             raise ConfigError(
                 f"--resume: the saved {what} variable {var.path} has shape "
                 f"{tuple(np.shape(value))}, the rebuilt one "
-                f"{tuple(var.shape)}; the model changed since the run started")
+                f"{tuple(var.shape)}; the model changed since the run started"
+            )
         var.assign(value)
 
 

@@ -39,17 +39,24 @@ def record(index: data_lib.DataIndex, skipped=()) -> dict:
     files = {}
     for split, samples in index.splits.items():
         files[split] = [
-            [path, index.class_names[label],
-             index.digests.get(path) or data_lib.sha256_file(path)]
+            [
+                path,
+                index.class_names[label],
+                index.digests.get(path) or data_lib.sha256_file(path),
+            ]
             for path, label in samples
         ]
     return {
         "format": FORMAT,
         "source": index.source,
         "classes": list(index.class_names),
-        "splits": {s: {"files": len(v), "per_class": dict(
-            zip(index.class_names, index.counts(s)))}
-            for s, v in index.splits.items()},
+        "splits": {
+            s: {
+                "files": len(v),
+                "per_class": dict(zip(index.class_names, index.counts(s), strict=True)),
+            }
+            for s, v in index.splits.items()
+        },
         "files": files,
         "skipped": [list(item) for item in skipped],
     }
@@ -70,9 +77,13 @@ def read(run_dir) -> Optional[dict]:
     return rec
 
 
-def load(run_dir, splits=None, *, allow_missing: bool = False,
-         warn: Optional[Callable[[str], None]] = None
-         ) -> Optional[data_lib.DataIndex]:
+def load(
+    run_dir,
+    splits=None,
+    *,
+    allow_missing: bool = False,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Optional[data_lib.DataIndex]:
     """The recorded files of `splits` (default: all), checked on disk.
 
     Every file must still exist with the same content (SHA-256).
@@ -89,8 +100,11 @@ def load(run_dir, splits=None, *, allow_missing: bool = False,
     if rec is None:
         return None
     classes = rec["classes"]
-    wanted = list(rec["files"]) if splits is None else [
-        s for s in splits if s in rec["files"]]
+    wanted = (
+        list(rec["files"])
+        if splits is None
+        else [s for s in splits if s in rec["files"]]
+    )
     out: dict[str, list[tuple[str, int]]] = {}
     digests: dict[str, str] = {}
     problems: list[str] = []
@@ -107,13 +121,16 @@ def load(run_dir, splits=None, *, allow_missing: bool = False,
     if problems:
         listed = "; ".join(problems[:5])
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
-        what = (f"{len(problems)} file(s) recorded in {Path(run_dir) / FILE} "
-                f"are gone or changed: {listed}{more}")
+        what = (
+            f"{len(problems)} file(s) recorded in {Path(run_dir) / FILE} "
+            f"are gone or changed: {listed}{more}"
+        )
         if not allow_missing:
             raise DataError(
                 f"{what}. The run's held-out metrics are only comparable on "
                 "the same files: restore them, or pass --allow-missing to "
-                "leave them out")
+                "leave them out"
+            )
         if warn is not None:
             warn(f"{what}; left out (--allow-missing)")
     return data_lib.DataIndex(list(classes), out, rec.get("source", ""), digests)
@@ -142,5 +159,8 @@ def unseen_by(reference_dir, files) -> list[int]:
     if reference_dir is None:
         return list(range(len(files)))
     seen = digests_of(reference_dir, ("train", "val"))
-    return [i for i, f in enumerate(files)
-            if not seen or data_lib.sha256_file(f) not in seen]
+    return [
+        i
+        for i, f in enumerate(files)
+        if not seen or data_lib.sha256_file(f) not in seen
+    ]

@@ -31,23 +31,37 @@ TASKS = {
 
 # (format, PIL mode) cycled over the images of each class; the unusual ones
 # come early so even a handful of images per class has them all.
-_FORMATS = [("jpg", "RGB"), ("png", "L"), ("png", "RGBA"), ("jpg", "RGB"),
-            ("bmp", "RGB"), ("jpg", "RGB"), ("gif", "P"), ("jpg", "RGB"),
-            ("png", "RGB"), ("jpg", "RGB"), ("jpg", "RGB")]
+_FORMATS = [
+    ("jpg", "RGB"),
+    ("png", "L"),
+    ("png", "RGBA"),
+    ("jpg", "RGB"),
+    ("bmp", "RGB"),
+    ("jpg", "RGB"),
+    ("gif", "P"),
+    ("jpg", "RGB"),
+    ("png", "RGB"),
+    ("jpg", "RGB"),
+    ("jpg", "RGB"),
+]
 
 
 def _polygon(cx, cy, radius, sides, angle, ratio=1.0):
     return [
-        (cx + radius * math.cos(angle + 2 * math.pi * k / sides),
-         cy + ratio * radius * math.sin(angle + 2 * math.pi * k / sides))
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+            cy + ratio * radius * math.sin(angle + 2 * math.pi * k / sides),
+        )
         for k in range(sides)
     ]
 
 
 def _rotate(points, cx, cy, angle):
     c, s = math.cos(angle), math.sin(angle)
-    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c)
-            for x, y in points]
+    return [
+        (cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c)
+        for x, y in points
+    ]
 
 
 def _star(cx, cy, r, angle):
@@ -61,8 +75,20 @@ def _star(cx, cy, r, angle):
 
 def _cross(cx, cy, r, angle):
     w = r * 0.35
-    pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r),
-           (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+    pts = [
+        (-w, -r),
+        (w, -r),
+        (w, -w),
+        (r, -w),
+        (r, w),
+        (w, w),
+        (w, r),
+        (-w, r),
+        (-w, w),
+        (-r, w),
+        (-r, -w),
+        (-w, -w),
+    ]
     return _rotate([(cx + x, cy + y) for x, y in pts], cx, cy, angle)
 
 
@@ -91,8 +117,9 @@ def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill,
-                     width=max(2, int(r / 3)))
+        draw.ellipse(
+            [cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r / 3))
+        )
     elif shape == "square":
         draw.polygon(_polygon(cx, cy, r, 4, angle), fill=fill)
     elif shape == "triangle":
@@ -111,8 +138,15 @@ def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
     return img
 
 
-def generate(out_dir, task: str = "source", *, per_class: int = 100,
-             size: int = 64, seed: int = 0, force: bool = False) -> dict:
+def generate(
+    out_dir,
+    task: str = "source",
+    *,
+    per_class: int = 100,
+    size: int = 64,
+    seed: int = 0,
+    force: bool = False,
+) -> dict:
     """Write `per_class` images of each class of `task` under `out_dir`.
 
     The same arguments always give the same files. Returns images per class.
@@ -122,22 +156,24 @@ def generate(out_dir, task: str = "source", *, per_class: int = 100,
             `force`).
     """
     if task not in TASKS:
-        raise ConfigError(f"--task must be one of {', '.join(TASKS)}. "
-                          f"Received: {task!r}")
+        raise ConfigError(
+            f"--task must be one of {', '.join(TASKS)}. Received: {task!r}"
+        )
     if per_class < 1 or size < 16:
-        raise ConfigError(f"--per-class must be >= 1 and --size >= 16. "
-                          f"Received: per_class={per_class}, size={size}")
+        raise ConfigError(
+            f"--per-class must be >= 1 and --size >= 16. "
+            f"Received: per_class={per_class}, size={size}"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not force:
-            raise ConfigError(f"{out_dir} already exists; pass --force to "
-                              "replace it")
+            raise ConfigError(f"{out_dir} already exists; pass --force to replace it")
         shutil.rmtree(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     counts = {}
-    for label, shape in enumerate(TASKS[task]):
+    for shape in TASKS[task]:
         rng = random.Random(f"{seed}:{task}:{shape}")
         folder = tmp / shape
         folder.mkdir(parents=True)
@@ -151,8 +187,10 @@ def generate(out_dir, task: str = "source", *, per_class: int = 100,
                 img = img.convert("P", palette=Image.Palette.ADAPTIVE)
             elif mode != "RGB":
                 img = img.convert(mode)
-            img.save(folder / f"{shape}_{i:04d}.{ext}",
-                     **({"quality": 92} if ext == "jpg" else {}))
+            img.save(
+                folder / f"{shape}_{i:04d}.{ext}",
+                **({"quality": 92} if ext == "jpg" else {}),
+            )
         counts[shape] = per_class
     # Appear complete or not at all.
     tmp.rename(out_dir)

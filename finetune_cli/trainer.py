@@ -71,8 +71,9 @@ class FinetuneResult:
     history: list[dict]
 
 
-def finetune(cfg, out: Optional[Output] = None, argv=None,
-             resume: Optional[Path] = None) -> FinetuneResult:
+def finetune(
+    cfg, out: Optional[Output] = None, argv=None, resume: Optional[Path] = None
+) -> FinetuneResult:
     """Fine-tune a model as a config declares; see the module docstring.
 
     Args:
@@ -92,16 +93,17 @@ def finetune(cfg, out: Optional[Output] = None, argv=None,
         if cfg.model.weights not in ("imagenet", "none"):
             checks.check_weights(cfg.model.weights)
     exp_dir = Path(exp.output_dir) / exp.name
-    lock = Lock(exp_dir / LOCK_FILE, f"experiment {exp.name!r} in "
-                f"{exp.output_dir}")
+    lock = Lock(exp_dir / LOCK_FILE, f"experiment {exp.name!r} in {exp.output_dir}")
     # A run that never starts leaves no folder behind, not even the lock's.
     made = [p for p in (Path(exp.output_dir), exp_dir) if not p.exists()]
     try:
         with lock, _sigterm_as_interrupt():
             if lock.took_over:
-                out.warn(f"the previous run of {exp.name!r} (process "
-                         f"{lock.took_over.get('pid')}) ended without "
-                         "releasing its lock")
+                out.warn(
+                    f"the previous run of {exp.name!r} (process "
+                    f"{lock.took_over.get('pid')}) ended without "
+                    "releasing its lock"
+                )
             for p in exp_dir.iterdir():
                 if (p / STATUS_FILE).is_file() and not p.is_symlink():
                     RunDir(p).settle()  # dead runs read as interrupted
@@ -116,6 +118,7 @@ def finetune(cfg, out: Optional[Output] = None, argv=None,
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (cron timeouts, schedulers) stops the run like Ctrl-C."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt
 
@@ -134,8 +137,20 @@ class Trainer:
     """Owns the model, the phases, the run state and every write into the
     run folder. Build it with `Trainer.prepare`."""
 
-    def __init__(self, cfg, out, index, model, base, plans, class_weights,
-                 runtime, env, state, resumed: bool):
+    def __init__(
+        self,
+        cfg,
+        out,
+        index,
+        model,
+        base,
+        plans,
+        class_weights,
+        runtime,
+        env,
+        state,
+        resumed: bool,
+    ):
         self.cfg = cfg
         self.out = out
         self.index = index
@@ -149,14 +164,16 @@ class Trainer:
         self.resumed = resumed
         self.run: Optional[RunDir] = None
         self.num_classes = len(index.class_names)
-        self.steps = max(1, math.ceil(len(index.splits["train"])
-                                      / cfg.data.batch_size))
+        self.steps = max(1, math.ceil(len(index.splits["train"]) / cfg.data.batch_size))
         self.config_dict = cfg.model_dump(mode="json")
-        self.versions = {"finetune_cli": __version__,
-                         "keras": keras.__version__,
-                         "tensorflow": tf.__version__}
-        self._augmenter = data_lib.build_augmenter(cfg.augmentation,
-                                                   cfg.experiment.seed)
+        self.versions = {
+            "finetune_cli": __version__,
+            "keras": keras.__version__,
+            "tensorflow": tf.__version__,
+        }
+        self._augmenter = data_lib.build_augmenter(
+            cfg.augmentation, cfg.experiment.seed
+        )
         self._cached: dict[str, feature_training.CachedData] = {}
         self._val_ds = None
 
@@ -170,45 +187,66 @@ class Trainer:
         if resume is not None:
             run = RunDir(resume)
             if run.status().get("state") == "completed":
-                raise ConfigError(f"--resume {resume}: the run is already "
-                                  "completed")
+                raise ConfigError(f"--resume {resume}: the run is already completed")
             index = split_lib.load(run.path)
             if index is None:
                 raise ConfigError(
                     f"--resume {resume}: the run has no recorded file list "
                     "(it was started by an older finetune-cli); start a new "
-                    "run")
+                    "run"
+                )
             skipped = []
         else:
             run = None
             index = data_lib.index_data(cfg.data, exp.seed)
             index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
             if skipped:
-                out.warn(f"skipping {len(skipped)} bad image(s) "
-                         f"(data.on_bad_image: skip), e.g. {skipped[0][0]}: "
-                         f"{skipped[0][1]}")
-        class_weights = [phases_lib.resolve_class_weight(p, i, index)
-                         for i, p in enumerate(cfg.phases)]
+                out.warn(
+                    f"skipping {len(skipped)} bad image(s) "
+                    f"(data.on_bad_image: skip), e.g. {skipped[0][0]}: "
+                    f"{skipped[0][1]}"
+                )
+        class_weights = [
+            phases_lib.resolve_class_weight(p, i, index)
+            for i, p in enumerate(cfg.phases)
+        ]
         if len(index.class_names) < 2:
-            raise DataError(f"{index.source}: need at least 2 classes. "
-                            f"Received: {index.class_names}")
+            raise DataError(
+                f"{index.source}: need at least 2 classes. "
+                f"Received: {index.class_names}"
+            )
         env = environment.describe(argv)
         gpu = any(d["type"] == "GPU" for d in env["devices"])
         runtime = environment.configure_runtime(cfg, gpu)
         model, base = model_lib.build_model(cfg, len(index.class_names))
         plans = phases_lib.plan_phases(model, base, cfg)
-        trainer = cls(cfg, out, index, model, base, plans, class_weights,
-                      runtime, env, runstate.RunState(), resume is not None)
+        trainer = cls(
+            cfg,
+            out,
+            index,
+            model,
+            base,
+            plans,
+            class_weights,
+            runtime,
+            env,
+            runstate.RunState(),
+            resume is not None,
+        )
         if run is not None:
             trainer.run = run
             trainer.state = runstate.load(
-                run / runstate.FILE, config=trainer.config_dict,
-                versions=trainer.versions)
+                run / runstate.FILE,
+                config=trainer.config_dict,
+                versions=trainer.versions,
+            )
         else:
             trainer.state.model = runstate.values(model.variables)
             trainer.run = RunDir.create(
-                exp.output_dir, exp.name,
-                prepare=lambda r: trainer._write_new_run(r, skipped))
+                exp.output_dir,
+                exp.name,
+                prepare=lambda r: trainer._write_new_run(r, skipped),
+            )
             faults.point("run_created")
         return trainer
 
@@ -218,10 +256,12 @@ class Trainer:
         run.write_json("environment.json", self.env)
         run.write_json(split_lib.FILE, split_lib.record(self.index, skipped))
         if skipped:
-            run.write_text("skipped_images.txt", "".join(
-                f"{p}\t{why}\n" for p, why in skipped))
-        self.state.save(run / runstate.FILE, config=self.config_dict,
-                        versions=self.versions)
+            run.write_text(
+                "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped)
+            )
+        self.state.save(
+            run / runstate.FILE, config=self.config_dict, versions=self.versions
+        )
         run.set_status("running", resumed=False)
 
     # -- the run ----------------------------------------------------------
@@ -236,8 +276,11 @@ class Trainer:
         try:
             return self.run_all()
         except KeyboardInterrupt:
-            run.set_status("interrupted", reason="stopped by a signal "
-                           "(Ctrl-C or SIGTERM)", resumable=True)
+            run.set_status(
+                "interrupted",
+                reason="stopped by a signal (Ctrl-C or SIGTERM)",
+                resumable=True,
+            )
             raise InterruptedRun(
                 f"stopped by Ctrl-C or SIGTERM after epoch {self.state.epoch}; "
                 f"resume with: finetune-cli finetune --resume {run.path}"
@@ -246,8 +289,7 @@ class Trainer:
             run.set_status("failed", reason=str(e), resumable=True)
             raise
         except Exception as e:
-            run.set_status("failed", reason=f"{type(e).__name__}: {e}",
-                           resumable=True)
+            run.set_status("failed", reason=f"{type(e).__name__}: {e}", resumable=True)
             raise
         finally:
             self.out.close()
@@ -264,34 +306,51 @@ class Trainer:
     def _announce(self) -> None:
         cfg, out, st = self.cfg, self.out, self.state
         if self.resumed:
-            where = ("the end-of-run evaluation" if st.stage == "finalize"
-                     or st.phase >= len(self.plans) else
-                     f"phase {st.phase + 1} ({self.plans[st.phase].phase.name})")
-            out.step(f"resuming {self.run.path} after epoch {st.epoch}, at "
-                     f"{where}")
+            where = (
+                "the end-of-run evaluation"
+                if st.stage == "finalize" or st.phase >= len(self.plans)
+                else f"phase {st.phase + 1} ({self.plans[st.phase].phase.name})"
+            )
+            out.step(f"resuming {self.run.path} after epoch {st.epoch}, at {where}")
             saved = getattr(st, "versions", {}) or {}
-            changed = [f"{k} {saved[k]} -> {v}" for k, v in self.versions.items()
-                       if saved.get(k) not in (None, v)]
+            changed = [
+                f"{k} {saved[k]} -> {v}"
+                for k, v in self.versions.items()
+                if saved.get(k) not in (None, v)
+            ]
             if changed:
-                out.warn("resuming with other versions than the run started "
-                         f"with ({', '.join(changed)}); the state format is "
-                         "the same, but results may differ slightly")
+                out.warn(
+                    "resuming with other versions than the run started "
+                    f"with ({', '.join(changed)}); the state format is "
+                    "the same, but results may differ slightly"
+                )
         out.step(f"finetune {cfg.experiment.name} -> {self.run.path}")
         gpus = [d for d in self.env["devices"] if d["type"] == "GPU"]
-        out.info("devices: " + (", ".join(
-            f"{d['name']} ({d.get('model') or 'GPU'})" for d in gpus)
-            if gpus else "CPU only (no GPU found by TensorFlow)"))
-        out.info(f"precision: "
-                 f"{'mixed_float16' if self.runtime['mixed_precision'] else 'float32'}"
-                 f"; XLA: {'on' if self.runtime['xla'] else 'off'}")
-        out.info(f"data: {self.index.source}: {self.num_classes} classes, "
-                 + ", ".join(f"{s} {len(v)}"
-                             for s, v in self.index.splits.items()))
-        out.info(f"model: {cfg.model.name} ({cfg.model.weights} weights), "
-                 f"{model_lib.count_params(self.model.weights):,} parameters, "
-                 f"input {cfg.data.image_size[0]}x{cfg.data.image_size[1]}")
-        out.table("plan", phases_lib.PLAN_COLUMNS,
-                  phases_lib.plan_rows(self.plans, cfg))
+        out.info(
+            "devices: "
+            + (
+                ", ".join(f"{d['name']} ({d.get('model') or 'GPU'})" for d in gpus)
+                if gpus
+                else "CPU only (no GPU found by TensorFlow)"
+            )
+        )
+        out.info(
+            f"precision: "
+            f"{'mixed_float16' if self.runtime['mixed_precision'] else 'float32'}"
+            f"; XLA: {'on' if self.runtime['xla'] else 'off'}"
+        )
+        out.info(
+            f"data: {self.index.source}: {self.num_classes} classes, "
+            + ", ".join(f"{s} {len(v)}" for s, v in self.index.splits.items())
+        )
+        out.info(
+            f"model: {cfg.model.name} ({cfg.model.weights} weights), "
+            f"{model_lib.count_params(self.model.weights):,} parameters, "
+            f"input {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
+        )
+        out.table(
+            "plan", phases_lib.PLAN_COLUMNS, phases_lib.plan_rows(self.plans, cfg)
+        )
 
     def _materialize(self) -> None:
         """Rewrite the files that are views of the state (a crash may have
@@ -310,68 +369,94 @@ class Trainer:
     def _run_phase(self, plan: phases_lib.PhasePlan) -> None:
         st, phase = self.state, plan.phase
         mid_phase = st.phase_started
-        self.out.step(f"phase {plan.index + 1}/{len(self.plans)}: {phase.name} "
-                      f"({phases_lib.describe_path(plan.path, self.cfg)})")
+        self.out.step(
+            f"phase {plan.index + 1}/{len(self.plans)}: {phase.name} "
+            f"({phases_lib.describe_path(plan.path, self.cfg)})"
+        )
         runstate.assign(self.model.variables, st.model, "model")
-        model_lib.apply_trainable(self.model, self.base, plan.layer_names,
-                                  phase.batchnorm)
+        model_lib.apply_trainable(
+            self.model, self.base, plan.layer_names, phase.batchnorm
+        )
         if not mid_phase:
             st.start_phase()
         phase_end = st.phase_start + phase.epochs
-        fit_model, train_ds, val_ds = self._phase_data(plan, st.epoch,
-                                                       phase_end)
-        phases_lib.compile_phase(fit_model, phase, self.steps,
-                                 self.num_classes, self.runtime["xla"])
+        fit_model, train_ds, val_ds = self._phase_data(plan, st.epoch, phase_end)
+        phases_lib.compile_phase(
+            fit_model, phase, self.steps, self.num_classes, self.runtime["xla"]
+        )
         callbacks = phases_lib.phase_callbacks(
-            phase, self.run / "tensorboard"
-            if self.cfg.experiment.tensorboard else None)
+            phase, self.run / "tensorboard" if self.cfg.experiment.tensorboard else None
+        )
         extra = []
         if mid_phase:
             fit_model.optimizer.build(fit_model.trainable_variables)
             runstate.assign(fit_model.optimizer.variables, st.opt, "optimizer")
             extra.append(_RestoreCallbacks(callbacks, st.callbacks))
         if not st.phase_finished and st.epoch < phase_end:
-            hook = _EpochHook(self, fit_model, callbacks, phase_end,
-                              plan.phase.name)
-            self._fit(fit_model, train_ds, val_ds, [*callbacks, *extra, hook],
-                      st.epoch, phase_end, self.class_weights[plan.index])
+            hook = _EpochHook(self, fit_model, callbacks, phase_end, plan.phase.name)
+            self._fit(
+                fit_model,
+                train_ds,
+                val_ds,
+                [*callbacks, *extra, hook],
+                st.epoch,
+                phase_end,
+                self.class_weights[plan.index],
+            )
         self._end_phase(plan, fit_model, val_ds)
 
     def _phase_data(self, plan, first: int, end: int):
         """(model to fit, training batches of epochs first..end-1, val)."""
         if plan.path == "base":
             train = data_lib.make_dataset(
-                self.index.splits["train"], self.num_classes,
-                self.cfg.data.image_size, self.cfg.data.batch_size,
-                shuffle=True, seed=self.cfg.experiment.seed,
-                augmenter=self._augmenter, epochs=(first, end))
+                self.index.splits["train"],
+                self.num_classes,
+                self.cfg.data.image_size,
+                self.cfg.data.batch_size,
+                shuffle=True,
+                seed=self.cfg.experiment.seed,
+                augmenter=self._augmenter,
+                epochs=(first, end),
+            )
             return self.model, train, self._val_dataset()
         cached = self._cached.get(plan.path)
         if cached is None:
             cached = feature_training.cached_datasets(
-                self.cfg, self.out, self.model, self.base, self.index,
-                plan.path)
+                self.cfg, self.out, self.model, self.base, self.index, plan.path
+            )
             self._cached[plan.path] = cached
         return cached.head, cached.train_dataset(first, end), cached.val_dataset()
 
     def _val_dataset(self):
         if self._val_ds is None:
             self._val_ds = data_lib.make_dataset(
-                self.index.splits["val"], self.num_classes,
-                self.cfg.data.image_size, self.cfg.data.batch_size)
+                self.index.splits["val"],
+                self.num_classes,
+                self.cfg.data.image_size,
+                self.cfg.data.batch_size,
+            )
         return self._val_ds
 
-    def _fit(self, model, train_ds, val_ds, callbacks, first, end,
-             class_weight) -> None:
+    def _fit(
+        self, model, train_ds, val_ds, callbacks, first, end, class_weight
+    ) -> None:
         try:
-            model.fit(train_ds, validation_data=val_ds, initial_epoch=first,
-                      epochs=end, steps_per_epoch=self.steps,
-                      class_weight=class_weight, callbacks=callbacks,
-                      verbose=0, shuffle=False)
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=first,
+                epochs=end,
+                steps_per_epoch=self.steps,
+                class_weight=class_weight,
+                callbacks=callbacks,
+                verbose=0,
+                shuffle=False,
+            )
         except tf.errors.ResourceExhaustedError:
             raise FinetuneError(
                 "out of memory on the device during training; lower "
-                "data.batch_size (or data.image_size) and try again") from None
+                "data.batch_size (or data.image_size) and try again"
+            ) from None
         except tf.errors.InvalidArgumentError:
             # tf.data does not say which file failed: find it.
             files = self.index.files("train") + self.index.files("val")
@@ -379,19 +464,31 @@ class Trainer:
             if not bad:
                 raise
             listed = "; ".join(f"{p}: {why}" for p, why in bad)
-            raise DataError(f"image(s) could not be decoded during training: "
-                            f"{listed}") from None
+            raise DataError(
+                f"image(s) could not be decoded during training: {listed}"
+            ) from None
 
-    def end_epoch(self, fit_model, callbacks, epoch: int, logs: dict,
-                  phase_end: int, phase_name: str, seconds: float) -> None:
+    def end_epoch(
+        self,
+        fit_model,
+        callbacks,
+        epoch: int,
+        logs: dict,
+        phase_end: int,
+        phase_name: str,
+        seconds: float,
+    ) -> None:
         """Commit the state after an epoch, then update the views of it."""
         st, monitor = self.state, self.cfg.experiment.monitor
         lr = phases_lib.current_lr(fit_model)
-        row = {"epoch": epoch + 1, "phase": phase_name, "lr": lr,
-               "iterations": int(fit_model.optimizer.iterations.numpy()),
-               "seconds": round(seconds, 3)}
-        row.update({k: float(v) for k, v in logs.items()
-                    if k != "learning_rate"})
+        row = {
+            "epoch": epoch + 1,
+            "phase": phase_name,
+            "lr": lr,
+            "iterations": int(fit_model.optimizer.iterations.numpy()),
+            "seconds": round(seconds, 3),
+        }
+        row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         st.history.append(row)
         weights = runstate.values(self.model.variables)
         value = logs.get(monitor)
@@ -403,8 +500,7 @@ class Trainer:
             st.best_run, st.best_run_epoch = float(value), epoch + 1
             st.best_run_weights = weights
         st.epoch = epoch + 1
-        st.phase_finished = bool(fit_model.stop_training) or (
-            epoch + 1 >= phase_end)
+        st.phase_finished = bool(fit_model.stop_training) or (epoch + 1 >= phase_end)
         st.model = weights
         st.opt = runstate.values(fit_model.optimizer.variables)
         st.callbacks = [phases_lib.callback_state(cb) for cb in callbacks]
@@ -414,16 +510,18 @@ class Trainer:
             self._save_model("best.keras")
         self._save_model("last.keras")
         self._write_history()
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
-                          if k != "learning_rate")
-        self.out.info(f"epoch {epoch + 1:>3} [{phase_name}] {shown}  "
-                      f"lr {lr:.2e}  ({seconds:.1f}s)")
+        shown = "  ".join(
+            f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate"
+        )
+        self.out.info(
+            f"epoch {epoch + 1:>3} [{phase_name}] {shown}  "
+            f"lr {lr:.2e}  ({seconds:.1f}s)"
+        )
 
     def _end_phase(self, plan, fit_model, val_ds) -> None:
         st = self.state
         if st.best_phase_weights:
-            runstate.assign(self.model.variables, st.best_phase_weights,
-                            "best weights")
+            runstate.assign(self.model.variables, st.best_phase_weights, "best weights")
         results = fit_model.evaluate(val_ds, verbose=0, return_dict=True)
         entry = {
             "phase": plan.phase.name,
@@ -443,7 +541,8 @@ class Trainer:
         self.out.success(
             f"phase {entry['phase']}: val_accuracy {entry['val_accuracy']:.4f}, "
             f"val_loss {entry['val_loss']:.4f} (best epoch "
-            f"{entry['best_epoch']}, {entry['epochs_run']} epochs)")
+            f"{entry['best_epoch']}, {entry['epochs_run']} epochs)"
+        )
 
     # -- the end ----------------------------------------------------------
 
@@ -456,33 +555,38 @@ class Trainer:
             self._commit()
         faults.point("before_final_eval")
         # The run's model is its best epoch overall.
-        runstate.assign(self.model.variables,
-                        st.best_run_weights or st.model, "best weights")
+        runstate.assign(
+            self.model.variables, st.best_run_weights or st.model, "best weights"
+        )
         self._save_model("best.keras")
         with atomic_path(run / "base.weights.h5") as tmp:
             self.base.save_weights(str(tmp))
         # Only the loss and metrics are needed now (label smoothing as in
         # the last phase, so `loss` means what it meant during training).
-        phases_lib.compile_phase(self.model, self.cfg.phases[-1], self.steps,
-                                 self.num_classes, False)
-        final = self.model.evaluate(self._val_dataset(), verbose=0,
-                                    return_dict=True)
+        phases_lib.compile_phase(
+            self.model, self.cfg.phases[-1], self.steps, self.num_classes, False
+        )
+        final = self.model.evaluate(self._val_dataset(), verbose=0, return_dict=True)
         metrics = {
             "monitor": exp.monitor,
             "best_epoch": st.best_run_epoch,
             "best_value": st.best_run,
             "phases": st.phase_metrics,
             "classes": self.index.class_names,
-            "val": {"loss": float(final["loss"]),
-                    "accuracy": float(final["accuracy"])},
+            "val": {"loss": float(final["loss"]), "accuracy": float(final["accuracy"])},
         }
         if self.index.splits.get("test"):
             test_ds = data_lib.make_dataset(
-                self.index.splits["test"], self.num_classes,
-                self.cfg.data.image_size, self.cfg.data.batch_size)
+                self.index.splits["test"],
+                self.num_classes,
+                self.cfg.data.image_size,
+                self.cfg.data.batch_size,
+            )
             test = self.model.evaluate(test_ds, verbose=0, return_dict=True)
-            metrics["test"] = {"loss": float(test["loss"]),
-                               "accuracy": float(test["accuracy"])}
+            metrics["test"] = {
+                "loss": float(test["loss"]),
+                "accuracy": float(test["accuracy"]),
+            }
             # The held-out report, exactly as `finetune-cli evaluate RUN`
             # writes it: on the recorded test files.
             ev = evaluation.evaluate(run.path, split="test")
@@ -496,8 +600,9 @@ class Trainer:
             (run / runstate.FILE).unlink()  # nothing left to resume
         summary = "no best epoch (the monitor never gave a number)"
         if st.best_run is not None:
-            summary = (f"best {exp.monitor} {st.best_run:.4f} at epoch "
-                       f"{st.best_run_epoch}")
+            summary = (
+                f"best {exp.monitor} {st.best_run:.4f} at epoch {st.best_run_epoch}"
+            )
         if "test" in metrics:
             summary += f"; test accuracy {metrics['test']['accuracy']:.4f}"
         self.out.success(f"done: {summary}. Run folder: {run.path}")
@@ -506,8 +611,9 @@ class Trainer:
     # -- writes -----------------------------------------------------------
 
     def _commit(self) -> None:
-        self.state.save(self.run / runstate.FILE, config=self.config_dict,
-                        versions=self.versions)
+        self.state.save(
+            self.run / runstate.FILE, config=self.config_dict, versions=self.versions
+        )
 
     def _save_model(self, name: str, weights=None) -> None:
         """Save the full model (with `weights`, if given) atomically."""
@@ -529,8 +635,9 @@ class Trainer:
         for row in rows:
             columns += [k for k in row if k not in columns]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns or ["epoch"],
-                                lineterminator="\n")
+        writer = csv.DictWriter(
+            buf, fieldnames=columns or ["epoch"], lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.run / "history.csv", buf.getvalue())
@@ -551,8 +658,9 @@ class _EpochHook(keras.callbacks.Callback):
     fault point inside a phase's first epoch. Runs after the phase's own
     callbacks, so EarlyStopping's decision is in when the state is saved."""
 
-    def __init__(self, trainer: Trainer, fit_model, callbacks, phase_end: int,
-                 phase_name: str):
+    def __init__(
+        self, trainer: Trainer, fit_model, callbacks, phase_end: int, phase_name: str
+    ):
         super().__init__()
         self.trainer = trainer
         self.fit_model = fit_model
@@ -565,7 +673,8 @@ class _EpochHook(keras.callbacks.Callback):
         self._t0 = time.monotonic()
         self._epoch = epoch
         self._progress = self.trainer.out.progress(
-            self.trainer.steps, f"epoch {epoch + 1} ({self.phase_name})")
+            self.trainer.steps, f"epoch {epoch + 1} ({self.phase_name})"
+        )
         self._progress.__enter__()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -576,9 +685,15 @@ class _EpochHook(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._progress.__exit__(None, None, None)
-        self.trainer.end_epoch(self.fit_model, self.callbacks, epoch,
-                               dict(logs or {}), self.phase_end,
-                               self.phase_name, time.monotonic() - self._t0)
+        self.trainer.end_epoch(
+            self.fit_model,
+            self.callbacks,
+            epoch,
+            dict(logs or {}),
+            self.phase_end,
+            self.phase_name,
+            time.monotonic() - self._t0,
+        )
 
 
 class _RestoreCallbacks(keras.callbacks.Callback):

@@ -22,10 +22,13 @@ def tiny_config(data_dir, tmp_path, **sections):
     """A valid raw config for a tiny MobileNetV2 (alpha 0.35, 32x32)."""
     raw = {
         "experiment": {"name": "t", "seed": 3, "output_dir": str(tmp_path / "runs")},
-        "data": {"dir": str(data_dir), "image_size": 32, "batch_size": 8,
-                 "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
-        "model": {"name": "MobileNetV2", "weights": "none",
-                  "options": {"alpha": 0.35}},
+        "data": {
+            "dir": str(data_dir),
+            "image_size": 32,
+            "batch_size": 8,
+            "split": {"train": 0.5, "val": 0.25, "test": 0.25},
+        },
+        "model": {"name": "MobileNetV2", "weights": "none", "options": {"alpha": 0.35}},
         "phases": [{"name": "head", "epochs": 1}],
         "feature_cache": {"dir": str(tmp_path / "features")},
     }
@@ -50,8 +53,10 @@ def lively_base(gamma_scale: float = 3.0, seed: int = 0):
     from finetune_cli import model as model_lib
 
     keras.utils.set_random_seed(seed)
-    base = model_lib.build_base(config_lib.Model(
-        name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
+    base = model_lib.build_base(
+        config_lib.Model(name="MobileNetV2", weights="none", options={"alpha": 0.35}),
+        (32, 32),
+    )
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.gamma.assign(layer.gamma * gamma_scale)

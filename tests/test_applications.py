@@ -21,8 +21,9 @@ def test_every_entry_is_a_real_keras_application():
         assert app.min_size <= app.default_size
 
 
-@pytest.mark.parametrize("name", ["MobileNetV2", "DenseNet121", "ResNet50",
-                                  "VGG16", "InceptionV3"])
+@pytest.mark.parametrize(
+    "name", ["MobileNetV2", "DenseNet121", "ResNet50", "VGG16", "InceptionV3"]
+)
 def test_preprocessing_layers_equal_preprocess_input(name):
     app = applications.get(name)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 9, 7, 3)).astype("float32")

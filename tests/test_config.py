@@ -52,40 +52,85 @@ def test_unknown_keys_get_did_you_mean(tmp_path):
 @pytest.mark.parametrize(
     "change, key, fragment",
     [
-        (lambda r: r["data"].update(image_size=16), "data.image_size",
-         "at least 32x32"),
+        (
+            lambda r: r["data"].update(image_size=16),
+            "data.image_size",
+            "at least 32x32",
+        ),
         (lambda r: r.update(phases=[]), "phases", "at least 1"),
         (lambda r: r["data"].update(csv="x.csv"), "data", "exactly one of"),
-        (lambda r: r["model"].update(name="ResNet5"), "model.name",
-         "did you mean 'ResNet50'"),
-        (lambda r: r["phases"][0].update(optimizer="adamm"),
-         "phases.0.optimizer.name", "did you mean 'adam'"),
-        (lambda r: r["phases"][0].update(trainable="some"),
-         "phases.0.trainable", "{top: N}"),
-        (lambda r: r["phases"][0].update(trainable={"top": 2, "regex": "x"}),
-         "phases.0.trainable", "exactly one of"),
-        (lambda r: r["phases"].append({"name": "head", "epochs": 1}),
-         "phases.1.name", "unique"),
-        (lambda r: r["phases"][0].update(epochs=0), "phases.0.epochs",
-         "greater than or equal to 1"),
-        (lambda r: r["phases"][0].update(optimizer={"name": "sgd", "beta_1": 0.9}),
-         "phases.0.optimizer", "sgd does not take ['beta_1']"),
-        (lambda r: r["phases"][0].update(
-            schedule="cosine",
-            callbacks={"reduce_lr_on_plateau": {"patience": 1}}),
-         "phases.0", "cannot be combined with a schedule"),
-        (lambda r: r["data"].update(split={"train": 0.5, "val": 0.1, "test": 0.1}),
-         "data.split", "add up to 1"),
+        (
+            lambda r: r["model"].update(name="ResNet5"),
+            "model.name",
+            "did you mean 'ResNet50'",
+        ),
+        (
+            lambda r: r["phases"][0].update(optimizer="adamm"),
+            "phases.0.optimizer.name",
+            "did you mean 'adam'",
+        ),
+        (
+            lambda r: r["phases"][0].update(trainable="some"),
+            "phases.0.trainable",
+            "{top: N}",
+        ),
+        (
+            lambda r: r["phases"][0].update(trainable={"top": 2, "regex": "x"}),
+            "phases.0.trainable",
+            "exactly one of",
+        ),
+        (
+            lambda r: r["phases"].append({"name": "head", "epochs": 1}),
+            "phases.1.name",
+            "unique",
+        ),
+        (
+            lambda r: r["phases"][0].update(epochs=0),
+            "phases.0.epochs",
+            "greater than or equal to 1",
+        ),
+        (
+            lambda r: r["phases"][0].update(optimizer={"name": "sgd", "beta_1": 0.9}),
+            "phases.0.optimizer",
+            "sgd does not take ['beta_1']",
+        ),
+        (
+            lambda r: r["phases"][0].update(
+                schedule="cosine", callbacks={"reduce_lr_on_plateau": {"patience": 1}}
+            ),
+            "phases.0",
+            "cannot be combined with a schedule",
+        ),
+        (
+            lambda r: r["data"].update(split={"train": 0.5, "val": 0.1, "test": 0.1}),
+            "data.split",
+            "add up to 1",
+        ),
         (lambda r: r.update(head=[{"type": "dense"}]), "head.0", "needs `units`"),
-        (lambda r: r.update(augmentation=[{"type": "zoom"}]), "augmentation.0",
-         "needs `factor`"),
-        (lambda r: r["model"].update(name="NASNetMobile", weights="imagenet"),
-         "data.image_size", "only accepts 224x224"),
-        (lambda r: r["model"].update(options={"input_shape": [1, 2, 3]}),
-         "model.options", "set by finetune-cli"),
-        (lambda r: r["runtime"].update(mixed_precision="yes") if "runtime" in r
-         else r.update(runtime={"mixed_precision": "yes"}),
-         "runtime.mixed_precision", "'auto', 'on' or 'off'"),
+        (
+            lambda r: r.update(augmentation=[{"type": "zoom"}]),
+            "augmentation.0",
+            "needs `factor`",
+        ),
+        (
+            lambda r: r["model"].update(name="NASNetMobile", weights="imagenet"),
+            "data.image_size",
+            "only accepts 224x224",
+        ),
+        (
+            lambda r: r["model"].update(options={"input_shape": [1, 2, 3]}),
+            "model.options",
+            "set by finetune-cli",
+        ),
+        (
+            lambda r: (
+                r["runtime"].update(mixed_precision="yes")
+                if "runtime" in r
+                else r.update(runtime={"mixed_precision": "yes"})
+            ),
+            "runtime.mixed_precision",
+            "'auto', 'on' or 'off'",
+        ),
     ],
 )
 def test_rules_name_the_key_path(tmp_path, change, key, fragment):
@@ -106,10 +151,16 @@ def test_overrides_take_precedence_and_index_lists(tmp_path):
     raw = tiny_config("d", tmp_path)
     raw["phases"].append({"name": "ft", "epochs": 2, "trainable": "all"})
     path = write(tmp_path, raw)
-    cfg = config_lib.load_config(path, [
-        "phases.1.epochs=3", "data.batch_size=4", "phases.1.learning_rate=1e-5",
-        "model.pooling=max", "runtime.xla=true",
-    ])
+    cfg = config_lib.load_config(
+        path,
+        [
+            "phases.1.epochs=3",
+            "data.batch_size=4",
+            "phases.1.learning_rate=1e-5",
+            "model.pooling=max",
+            "runtime.xla=true",
+        ],
+    )
     assert cfg.phases[1].epochs == 3
     assert cfg.phases[1].learning_rate == 1e-5
     assert cfg.data.batch_size == 4
@@ -125,10 +176,16 @@ def test_overrides_take_precedence_and_index_lists(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     raw = tiny_config("d", tmp_path, head=[{"type": "dense", "units": 8, "l2": 1e-4}])
-    raw["phases"].append({"name": "ft", "epochs": 2, "trainable": {"top": 5},
-                          "optimizer": {"name": "sgd", "momentum": 0.9},
-                          "schedule": {"name": "cosine", "warmup_epochs": 1},
-                          "class_weight": "auto"})
+    raw["phases"].append(
+        {
+            "name": "ft",
+            "epochs": 2,
+            "trainable": {"top": 5},
+            "optimizer": {"name": "sgd", "momentum": 0.9},
+            "schedule": {"name": "cosine", "warmup_epochs": 1},
+            "class_weight": "auto",
+        }
+    )
     cfg = config_lib.validate(raw)
     text = config_lib.to_yaml(cfg)
     again = config_lib.load_config(write(tmp_path, text, "resolved.yaml"))
@@ -149,8 +206,9 @@ def test_cli_validate_and_show(tmp_path, shapes_dir):
     missing = write(tmp_path, tiny_config(tmp_path / "nope", tmp_path), "m.yaml")
     result = runner.invoke(app, ["config", "validate", str(missing)])
     assert result.exit_code == 3 and "data.dir: folder not found" in result.output
-    result = runner.invoke(app, ["config", "show", str(path), "--set",
-                                 "phases.0.epochs=7"])
+    result = runner.invoke(
+        app, ["config", "show", str(path), "--set", "phases.0.epochs=7"]
+    )
     assert result.exit_code == 0
     shown = yaml.safe_load(result.stdout)
     assert shown["phases"][0]["epochs"] == 7
@@ -172,11 +230,13 @@ def test_cli_config_error_exit_code_and_no_traceback(tmp_path):
 
 
 def test_cli_and_config_do_not_import_tensorflow():
-    code = ("import sys, finetune_cli.cli, finetune_cli.config, "
-            "finetune_cli.split, finetune_cli.runstate, finetune_cli.promotion, "
-            "finetune_cli.model, finetune_cli.data; "
-            "assert 'tensorflow' not in sys.modules and 'keras' not in "
-            "sys.modules, 'imported'")
+    code = (
+        "import sys, finetune_cli.cli, finetune_cli.config, "
+        "finetune_cli.split, finetune_cli.runstate, finetune_cli.promotion, "
+        "finetune_cli.model, finetune_cli.data; "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in "
+        "sys.modules, 'imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -59,18 +59,25 @@ def write_csv(path, rows, header=("path", "label")):
 
 
 def test_csv_manifest(shapes_dir):
-    rows = [(f"{p.parent.name}/{p.name}", p.parent.name)
-            for p in sorted(shapes_dir.glob("*/*"))]
+    rows = [
+        (f"{p.parent.name}/{p.name}", p.parent.name)
+        for p in sorted(shapes_dir.glob("*/*"))
+    ]
     manifest = write_csv(shapes_dir / "manifest.csv", rows)
     try:
         index = data_lib.index_data(data_cfg(csv=str(manifest)), seed=0)
         assert index.class_names == ["circle", "square", "star", "triangle"]
-        assert sum(index.counts("train")) + sum(index.counts("val")) + sum(
-            index.counts("test")) == 32
+        assert (
+            sum(index.counts("train"))
+            + sum(index.counts("val"))
+            + sum(index.counts("test"))
+            == 32
+        )
         folder = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=0)
         # Same files, same seed: the CSV splits like the folders do.
         assert sorted(index.files("val")) == sorted(
-            str(Path(p).resolve()) for p in folder.files("val"))
+            str(Path(p).resolve()) for p in folder.files("val")
+        )
     finally:
         manifest.unlink()
 
@@ -109,9 +116,17 @@ def test_folder_errors(tmp_path):
         data_lib.index_data(data_cfg(dir=str(tmp_path)), seed=0)
 
 
-@pytest.mark.parametrize("mode, ext", [("L", "png"), ("RGBA", "png"),
-                                       ("P", "gif"), ("RGB", "bmp"),
-                                       ("LA", "png"), ("RGB", "jpg")])
+@pytest.mark.parametrize(
+    "mode, ext",
+    [
+        ("L", "png"),
+        ("RGBA", "png"),
+        ("P", "gif"),
+        ("RGB", "bmp"),
+        ("LA", "png"),
+        ("RGB", "jpg"),
+    ],
+)
 def test_any_image_mode_decodes_to_rgb(tmp_path, mode, ext):
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     img = Image.fromarray(rgb).convert(mode)
@@ -149,13 +164,17 @@ def test_preflight_skip_drops_bad_and_duplicate_held_out_copies(tmp_path, shapes
     dups = [p for p, why in skipped if why.startswith("duplicate of")]
     assert dups, skipped
     # No file content is left in two splits, and train kept its copies.
-    digests = {s: {data_lib.sha256_file(p) for p in cleaned.files(s)}
-               for s in cleaned.splits}
+    digests = {
+        s: {data_lib.sha256_file(p) for p in cleaned.files(s)} for s in cleaned.splits
+    }
     assert not digests["train"] & digests["val"]
     assert not digests["train"] & digests["test"]
     assert not digests["val"] & digests["test"]
-    kept = set(cleaned.files("train")) | set(cleaned.files("val")) | set(
-        cleaned.files("test"))
+    kept = (
+        set(cleaned.files("train"))
+        | set(cleaned.files("val"))
+        | set(cleaned.files("test"))
+    )
     assert not kept & set(reasons)
 
 
@@ -167,16 +186,19 @@ def test_csv_with_a_bom_and_nested_class_subfolders(tmp_path, shapes_dir):
     # Images in a subfolder of a class folder belong to the class.
     (data / "star" / "more").mkdir()
     shutil.copy(next((data / "circle").iterdir()), data / "star" / "more" / "x.png")
-    cfg = config_lib.Data(dir=str(data), split={"train": 0.5, "val": 0.5,
-                                                 "test": 0.0})
+    cfg = config_lib.Data(dir=str(data), split={"train": 0.5, "val": 0.5, "test": 0.0})
     index = data_lib.index_data(cfg, 0)
     star = index.class_names.index("star")
     files = [p for s in index.splits.values() for p, lb in s if lb == star]
     assert str(data / "star" / "more" / "x.png") in files and len(files) == 9
     # Spreadsheets write CSV files that start with a byte-order mark.
-    rows = [f"{p.relative_to(data)},{p.parent.name}"
-            for c in ("circle", "square") for p in sorted((data / c).iterdir())]
-    (data / "m.csv").write_bytes("\ufeffpath,label\n".encode() +
-                                 "\n".join(rows).encode() + b"\n")
+    rows = [
+        f"{p.relative_to(data)},{p.parent.name}"
+        for c in ("circle", "square")
+        for p in sorted((data / c).iterdir())
+    ]
+    (data / "m.csv").write_bytes(
+        "\ufeffpath,label\n".encode() + "\n".join(rows).encode() + b"\n"
+    )
     index = data_lib.index_data(config_lib.Data(csv=str(data / "m.csv")), 0)
     assert index.class_names == ["circle", "square"]

@@ -28,11 +28,22 @@ runner = CliRunner()
 def run_dir(shapes_dir, tmp_path_factory):
     """A small finished run with a test split (finetune writes eval/test)."""
     tmp = tmp_path_factory.mktemp("evalrun")
-    raw = tiny_config(shapes_dir, tmp, phases=[
-        {"name": "head", "epochs": 3, "learning_rate": 3e-2},
-        {"name": "top", "epochs": 1, "trainable": {"top": 5},
-         "learning_rate": 1e-3}])
-    return trainer.finetune(config_lib.validate(raw), Output(file=open("/dev/null", "w"))).run_dir
+    raw = tiny_config(
+        shapes_dir,
+        tmp,
+        phases=[
+            {"name": "head", "epochs": 3, "learning_rate": 3e-2},
+            {
+                "name": "top",
+                "epochs": 1,
+                "trainable": {"top": 5},
+                "learning_rate": 1e-3,
+            },
+        ],
+    )
+    return trainer.finetune(
+        config_lib.validate(raw), Output(file=open("/dev/null", "w"))
+    ).run_dir
 
 
 def test_numpy_metrics_equal_sklearn():
@@ -47,17 +58,25 @@ def test_numpy_metrics_equal_sklearn():
     pred = probs.argmax(1)
     assert m["summary"]["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
     assert m["summary"]["top_k_accuracy"] == pytest.approx(
-        sk.top_k_accuracy_score(y, probs, k=3, labels=range(c)))
-    assert m["summary"]["log_loss"] == pytest.approx(sk.log_loss(y, probs, labels=range(c)))
+        sk.top_k_accuracy_score(y, probs, k=3, labels=range(c))
+    )
+    assert m["summary"]["log_loss"] == pytest.approx(
+        sk.log_loss(y, probs, labels=range(c))
+    )
     np.testing.assert_array_equal(m["confusion_matrix"], sk.confusion_matrix(y, pred))
     p, r, f, s = sk.precision_recall_fscore_support(y, pred, zero_division=0)
     for i, name in enumerate(names):
         got = m["per_class"][name]
-        assert (got["precision"], got["recall"], got["f1"], got["support"]) == \
-            pytest.approx((p[i], r[i], f[i], s[i]))
+        assert (
+            got["precision"],
+            got["recall"],
+            got["f1"],
+            got["support"],
+        ) == pytest.approx((p[i], r[i], f[i], s[i]))
     for avg in ("macro", "weighted"):
-        p, r, f, _ = sk.precision_recall_fscore_support(y, pred, average=avg,
-                                                        zero_division=0)
+        p, r, f, _ = sk.precision_recall_fscore_support(
+            y, pred, average=avg, zero_division=0
+        )
         assert m["summary"][f"{avg}_precision"] == pytest.approx(p)
         assert m["summary"][f"{avg}_recall"] == pytest.approx(r)
         assert m["summary"][f"{avg}_f1"] == pytest.approx(f)
@@ -73,8 +92,9 @@ def test_ece_by_hand():
     y = np.array([0, 0, 1, 1])
     assert evaluation.expected_calibration_error(y, probs) == pytest.approx(0.3)
     # Perfectly calibrated: confidence 1.0, all right.
-    assert evaluation.expected_calibration_error(np.array([0, 1]),
-                                                 np.eye(2)) == pytest.approx(0.0)
+    assert evaluation.expected_calibration_error(
+        np.array([0, 1]), np.eye(2)
+    ) == pytest.approx(0.0)
 
 
 def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
@@ -86,24 +106,29 @@ def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
     cfg = config_lib.load_config(run_dir / "config.yaml")
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     model = keras.saving.load_model(run_dir / "best.keras", safe_mode=True)
-    x = np.stack([np.asarray(data_lib.load_image(f, (32, 32)))
-                  for f in index.files("test")])
+    x = np.stack(
+        [np.asarray(data_lib.load_image(f, (32, 32))) for f in index.files("test")]
+    )
     probs = model.predict(x, verbose=0)
     y = np.array(index.labels("test"))
     pred = probs.argmax(1)
     assert metrics["num_samples"] == len(y) == 8
     assert metrics["summary"]["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
-    np.testing.assert_array_equal(metrics["confusion_matrix"],
-                                  sk.confusion_matrix(y, pred, labels=range(4)))
+    np.testing.assert_array_equal(
+        metrics["confusion_matrix"], sk.confusion_matrix(y, pred, labels=range(4))
+    )
     f1 = sk.f1_score(y, pred, average=None, labels=range(4), zero_division=0)
-    assert [metrics["per_class"][c]["f1"] for c in metrics["classes"]] == \
-        pytest.approx(f1)
+    assert [metrics["per_class"][c]["f1"] for c in metrics["classes"]] == pytest.approx(
+        f1
+    )
     assert metrics["summary"]["log_loss"] == pytest.approx(
-        sk.log_loss(y, probs.astype("float64"), labels=range(4)), rel=1e-5)
+        sk.log_loss(y, probs.astype("float64"), labels=range(4)), rel=1e-5
+    )
     # The run's metrics.json carries the test report's summary.
     run_metrics = json.loads((run_dir / "metrics.json").read_text())
     assert run_metrics["test"]["accuracy"] == pytest.approx(
-        metrics["summary"]["accuracy"])
+        metrics["summary"]["accuracy"]
+    )
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["file"] for r in rows] == index.files("test")
     assert [r["predicted"] for r in rows] == [metrics["classes"][i] for i in pred]
@@ -130,8 +155,14 @@ def test_pngs_are_real_images_and_report_has_every_section(run_dir):
 
     parser = Sections()
     parser.feed((out / "report.html").read_text())
-    assert {"summary", "per-class", "confusion", "most-confused", "curves",
-            "mistakes"} <= parser.ids
+    assert {
+        "summary",
+        "per-class",
+        "confusion",
+        "most-confused",
+        "curves",
+        "mistakes",
+    } <= parser.ids
     # Self-contained: every picture is inline and decodes.
     import base64
     import io
@@ -144,14 +175,33 @@ def test_pngs_are_real_images_and_report_has_every_section(run_dir):
 def test_cli_json_and_gates(run_dir):
     metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
     acc = metrics["summary"]["accuracy"]
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--json", "--name",
-                                 "j", "--fail-under", f"accuracy={acc}"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run_dir),
+            "--json",
+            "--name",
+            "j",
+            "--fail-under",
+            f"accuracy={acc}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["summary"]["accuracy"] == pytest.approx(acc)
 
     threshold = round(acc + 0.01, 4)
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--name", "g",
-                                 "--fail-under", f"accuracy={threshold}"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run_dir),
+            "--name",
+            "g",
+            "--fail-under",
+            f"accuracy={threshold}",
+        ],
+    )
     assert result.exit_code == EXIT_GATE
     assert f"accuracy {acc:.4f} < {threshold:g}" in result.output
     assert "short by 0.0100" in result.output
@@ -159,14 +209,25 @@ def test_cli_json_and_gates(run_dir):
     assert gates["passed"] is False
 
     ll = metrics["summary"]["log_loss"]
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--name", "g2",
-                                 "--fail-over", f"log_loss={ll / 2:.4f}"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run_dir),
+            "--name",
+            "g2",
+            "--fail-over",
+            f"log_loss={ll / 2:.4f}",
+        ],
+    )
     assert result.exit_code == EXIT_GATE and "log_loss" in result.output
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--fail-under",
-                                 "log_loss=0.5"])
+    result = runner.invoke(
+        app, ["evaluate", str(run_dir), "--fail-under", "log_loss=0.5"]
+    )
     assert result.exit_code == 2 and "use --fail-over" in result.output
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--fail-under",
-                                 "acuracy=0.5"])
+    result = runner.invoke(
+        app, ["evaluate", str(run_dir), "--fail-under", "acuracy=0.5"]
+    )
     assert result.exit_code == 2 and "did you mean 'accuracy'" in result.output
 
 
@@ -195,25 +256,56 @@ def test_compare_to_fails_when_worse_on_same_data(tmp_path, shapes_dir):
         files = sorted((shapes_dir / cls).iterdir())[: 1 if cls == "circle" else 3]
         for f in files:
             (data / cls / f.name).write_bytes(f.read_bytes())
-    good = constant_model(tmp_path, "good", 1, shapes_dir)   # square: 3/10
-    bad = constant_model(tmp_path, "bad", 0, shapes_dir)     # circle: 1/10
-    result = runner.invoke(app, ["evaluate", str(bad), "--data", str(data),
-                                 "--out", str(tmp_path / "e1"),
-                                 "--compare-to", str(good)])
+    good = constant_model(tmp_path, "good", 1, shapes_dir)  # square: 3/10
+    bad = constant_model(tmp_path, "bad", 0, shapes_dir)  # circle: 1/10
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(bad),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "e1"),
+            "--compare-to",
+            str(good),
+        ],
+    )
     assert result.exit_code == EXIT_GATE, result.output
     assert "accuracy 0.1000 is worse than the reference's 0.3000" in result.output
-    result = runner.invoke(app, ["evaluate", str(good), "--data", str(data),
-                                 "--out", str(tmp_path / "e2"),
-                                 "--compare-to", str(bad)])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(good),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "e2"),
+            "--compare-to",
+            str(bad),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["evaluate", str(bad), "--data", str(data),
-                                 "--out", str(tmp_path / "e3"), "--compare-to",
-                                 str(good), "--tolerance", "0.25"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(bad),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "e3"),
+            "--compare-to",
+            str(good),
+            "--tolerance",
+            "0.25",
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
-def test_compare_to_leaves_out_what_the_reference_trained_on(run_dir,
-                                                            tmp_path):
+def test_compare_to_leaves_out_what_the_reference_trained_on(run_dir, tmp_path):
     import shutil
 
     other = tmp_path / "other"
@@ -223,9 +315,18 @@ def test_compare_to_leaves_out_what_the_reference_trained_on(run_dir,
     # The reference run trained on one of this run's test images.
     rec["files"]["train"].append(test_files[0])
     (other / "split.json").write_text(json.dumps(rec))
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--out",
-                                 str(tmp_path / "ev"), "--compare-to",
-                                 str(other), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "ev"),
+            "--compare-to",
+            str(other),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     gates = json.loads((tmp_path / "ev" / "gates.json").read_text())
     assert gates["compare_to"]["images"] == len(test_files) - 1
@@ -256,16 +357,18 @@ def test_predict_folder_one_row_per_image_and_bad_image_named(tmp_path, shapes_d
     for f in srcs:
         (folder / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "preds.csv"
-    result = runner.invoke(app, ["predict", str(model), str(folder), "--out",
-                                 str(out), "--top-k", "2"])
+    result = runner.invoke(
+        app, ["predict", str(model), str(folder), "--out", str(out), "--top-k", "2"]
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 5 and {r["label"] for r in rows} == {"star"}
     assert all(len(r["top_k"].split(";")) == 2 for r in rows)
     (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out_json = tmp_path / "preds.json"
-    result = runner.invoke(app, ["predict", str(model), str(folder), "--out",
-                                 str(out_json)])
+    result = runner.invoke(
+        app, ["predict", str(model), str(folder), "--out", str(out_json)]
+    )
     assert result.exit_code == 3
     assert "zz_broken.png" in result.output
     rows = json.loads(out_json.read_text())

@@ -20,8 +20,9 @@ from conftest import lively_weights
 from conftest import tiny_config
 
 runner = CliRunner()
-HAS_ONNX = all(__import__("importlib").util.find_spec(m) for m in
-               ("tf2onnx", "onnxruntime"))
+HAS_ONNX = all(
+    __import__("importlib").util.find_spec(m) for m in ("tf2onnx", "onnxruntime")
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,17 @@ def model_dir(shapes_dir, tmp_path_factory):
     raw["model"]["weights"] = lively_weights(tmp / "pre.weights.h5")
     cfg = config_lib.validate(raw)
     model, base = model_lib.build_model(cfg, 4)
-    images = np.stack([np.asarray(data_lib.load_image(str(p), (32, 32)))
-                       for p in sorted(shapes_dir.glob("*/*"))])
+    images = np.stack(
+        [
+            np.asarray(data_lib.load_image(str(p), (32, 32)))
+            for p in sorted(shapes_dir.glob("*/*"))
+        ]
+    )
     from finetune_cli import features
 
     extractor = features.extractor_from(
-        base, model.get_layer(model_lib.PREPROCESS_NAME), (32, 32))
+        base, model.get_layer(model_lib.PREPROCESS_NAME), (32, 32)
+    )
     feats = np.asarray(extractor(images))
     # Read out along the features' principal directions, with well separated
     # logits: the prediction then depends on the dominant structure, not on
@@ -46,7 +52,8 @@ def model_dir(shapes_dir, tmp_path_factory):
     w = np.linalg.svd(centered, full_matrices=False)[2][:4].T.astype("float32")
     scale = 6.0 / ((centered @ w).std() + 1e-12)
     model.get_layer(model_lib.OUTPUT_NAME).set_weights(
-        [w * scale, (-(feats.mean(0) @ w) * scale).astype("float32")])
+        [w * scale, (-(feats.mean(0) @ w) * scale).astype("float32")]
+    )
     model.save(tmp / "model.keras")
     (tmp / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
     return tmp
@@ -55,37 +62,66 @@ def model_dir(shapes_dir, tmp_path_factory):
 def test_round_trip_all_formats(model_dir, shapes_dir, tmp_path):
     formats = "keras,saved_model,tflite" + (",onnx" if HAS_ONNX else "")
     out = tmp_path / "export"
-    result = runner.invoke(app, [
-        "export", str(model_dir / "model.keras"), "--format", formats,
-        "--quantize", "none,float16,dynamic,int8", "--data", str(shapes_dir),
-        "--out", str(out), "--parity-images", "32",
-        # A random-weights MobileNetV2 is far more sensitive to int8 than a
-        # trained one; the default 0.97 is checked on real weights in
-        # test_export_real_weights_int8 (shared assets).
-        "--min-agreement", "0.8"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(model_dir / "model.keras"),
+            "--format",
+            formats,
+            "--quantize",
+            "none,float16,dynamic,int8",
+            "--data",
+            str(shapes_dir),
+            "--out",
+            str(out),
+            "--parity-images",
+            "32",
+            # A random-weights MobileNetV2 is far more sensitive to int8 than a
+            # trained one; the default 0.97 is checked on real weights in
+            # test_export_real_weights_int8 (shared assets).
+            "--min-agreement",
+            "0.8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["images"] == 32
     by_name = {r["artifact"]: r for r in report["artifacts"]}
-    expected = {"keras", "saved_model", "tflite", "tflite_float16",
-                "tflite_dynamic", "tflite_int8"} | ({"onnx"} if HAS_ONNX else set())
+    expected = {
+        "keras",
+        "saved_model",
+        "tflite",
+        "tflite_float16",
+        "tflite_dynamic",
+        "tflite_int8",
+    } | ({"onnx"} if HAS_ONNX else set())
     assert set(by_name) == expected
     for name in ("keras", "saved_model", "tflite") + (("onnx",) if HAS_ONNX else ()):
         assert by_name[name]["max_abs_diff"] <= 1e-4, by_name[name]
     for name in ("tflite_float16", "tflite_dynamic", "tflite_int8"):
         assert by_name[name]["top1_agreement"] >= 0.8, by_name[name]
     # int8 is smaller than float32, and integer inside and out.
-    assert (out / "model_int8.tflite").stat().st_size < \
-        0.5 * (out / "model.tflite").stat().st_size
+    assert (out / "model_int8.tflite").stat().st_size < 0.5 * (
+        out / "model.tflite"
+    ).stat().st_size
     assert (out / "labels.txt").read_text().split() == [
-        "circle", "square", "star", "triangle"]
+        "circle",
+        "square",
+        "star",
+        "triangle",
+    ]
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["input"]["shape"] == [None, 32, 32, 3]
     assert meta["class_names"][0] == "circle"
 
     # Each artifact in its own runtime, without importing finetune_cli.
-    x = np.stack([np.asarray(data_lib.load_image(str(p), (32, 32)))
-                  for p in sorted(shapes_dir.glob("*/*"))[:6]])
+    x = np.stack(
+        [
+            np.asarray(data_lib.load_image(str(p), (32, 32)))
+            for p in sorted(shapes_dir.glob("*/*"))[:6]
+        ]
+    )
     np.save(tmp_path / "x.npy", x)
     import keras
 
@@ -98,7 +134,7 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 warnings.simplefilter("ignore")
 import numpy as np, keras, tensorflow as tf
 d = {str(out)!r}
-x = np.load({str(tmp_path / 'x.npy')!r}); ref = np.load({str(tmp_path / 'ref.npy')!r})
+x = np.load({str(tmp_path / "x.npy")!r}); ref = np.load({str(tmp_path / "ref.npy")!r})
 m = keras.saving.load_model(d + "/model.keras", safe_mode=True)
 assert np.abs(m.predict(x, verbose=0) - ref).max() < 1e-5
 sm = tf.saved_model.load(d + "/saved_model")
@@ -107,10 +143,12 @@ assert np.abs(out["probabilities"].numpy() - ref).max() < 1e-5
 assert out["label"].numpy()[0].decode() in open(d + "/labels.txt").read().split()
 raw = open({str(jpeg)!r}, "rb").read()
 by_bytes = sm.signatures["serve_bytes"](image_bytes=tf.constant([raw]))
-img = tf.image.resize(tf.io.decode_image(raw, channels=3, expand_animations=False), (32, 32))
+img = tf.io.decode_image(raw, channels=3, expand_animations=False)
+img = tf.image.resize(img, (32, 32))
 by_pixels = sm.signatures["serve"](pixels=img[None])
 assert int(by_bytes["class_index"][0]) == int(by_pixels["class_index"][0])
-assert np.abs(by_bytes["probabilities"].numpy() - by_pixels["probabilities"].numpy()).max() < 1e-5
+diff = by_bytes["probabilities"].numpy() - by_pixels["probabilities"].numpy()
+assert np.abs(diff).max() < 1e-5
 it = tf.lite.Interpreter(model_path=d + "/model_int8.tflite"); it.allocate_tensors()
 assert it.get_input_details()[0]["dtype"] == np.uint8
 assert it.get_output_details()[0]["dtype"] == np.uint8
@@ -126,8 +164,9 @@ if {HAS_ONNX!r}:
 assert "finetune_cli" not in sys.modules
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
@@ -142,14 +181,22 @@ def test_broken_artifact_fails_the_parity_check(model_dir, shapes_dir, tmp_path)
     layer.set_weights([kernel, bias])
     path = tmp_path / "broken.keras"
     broken.save(path)
-    x = np.stack([np.asarray(data_lib.load_image(str(p), (32, 32)))
-                  for p in sorted(shapes_dir.glob("*/*"))[:8]])
+    x = np.stack(
+        [
+            np.asarray(data_lib.load_image(str(p), (32, 32)))
+            for p in sorted(shapes_dir.glob("*/*"))[:8]
+        ]
+    )
     ok = export_lib.check_parity(
-        model, [export_lib.Artifact("keras", "keras", model_dir / "model.keras")],
-        x, None)
+        model,
+        [export_lib.Artifact("keras", "keras", model_dir / "model.keras")],
+        x,
+        None,
+    )
     assert ok["passed"]
     bad = export_lib.check_parity(
-        model, [export_lib.Artifact("keras", "keras", path)], x, None)
+        model, [export_lib.Artifact("keras", "keras", path)], x, None
+    )
     assert not bad["passed"]
     assert "keras: max probability difference" in bad["failures"][0]
     with pytest.raises(Exception) as e:
@@ -157,33 +204,44 @@ def test_broken_artifact_fails_the_parity_check(model_dir, shapes_dir, tmp_path)
     assert getattr(e.value, "exit_code", None) == EXIT_GATE
 
 
-def test_export_refuses_to_overwrite_and_names_bad_formats(model_dir, shapes_dir,
-                                                            tmp_path):
+def test_export_refuses_to_overwrite_and_names_bad_formats(
+    model_dir, shapes_dir, tmp_path
+):
     out = tmp_path / "e"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    args = ["export", str(model_dir / "model.keras"), "--format", "keras",
-            "--data", str(shapes_dir), "--out", str(out)]
+    args = [
+        "export",
+        str(model_dir / "model.keras"),
+        "--format",
+        "keras",
+        "--data",
+        str(shapes_dir),
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "already exists" in result.output
     assert (out / "keep.txt").read_text() == "x"
     result = runner.invoke(app, args + ["--force"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "model.keras").is_file()
-    result = runner.invoke(app, ["export", str(model_dir / "model.keras"),
-                                 "--format", "keras,tflit"])
+    result = runner.invoke(
+        app, ["export", str(model_dir / "model.keras"), "--format", "keras,tflit"]
+    )
     assert result.exit_code == 2 and "did you mean 'tflite'" in result.output
 
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
 FLOWERS = os.path.join(SHARED, "flower_photos")
-WEIGHTS = os.path.join(SHARED, "weights",
-                       "mobilenet_v2_1.0_224_imagenet_no_top.h5")
+WEIGHTS = os.path.join(SHARED, "weights", "mobilenet_v2_1.0_224_imagenet_no_top.h5")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (os.path.isdir(FLOWERS) and os.path.isfile(WEIGHTS)),
-                    reason="needs ../shared/assets (flower photos, MobileNetV2)")
+@pytest.mark.skipif(
+    not (os.path.isdir(FLOWERS) and os.path.isfile(WEIGHTS)),
+    reason="needs ../shared/assets (flower photos, MobileNetV2)",
+)
 def test_export_real_weights_int8(tmp_path):
     """Real ImageNet MobileNetV2 + a head trained on flower features: the
     float TFLite within 1e-4, float16 and dynamic-range on top-1 for >= 97%
@@ -199,20 +257,38 @@ def test_export_real_weights_int8(tmp_path):
         (data / cls).mkdir(parents=True)
         for name in sorted(os.listdir(os.path.join(FLOWERS, cls)))[:32]:
             shutil.copy(os.path.join(FLOWERS, cls, name), data / cls / name)
-    cfg = config_lib.validate({
-        "experiment": {"name": "flowers", "output_dir": str(tmp_path / "runs")},
-        "data": {"dir": str(data), "image_size": 96, "batch_size": 32,
-                 "split": {"train": 0.6, "val": 0.4, "test": 0.0}},
-        "model": {"name": "MobileNetV2", "weights": WEIGHTS},
-        "phases": [{"name": "head", "epochs": 15, "learning_rate": 3e-3}],
-        "feature_cache": {"dir": str(tmp_path / "features")},
-    })
+    cfg = config_lib.validate(
+        {
+            "experiment": {"name": "flowers", "output_dir": str(tmp_path / "runs")},
+            "data": {
+                "dir": str(data),
+                "image_size": 96,
+                "batch_size": 32,
+                "split": {"train": 0.6, "val": 0.4, "test": 0.0},
+            },
+            "model": {"name": "MobileNetV2", "weights": WEIGHTS},
+            "phases": [{"name": "head", "epochs": 15, "learning_rate": 3e-3}],
+            "feature_cache": {"dir": str(tmp_path / "features")},
+        }
+    )
     run = trainer.finetune(cfg, Output(file=open(os.devnull, "w"))).run_dir
-    result = runner.invoke(app, ["export", str(run), "--format", "tflite",
-                                 "--quantize", "none,float16,dynamic,int8",
-                                 "--parity-images", "64",
-                                 "--calibration-images", "64",
-                                 "--min-agreement", "0.9"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(run),
+            "--format",
+            "tflite",
+            "--quantize",
+            "none,float16,dynamic,int8",
+            "--parity-images",
+            "64",
+            "--calibration-images",
+            "64",
+            "--min-agreement",
+            "0.9",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((run / "export" / "export_report.json").read_text())
     rows = {r["artifact"]: r for r in report["artifacts"]}

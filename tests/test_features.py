@@ -80,7 +80,8 @@ def test_shards_are_plain_numpy_with_a_manifest(setup, tmp_path):
         "z = [np.load(d + '/' + s) for s in m['shards']]; "
         "f = np.concatenate([s['features'] for s in z]); "
         "assert f.shape == (m['num_images'], m['feature_dim']), f.shape; "
-        "assert 'finetune_cli' not in sys.modules")
+        "assert 'finetune_cli' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], check=True)
 
 
@@ -122,8 +123,9 @@ def test_changes_invalidate_the_cache_and_say_why(setup, tmp_path):
 
     buf = StringIO()
     c = config_lib.validate(raw)
-    fs, r = features.get_features(c, features.build_extractor(c), index, "train",
-                                  folder, Output(file=buf))
+    fs, r = features.get_features(
+        c, features.build_extractor(c), index, "train", folder, Output(file=buf)
+    )
     assert not r.reused and "cache out of date: 1 image(s) modified" in buf.getvalue()
     assert keras  # imported for the model build above
 
@@ -160,8 +162,13 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
     base = model_lib.find_base(model)
     val_fs, _ = features.get_features(
-        cfg_head, features.build_extractor(cfg_head), index, "val",
-        features.cache_root(cfg_head) / "val", quiet())
+        cfg_head,
+        features.build_extractor(cfg_head),
+        index,
+        "val",
+        features.cache_root(cfg_head) / "val",
+        quiet(),
+    )
     vf, _, paths = val_fs.load()
     assert paths == index.files("val")
     head = feature_training.head_model(model, base)
@@ -174,9 +181,14 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     # top layers moved away from the pretrained weights.
     final = keras.saving.load_model(result.run_dir / "last.keras", safe_mode=True)
     pre = model_lib.build_base(cfg.model, (32, 32))
-    moved = [not np.array_equal(a.numpy(), b.numpy())
-             for a, b in zip(pre.layers[-4].weights,
-                             model_lib.find_base(final).layers[-4].weights)]
+    moved = [
+        not np.array_equal(a.numpy(), b.numpy())
+        for a, b in zip(
+            pre.layers[-4].weights,
+            model_lib.find_base(final).layers[-4].weights,
+            strict=True,
+        )
+    ]
     assert any(moved)
 
 
@@ -191,8 +203,10 @@ def test_augmented_views_are_cached_per_view(setup, tmp_path):
     assert "cached features, 3 augmented views" in buf.getvalue()
     fs = features.FeatureSet(
         features.cache_root(cfg) / "train-3views",
-        json.loads((features.cache_root(cfg) / "train-3views" /
-                    "manifest.json").read_text()))
+        json.loads(
+            (features.cache_root(cfg) / "train-3views" / "manifest.json").read_text()
+        ),
+    )
     f, _, _ = fs.load()
     assert f.shape[:2] == (3, 16)
     assert not np.array_equal(f[0], f[1]) and not np.array_equal(f[1], f[2])
@@ -209,8 +223,9 @@ def test_cli_extract(setup, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "feats"
-    result = runner.invoke(app, ["extract", str(path), "--split", "val", "--out",
-                                 str(out)])
+    result = runner.invoke(
+        app, ["extract", str(path), "--split", "val", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "val" / "manifest.json").is_file()
     assert "images/s" in result.output

@@ -36,10 +36,9 @@ def test_legacy_h5_weights_load(tmp_path):
     import h5py
 
     with h5py.File(path, "w") as f:
-        keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group(
-            f, source)
+        keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group(f, source)
     fresh = model_lib.build_base(model_cfg(weights=str(path)), (32, 32))
-    for a, b in zip(source.weights, fresh.weights):
+    for a, b in zip(source.weights, fresh.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -47,8 +46,11 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
     wide = model_lib.build_base(model_cfg(options={"alpha": 0.5}), (32, 32))
     path = tmp_path / "wide.weights.h5"
     wide.save_weights(str(path))
-    with pytest.raises(ConfigError, match=r"model.weights: .*wide.weights.h5 "
-                                          r"does not fit MobileNetV2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.weights: .*wide.weights.h5 "
+        r"does not fit MobileNetV2",
+    ):
         model_lib.build_base(model_cfg(weights=str(path)), (32, 32))
     with pytest.raises(ConfigError, match="model.weights: file not found"):
         model_lib.build_base(model_cfg(weights=str(tmp_path / "no.h5")), (32, 32))
@@ -59,28 +61,35 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
 
 def test_bad_constructor_option_names_model_options():
     with pytest.raises(ConfigError, match="model.options"):
-        model_lib.build_base(model_cfg(options={"alpha": 0.35, "depth": 3}),
-                             (32, 32))
+        model_lib.build_base(model_cfg(options={"alpha": 0.35, "depth": 3}), (32, 32))
 
 
 def test_model_takes_raw_pixels_and_outputs_probabilities(shapes_dir, tmp_path):
     from conftest import make_config
 
-    cfg = make_config(shapes_dir, tmp_path, head=[
-        {"type": "dense", "units": 8, "l2": 1e-4}, {"type": "dropout", "rate": 0.1},
-        {"type": "batchnorm"}])
+    cfg = make_config(
+        shapes_dir,
+        tmp_path,
+        head=[
+            {"type": "dense", "units": 8, "l2": 1e-4},
+            {"type": "dropout", "rate": 0.1},
+            {"type": "batchnorm"},
+        ],
+    )
     model, base = model_lib.build_model(cfg, 4)
     assert model_lib.find_base(model) is base
     x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     p = np.asarray(model(x))
     assert p.shape == (3, 4)
     np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
-    assert model.get_layer(model_lib.OUTPUT_NAME).dtype_policy.compute_dtype == "float32"
+    assert (
+        model.get_layer(model_lib.OUTPUT_NAME).dtype_policy.compute_dtype == "float32"
+    )
 
 
 def test_layer_selection_and_errors():
     base = model_lib.build_base(model_cfg(), (32, 32))
-    names = [l.name for l in model_lib.base_layers(base)]
+    names = [la.name for la in model_lib.base_layers(base)]
     top = config_lib.TrainableLayers(top=5)
     assert model_lib.select_layers(base, top, "k") == names[-5:]
     frm = config_lib.TrainableLayers(from_layer="block_16_expand")
@@ -90,12 +99,17 @@ def test_layer_selection_and_errors():
     assert chosen and all(n.startswith("block_16_") for n in chosen)
     assert model_lib.select_layers(base, "all", "k") == names
     assert model_lib.select_layers(base, "none", "k") == []
-    with pytest.raises(ConfigError, match=r"phases.1.trainable.from_layer: no "
-                                          r"layer named 'block_16_expnd'.*did "
-                                          r"you mean 'block_16_expand'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"phases.1.trainable.from_layer: no "
+        r"layer named 'block_16_expnd'.*did "
+        r"you mean 'block_16_expand'",
+    ):
         model_lib.select_layers(
-            base, config_lib.TrainableLayers(from_layer="block_16_expnd"),
-            "phases.1.trainable")
+            base,
+            config_lib.TrainableLayers(from_layer="block_16_expnd"),
+            "phases.1.trainable",
+        )
     with pytest.raises(ConfigError, match=r"k.top: .* has \d+ layers"):
         model_lib.select_layers(base, config_lib.TrainableLayers(top=10_000), "k")
     with pytest.raises(ConfigError, match=r"k.regex: matches no layer"):

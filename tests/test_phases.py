@@ -1,33 +1,28 @@
 """Phases really do what they declare: weights that must not move do not."""
 
-import csv
-import json
-
 import numpy as np
 import pytest
-import yaml
-from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
 from finetune_cli import model as model_lib
 from finetune_cli import phases as phases_lib
-from finetune_cli import trainer
-from finetune_cli.cli import app
-from finetune_cli.console import Output
 
 from conftest import make_config
-from conftest import tiny_config
 
 
 def snapshot(layers):
-    return {l.name: [w.numpy().copy() for w in l.weights] for l in layers}
+    return {la.name: [w.numpy().copy() for w in la.weights] for la in layers}
 
 
 def changed(before, after_layers):
-    return {l.name: [not np.array_equal(a, w.numpy())
-                     for a, w in zip(before[l.name], l.weights)]
-            for l in after_layers}
+    return {
+        la.name: [
+            not np.array_equal(a, w.numpy())
+            for a, w in zip(before[la.name], la.weights, strict=True)
+        ]
+        for la in after_layers
+    }
 
 
 def fit_phase(cfg, phase_index, model, base, steps=3):
@@ -50,13 +45,15 @@ def built(shapes_dir, tmp_path):
         cfg = make_config(shapes_dir, tmp_path, phases=phases, **sections)
         model, base = model_lib.build_model(cfg, 4)
         return cfg, model, base
+
     return build
 
 
 def test_frozen_base_is_bit_identical_and_head_trains(built):
-    cfg, model, base = built([{"name": "head", "epochs": 1, "trainable": "none",
-                               "learning_rate": 1e-2}],
-                             head=[{"type": "dense", "units": 8}])
+    cfg, model, base = built(
+        [{"name": "head", "epochs": 1, "trainable": "none", "learning_rate": 1e-2}],
+        head=[{"type": "dense", "units": 8}],
+    )
     base_before = snapshot(model_lib.base_layers(base))
     head = [model.get_layer("head_0_dense"), model.get_layer("predictions")]
     head_before = snapshot(head)
@@ -71,14 +68,15 @@ def test_top_n_trains_exactly_the_top_layers(built):
     import keras
 
     n = 12
-    cfg, model, base = built([{"name": "ft", "epochs": 1, "trainable": {"top": n},
-                               "learning_rate": 1e-2}])
+    cfg, model, base = built(
+        [{"name": "ft", "epochs": 1, "trainable": {"top": n}, "learning_rate": 1e-2}]
+    )
     layers = model_lib.base_layers(base)
     before = snapshot(layers)
     names = fit_phase(cfg, 0, model, base)
-    assert names == [l.name for l in layers[-n:]]
+    assert names == [la.name for la in layers[-n:]]
     diff = changed(before, layers)
-    top = {l.name for l in layers[-n:]}
+    top = {la.name for la in layers[-n:]}
     trained_some = False
     for layer in layers:
         flags = diff[layer.name]
@@ -96,13 +94,22 @@ def test_top_n_trains_exactly_the_top_layers(built):
 def test_batchnorm_train_policy_updates_bn_in_range_only(built):
     import keras
 
-    cfg, model, base = built([{"name": "ft", "epochs": 1, "trainable": {"top": 12},
-                               "batchnorm": "train", "learning_rate": 1e-2}])
+    cfg, model, base = built(
+        [
+            {
+                "name": "ft",
+                "epochs": 1,
+                "trainable": {"top": 12},
+                "batchnorm": "train",
+                "learning_rate": 1e-2,
+            }
+        ]
+    )
     layers = model_lib.base_layers(base)
-    bns = [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [la for la in layers if isinstance(la, keras.layers.BatchNormalization)]
     before = snapshot(bns)
     fit_phase(cfg, 0, model, base)
-    top = {l.name for l in layers[-12:]}
+    top = {la.name for la in layers[-12:]}
     for layer in bns:
         flags = changed(before, [layer])[layer.name]
         if layer.name in top:
@@ -114,21 +121,31 @@ def test_batchnorm_train_policy_updates_bn_in_range_only(built):
 def test_schedules_warmup_and_cosine():
     import keras
 
-    phase = config_lib.Phase(name="p", epochs=4, learning_rate=1e-3,
-                             schedule={"name": "cosine", "warmup_epochs": 1})
+    phase = config_lib.Phase(
+        name="p",
+        epochs=4,
+        learning_rate=1e-3,
+        schedule={"name": "cosine", "warmup_epochs": 1},
+    )
     lr = phases_lib.build_learning_rate(phase, steps_per_epoch=10)
     assert isinstance(lr, keras.optimizers.schedules.CosineDecay)
     values = [float(lr(s)) for s in (0, 5, 10, 25, 39)]
     assert values[0] == 0.0 and values[1] == pytest.approx(5e-4)
     assert values[2] == pytest.approx(1e-3) and values[4] < values[3] < 1e-3
     flat = phases_lib.build_learning_rate(
-        config_lib.Phase(name="p", epochs=3, schedule="warmup"), 10)
+        config_lib.Phase(name="p", epochs=3, schedule="warmup"), 10
+    )
     assert float(flat(10)) == pytest.approx(1e-3) == float(flat(29))
     exp = phases_lib.build_learning_rate(
-        config_lib.Phase(name="p", epochs=3, schedule={"name": "exponential",
-                                                       "decay_rate": 0.5}), 10)
+        config_lib.Phase(
+            name="p", epochs=3, schedule={"name": "exponential", "decay_rate": 0.5}
+        ),
+        10,
+    )
     assert float(exp(20)) == pytest.approx(2.5e-4)
-    assert phases_lib.build_learning_rate(config_lib.Phase(name="p", epochs=1), 5) == 1e-3
+    assert (
+        phases_lib.build_learning_rate(config_lib.Phase(name="p", epochs=1), 5) == 1e-3
+    )
 
 
 def test_class_weight_auto_and_by_name(shapes_dir, tmp_path):
@@ -136,17 +153,22 @@ def test_class_weight_auto_and_by_name(shapes_dir, tmp_path):
     index = data_lib.index_data(cfg.data, 0)
     index.splits["train"] = index.splits["train"][:-2]  # two fewer triangles
     auto = phases_lib.resolve_class_weight(
-        config_lib.Phase(name="p", epochs=1, class_weight="auto"), 0, index)
+        config_lib.Phase(name="p", epochs=1, class_weight="auto"), 0, index
+    )
     counts = index.counts("train")
     assert auto[3] > auto[0]
     assert sum(auto[i] * c for i, c in enumerate(counts)) == pytest.approx(sum(counts))
     named = phases_lib.resolve_class_weight(
-        config_lib.Phase(name="p", epochs=1, class_weight={"star": 3}), 0, index)
+        config_lib.Phase(name="p", epochs=1, class_weight={"star": 3}), 0, index
+    )
     assert named == {0: 1.0, 1: 1.0, 2: 3.0, 3: 1.0}
     from finetune_cli.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"phases.2.class_weight: unknown "
-                                          r"classes \['stra'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"phases.2.class_weight: unknown "
+        r"classes \['stra'\]",
+    ):
         phases_lib.resolve_class_weight(
-            config_lib.Phase(name="p", epochs=1, class_weight={"stra": 3}), 2,
-            index)
+            config_lib.Phase(name="p", epochs=1, class_weight={"stra": 3}), 2, index
+        )

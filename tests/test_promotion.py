@@ -41,8 +41,11 @@ def setup(tmp_path_factory):
             px = np.clip(rng.normal(level, 20, (32, 32, 3)), 0, 255).astype("uint8")
             Image.fromarray(px).save(tmp / "data" / cls / f"{i}.png")
     lively_weights(tmp / "pre.weights.h5")
-    raw = tiny_config(tmp / "data", tmp, phases=[
-        {"name": "head", "epochs": 15, "learning_rate": 5e-2}])
+    raw = tiny_config(
+        tmp / "data",
+        tmp,
+        phases=[{"name": "head", "epochs": 15, "learning_rate": 5e-2}],
+    )
     raw["model"]["weights"] = str(tmp / "pre.weights.h5")
     cfg = config_lib.validate(raw)
     run = trainer.finetune(cfg, quiet()).run_dir
@@ -55,32 +58,40 @@ def copy_run(run, name, constant_class=None):
     import keras
 
     other = run.parent / name
-    shutil.copytree(run, other, symlinks=True,
-                    ignore=shutil.ignore_patterns("promotion.json"))
+    shutil.copytree(
+        run, other, symlinks=True, ignore=shutil.ignore_patterns("promotion.json")
+    )
     if constant_class is not None:
         model = keras.saving.load_model(other / "best.keras")
         out = model.get_layer(model_lib.OUTPUT_NAME)
         k, b = out.get_weights()
-        out.set_weights([np.zeros_like(k), 10 * np.eye(len(b))[constant_class]
-                         .astype("float32")])
+        out.set_weights(
+            [np.zeros_like(k), 10 * np.eye(len(b))[constant_class].astype("float32")]
+        )
         model.save(other / "best.keras")
     return other
 
 
 def test_better_promoted_worse_refused(setup, tmp_path):
     _, _, run = setup
-    acc = json.loads((run / "eval" / "test" / "metrics.json").read_text())[
-        "summary"]["accuracy"]
+    acc = json.loads((run / "eval" / "test" / "metrics.json").read_text())["summary"][
+        "accuracy"
+    ]
     assert acc >= 0.75, "the head should separate dark from bright"
     link = tmp_path / "promoted"
     first = promotion.run_promotion(run, link, quiet())
     assert link.is_symlink() and link.resolve() == first
     assert (link / "model.keras").is_file()
-    assert json.loads((link / "promotion.json").read_text())["run"] == str(run.resolve())
+    assert json.loads((link / "promotion.json").read_text())["run"] == str(
+        run.resolve()
+    )
 
     worse = copy_run(run, "worse", constant_class=0)  # 50% on balanced data
-    with pytest.raises(GateError, match=r"not promoted .*not better than the "
-                                        r"promoted model: accuracy 0\.5000"):
+    with pytest.raises(
+        GateError,
+        match=r"not promoted .*not better than the "
+        r"promoted model: accuracy 0\.5000",
+    ):
         promotion.run_promotion(worse, link, quiet())
     assert link.resolve() == first
     assert json.loads((worse / "promotion.json").read_text())["promoted"] is False
@@ -103,14 +114,24 @@ def test_cli_promote_gate_exit_code_and_runs_list(setup, tmp_path):
     raw["phases"][0]["epochs"] = 2
     path.write_text(yaml.safe_dump(raw))
     link = tmp_path / "served"
-    result = CliRunner().invoke(app, ["finetune", str(path), "--promote-to",
-                                      str(link), "--fail-under", "accuracy=1.01",
-                                      "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            str(path),
+            "--promote-to",
+            str(link),
+            "--fail-under",
+            "accuracy=1.01",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == EXIT_GATE, result.output
     assert "not promoted (nothing promoted): accuracy" in result.output
     assert not link.exists()
-    result = CliRunner().invoke(app, ["runs", "list", "--output-dir",
-                                      str(tmp_path / "runs"), "--json"])
+    result = CliRunner().invoke(
+        app, ["runs", "list", "--output-dir", str(tmp_path / "runs"), "--json"]
+    )
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert len(rows) == 1 and rows[0]["state"] == "completed"
@@ -134,8 +155,9 @@ def test_promote_to_problems_are_found_before_training(setup, tmp_path):
         (stranger, "holds no model.keras"),
     ]
     for target, message in cases:
-        result = CliRunner().invoke(app, ["finetune", str(path),
-                                          "--promote-to", str(target)])
+        result = CliRunner().invoke(
+            app, ["finetune", str(path), "--promote-to", str(target)]
+        )
         assert result.exit_code == 2, result.output
         assert message in result.output and str(target) in result.output
         assert not (tmp_path / "runs").exists()  # nothing trained
@@ -148,9 +170,21 @@ def launch_promote(run, link, *, fault=None, pause=None):
     if pause:
         env["FINETUNE_CLI_PAUSE"] = pause
     return subprocess.Popen(
-        [sys.executable, "-m", "finetune_cli", "promote", str(run), "--to",
-         str(link), "--plain"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "finetune_cli",
+            "promote",
+            str(run),
+            "--to",
+            str(link),
+            "--plain",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def versions_of(link):
@@ -158,10 +192,12 @@ def versions_of(link):
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
-@pytest.mark.parametrize("point", ["promotion_copy", "promotion_renamed",
-                                   "promotion_swapped"])
+@pytest.mark.parametrize(
+    "point", ["promotion_copy", "promotion_renamed", "promotion_swapped"]
+)
 def test_a_kill_at_each_promotion_step_leaves_link_and_records_true(
-        setup, tmp_path, point):
+    setup, tmp_path, point
+):
     _, _, run = setup
     link = tmp_path / "served"
     first = promotion.run_promotion(run, link, quiet())
@@ -216,7 +252,7 @@ def test_two_promoters_are_serialised(setup, tmp_path):
         lines.append(line)
         if "waiting for the promotion lock" in line:
             break
-    assert any("waiting for the promotion lock" in l for l in lines), lines
+    assert any("waiting for the promotion lock" in line for line in lines), lines
     assert not link.exists()
     release.write_text("go")
     assert a.wait(timeout=300) == 0, a.communicate()[0][-2000:]

@@ -28,12 +28,16 @@ def test_lock_excludes_live_and_takes_over_dead(tmp_path):
             Lock(path, "experiment x").acquire()
     assert not path.exists()
     # A lock left by a process that no longer exists is taken over.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     import socket
 
-    path.write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(),
-                                "since": "earlier"}))
+    path.write_text(
+        json.dumps({"pid": int(dead), "host": socket.gethostname(), "since": "earlier"})
+    )
     lock = Lock(path, "experiment x").acquire()
     assert lock.took_over["pid"] == int(dead)
     assert json.loads(path.read_text())["pid"] == os.getpid()
@@ -87,21 +91,24 @@ def start_finetune(cfg, pause=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     if pause:
         env["FINETUNE_CLI_PAUSE"] = pause
-    proc = subprocess.Popen(CLI + ["finetune", str(cfg), "--plain"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        CLI + ["finetune", str(cfg), "--plain"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     return proc, env
 
 
 def run_dirs(root):
     """Run folders under runs/<experiment> (not `latest`, not the lock)."""
-    return [p for p in root.iterdir() if p.name[0].isdigit()] \
-        if root.is_dir() else []
+    return [p for p in root.iterdir() if p.name[0].isdigit()] if root.is_dir() else []
 
 
-def test_sigterm_stops_with_exit_5_and_leaves_a_resumable_run(shapes_dir,
-                                                               tmp_path):
-    phases = [{"name": "top", "epochs": 3, "trainable": {"top": 4},
-               "learning_rate": 1e-3}]
+def test_sigterm_stops_with_exit_5_and_leaves_a_resumable_run(shapes_dir, tmp_path):
+    phases = [
+        {"name": "top", "epochs": 3, "trainable": {"top": 4}, "learning_rate": 1e-3}
+    ]
     cfg = write_config(tmp_path, shapes_dir, phases, name="term")
     release = tmp_path / "release"
     # Held right after epoch 1's state is saved; SIGTERM arrives there.
@@ -112,8 +119,10 @@ def test_sigterm_stops_with_exit_5_and_leaves_a_resumable_run(shapes_dir,
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 5, output[-2000:]
     (run,) = run_dirs(tmp_path / "runs" / "term")
-    assert (f"interrupted: stopped by Ctrl-C or SIGTERM after epoch 1; resume "
-            f"with: finetune-cli finetune --resume {run}") in output
+    assert (
+        f"interrupted: stopped by Ctrl-C or SIGTERM after epoch 1; resume "
+        f"with: finetune-cli finetune --resume {run}"
+    ) in output
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted" and status["resumable"] is True
     assert not (tmp_path / "runs" / "term" / ".lock").exists()
@@ -121,8 +130,11 @@ def test_sigterm_stops_with_exit_5_and_leaves_a_resumable_run(shapes_dir,
 
 def test_status_of_a_dead_run_reads_interrupted(tmp_path):
     run = RunDir.create(tmp_path, "e")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     run.set_status("running")
     record = json.loads((run / "status.json").read_text())
     record["pid"] = int(dead)
@@ -164,7 +176,10 @@ def test_remove_temporaries_deletes_hidden_leftovers_only(tmp_path):
     (run / "eval" / "test" / ".metrics.x.json").write_text("half")
     run.remove_temporaries()
     assert sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*")) == [
-        "best.keras", "eval", "eval/test"]
+        "best.keras",
+        "eval",
+        "eval/test",
+    ]
 
 
 def test_two_runs_on_one_output_exactly_one_trains(shapes_dir, tmp_path):

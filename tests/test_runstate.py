@@ -25,24 +25,34 @@ from conftest import tiny_config
 
 CLI = [sys.executable, "-m", "finetune_cli"]
 PHASES = [
-    {"name": "head", "epochs": 2, "learning_rate": 1e-2,
-     "callbacks": {"reduce_lr_on_plateau": {"patience": 1, "factor": 0.5}}},
-    {"name": "top", "epochs": 3, "trainable": {"top": 6},
-     "optimizer": {"name": "sgd", "momentum": 0.9}, "learning_rate": 1e-3,
-     "schedule": "cosine", "callbacks": {"early_stopping": {"patience": 50}}},
+    {
+        "name": "head",
+        "epochs": 2,
+        "learning_rate": 1e-2,
+        "callbacks": {"reduce_lr_on_plateau": {"patience": 1, "factor": 0.5}},
+    },
+    {
+        "name": "top",
+        "epochs": 3,
+        "trainable": {"top": 6},
+        "optimizer": {"name": "sgd", "momentum": 0.9},
+        "learning_rate": 1e-3,
+        "schedule": "cosine",
+        "callbacks": {"early_stopping": {"patience": 50}},
+    },
 ]
 # In the order a run reaches them; each kill is followed by a resume that
 # is killed at the next one. (name, what must be true right after the kill)
 CHAIN = [
-    "run_created",        # folder created, no epoch yet
-    "extract",            # inside feature extraction of the head phase
-    "epoch_saved",        # epoch 1 committed, history.csv not yet written
-    "phase_end",          # head phase done and committed
+    "run_created",  # folder created, no epoch yet
+    "extract",  # inside feature extraction of the head phase
+    "epoch_saved",  # epoch 1 committed, history.csv not yet written
+    "phase_end",  # head phase done and committed
     "phase_first_batch",  # first batch of the top phase
-    "model_save@2",       # a .keras file half-written
-    "epoch_saved",        # mid-phase, with optimizer and callback state
+    "model_save@2",  # a .keras file half-written
+    "epoch_saved",  # mid-phase, with optimizer and callback state
     "before_final_eval",  # training over, end-of-run evaluation next
-    "report",             # inside the held-out report
+    "report",  # inside the held-out report
 ]
 
 
@@ -60,8 +70,9 @@ def launch(args, fault=None):
     env.pop("FINETUNE_CLI_FAULT", None)
     if fault:
         env["FINETUNE_CLI_FAULT"] = fault
-    return subprocess.run(CLI + args + ["--plain"], env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        CLI + args + ["--plain"], env=env, capture_output=True, text=True
+    )
 
 
 def history(run):
@@ -77,7 +88,8 @@ def weights(path):
 
 
 def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
-        shapes_dir, tmp_path):
+    shapes_dir, tmp_path
+):
     raw, cfg = write_config(tmp_path, shapes_dir, "chain")
     root = tmp_path / "runs" / "chain"
 
@@ -86,8 +98,9 @@ def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
     (run,) = [p for p in root.iterdir() if p.name[0].isdigit()]
     # Died before any epoch: the folder is there, resumable, and reads as
     # interrupted (its process is gone), not running.
-    listed = CliRunner().invoke(app, ["runs", "list", "--output-dir",
-                                      str(tmp_path / "runs"), "--json"])
+    listed = CliRunner().invoke(
+        app, ["runs", "list", "--output-dir", str(tmp_path / "runs"), "--json"]
+    )
     (row,) = json.loads(listed.stdout)
     assert row["state"] == "interrupted" and row["resumable"] is True
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
@@ -96,11 +109,12 @@ def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
     for fault in CHAIN[1:]:
         result = launch(["finetune", "--resume", str(run)], fault)
         assert result.returncode == -9, (
-            f"{fault}: " + result.stdout[-2000:] + result.stderr[-2000:])
+            f"{fault}: " + result.stdout[-2000:] + result.stderr[-2000:]
+        )
         if fault.startswith("model_save"):
-            seen_temporary = any(p.name.startswith(".")
-                                 and p.suffix == ".keras"
-                                 for p in run.iterdir())
+            seen_temporary = any(
+                p.name.startswith(".") and p.suffix == ".keras" for p in run.iterdir()
+            )
         if fault == "extract":
             assert list((tmp_path / "features" / "chain").glob(".train.partial-*"))
     assert seen_temporary, "the model_save kill left no half-written file"
@@ -124,12 +138,14 @@ def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
 
     # The same config, never interrupted, in this process.
     raw["experiment"]["name"] = "straight"
-    ref = trainer.finetune(config_lib.validate(raw),
-                           Output(file=open(os.devnull, "w"))).run_dir
+    ref = trainer.finetune(
+        config_lib.validate(raw), Output(file=open(os.devnull, "w"))
+    ).run_dir
     ref_rows = history(ref)
     for key in ("loss", "val_loss", "lr", "iterations"):
         assert [float(r[key]) for r in rows] == pytest.approx(
-            [float(r[key]) for r in ref_rows], rel=1e-5, abs=1e-6), key
+            [float(r[key]) for r in ref_rows], rel=1e-5, abs=1e-6
+        ), key
     assert len({round(float(r["loss"]), 4) for r in rows}) > 3  # they vary
     for name in ("best.keras", "last.keras"):
         for a, b in zip(weights(run / name), weights(ref / name), strict=True):
@@ -158,8 +174,11 @@ def test_state_of_another_format_is_refused(tmp_path, monkeypatch):
     path = tmp_path / runstate.FILE
     runstate.RunState().save(path, config={}, versions={"finetune_cli": "0.0"})
     monkeypatch.setattr(runstate, "FORMAT", runstate.FORMAT + 1)
-    with pytest.raises(ConfigError, match=r"written by finetune-cli 0\.0 "
-                                          r"\(state format \d+\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"written by finetune-cli 0\.0 "
+        r"\(state format \d+\)",
+    ):
         runstate.load(path, config={}, versions={"finetune_cli": "9"})
 
 
@@ -168,9 +187,11 @@ def test_restoring_a_different_number_of_variables_is_an_error():
 
     layer = keras.layers.Dense(2)
     layer.build((None, 3))
-    with pytest.raises(ConfigError, match=r"saved model has 1 variables, the "
-                                          r"rebuilt one has 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"saved model has 1 variables, the "
+        r"rebuilt one has 2",
+    ):
         runstate.assign(layer.weights, [np.zeros((3, 2))], "model")
     with pytest.raises(ConfigError, match=r"has shape \(4, 2\)"):
-        runstate.assign(layer.weights, [np.zeros((4, 2)), np.zeros(2)],
-                        "model")
+        runstate.assign(layer.weights, [np.zeros((4, 2)), np.zeros(2)], "model")

@@ -78,28 +78,35 @@ def test_a_vanished_or_changed_test_image_is_named(trained, tmp_path):
     data, run = trained
     rec = json.loads((run / "split.json").read_text())
     # Two classes, so every class keeps a test image.
-    (gone, _, _), (edited, _, _) = rec["files"]["test"][0], rec["files"][
-        "test"][-1]
+    (gone, _, _), (edited, _, _) = rec["files"]["test"][0], rec["files"]["test"][-1]
     backup = tmp_path / "backup"
     backup.mkdir()
     shutil.copy(gone, backup / "gone")
     shutil.copy(edited, backup / "edited")
     try:
         os.unlink(gone)
-        Image.new("RGB", (32, 32), (1, 2, 3)).save(edited, format=Image.open(
-            backup / "edited").format)
+        Image.new("RGB", (32, 32), (1, 2, 3)).save(
+            edited, format=Image.open(backup / "edited").format
+        )
         result = evaluate(run)
         assert result.exit_code == EXIT_DATA, result.output
         assert gone in result.output and "no longer exists" in result.output
         assert edited in result.output and "content changed" in result.output
         assert "--allow-missing" in result.output
         assert "Traceback" not in result.output
-        result = CliRunner().invoke(app, ["evaluate", str(run), "--json",
-                                          "--allow-missing", "--out",
-                                          str(tmp_path / "ev")])
+        result = CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                str(run),
+                "--json",
+                "--allow-missing",
+                "--out",
+                str(tmp_path / "ev"),
+            ],
+        )
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["num_samples"] == len(
-            rec["files"]["test"]) - 2
+        assert json.loads(result.stdout)["num_samples"] == len(rec["files"]["test"]) - 2
         assert gone in result.stderr and "left out" in result.stderr
     finally:
         shutil.copy(backup / "gone", gone)
@@ -111,8 +118,11 @@ def test_skipped_held_out_duplicate_counts_nowhere(tmp_path):
     pre-flight check; the end-of-run metrics must not count it."""
     data = tmp_path / "data"
     synthetic.generate(data / "all", "source", per_class=6, size=32, seed=5)
-    for split, take in (("train", slice(0, 4)), ("val", slice(4, 5)),
-                        ("test", slice(5, 6))):
+    for split, take in (
+        ("train", slice(0, 4)),
+        ("val", slice(4, 5)),
+        ("test", slice(5, 6)),
+    ):
         for cls in sorted(os.listdir(data / "all")):
             (data / split / cls).mkdir(parents=True)
             for f in sorted(os.listdir(data / "all" / cls))[take]:

@@ -27,16 +27,29 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
 
     # Weights written by a test: the "pretrained" base.
     keras.utils.set_random_seed(0)
-    base = model_lib.build_base(config_lib.Model(
-        name="MobileNetV2", weights="none", options={"alpha": 0.35}), (32, 32))
+    base = model_lib.build_base(
+        config_lib.Model(name="MobileNetV2", weights="none", options={"alpha": 0.35}),
+        (32, 32),
+    )
     weights = tmp_path / "pre.weights.h5"
     base.save_weights(str(weights))
-    raw = tiny_config(shapes_dir, tmp_path, phases=[
-        {"name": "head", "epochs": 2, "learning_rate": 1e-2},
-        {"name": "top", "epochs": 2, "trainable": {"top": 8},
-         "optimizer": {"name": "sgd", "momentum": 0.9},
-         "learning_rate": 3e-4, "class_weight": "auto", "label_smoothing": 0.1},
-    ], augmentation=[{"type": "flip"}, {"type": "contrast", "factor": 0.1}])
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path,
+        phases=[
+            {"name": "head", "epochs": 2, "learning_rate": 1e-2},
+            {
+                "name": "top",
+                "epochs": 2,
+                "trainable": {"top": 8},
+                "optimizer": {"name": "sgd", "momentum": 0.9},
+                "learning_rate": 3e-4,
+                "class_weight": "auto",
+                "label_smoothing": 0.1,
+            },
+        ],
+        augmentation=[{"type": "flip"}, {"type": "contrast", "factor": 0.1}],
+    )
     raw["model"]["weights"] = str(weights)
     cfg = config_lib.validate(raw)
     buf = io.StringIO()
@@ -47,33 +60,55 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
     history = list(csv.DictReader(open(run / "history.csv")))
     assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
     assert [r["phase"] for r in history] == ["head", "head", "top", "top"]
-    assert [float(r["lr"]) for r in history] == pytest.approx(
-        [1e-2, 1e-2, 3e-4, 3e-4])
+    assert [float(r["lr"]) for r in history] == pytest.approx([1e-2, 1e-2, 3e-4, 3e-4])
     metrics = json.loads((run / "metrics.json").read_text())
     assert [p["optimizer"] for p in metrics["phases"]] == ["Adam", "SGD"]
     assert [p["last_epoch"] for p in metrics["phases"]] == [2, 4]
     assert 0 <= metrics["test"]["accuracy"] <= 1
 
     # Everything the run directory promises is there and loads.
-    for name in ("config.yaml", "labels.txt", "history.csv", "best.keras",
-                 "last.keras", "metrics.json", "environment.json", "log.txt",
-                 "status.json", "base.weights.h5", "split.json"):
+    for name in (
+        "config.yaml",
+        "labels.txt",
+        "history.csv",
+        "best.keras",
+        "last.keras",
+        "metrics.json",
+        "environment.json",
+        "log.txt",
+        "status.json",
+        "base.weights.h5",
+        "split.json",
+    ):
         assert (run / name).is_file(), name
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     assert (run / "labels.txt").read_text().split() == [
-        "circle", "square", "star", "triangle"]
+        "circle",
+        "square",
+        "star",
+        "triangle",
+    ]
     assert config_lib.load_config(run / "config.yaml") == cfg
     env = json.loads((run / "environment.json").read_text())
     assert env["tensorflow"] and env["devices"]
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
-    x = np.stack([np.asarray(data_lib.load_image(p, (32, 32)))
-                  for p in data_lib.index_data(cfg.data, 3).files("val")])
+    x = np.stack(
+        [
+            np.asarray(data_lib.load_image(p, (32, 32)))
+            for p in data_lib.index_data(cfg.data, 3).files("val")
+        ]
+    )
     probs = np.asarray(model.predict(x, verbose=0))
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
     # The base weights file fine-tunes onward: it loads into a fresh base.
-    again = model_lib.build_base(config_lib.Model(
-        name="MobileNetV2", weights=str(run / "base.weights.h5"),
-        options={"alpha": 0.35}), (32, 32))
+    again = model_lib.build_base(
+        config_lib.Model(
+            name="MobileNetV2",
+            weights=str(run / "base.weights.h5"),
+            options={"alpha": 0.35},
+        ),
+        (32, 32),
+    )
     assert len(again.weights) == len(base.weights)
     assert (run.parent / "latest").resolve() == run.resolve()
     text = buf.getvalue()
@@ -107,9 +142,11 @@ def test_corrupt_image_is_caught_before_training_or_skipped(tmp_path):
     assert "bad image" in result.output and "broken.jpg" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "runs" / "t").exists() or not any(
-        p.is_dir() for p in (tmp_path / "runs" / "t").iterdir())
-    result = CliRunner().invoke(app, ["finetune", str(path), "--set",
-                                      "data.on_bad_image=skip"])
+        p.is_dir() for p in (tmp_path / "runs" / "t").iterdir()
+    )
+    result = CliRunner().invoke(
+        app, ["finetune", str(path), "--set", "data.on_bad_image=skip"]
+    )
     assert result.exit_code == 0, result.output
     (run,) = [p for p in (tmp_path / "runs" / "t").iterdir() if p.name[0].isdigit()]
     skipped = (run / "skipped_images.txt").read_text()
