@@ -121,10 +121,10 @@ class RunDir:
         except (OSError, ValueError):
             return {}
 
-    def live_status(self) -> dict:
+    def live_status(self, record: dict | None = None) -> dict:
         """The status, with a `running` run whose process is gone read as
         `interrupted` (resumable when its state file is there)."""
-        record = self.status()
+        record = self.status() if record is None else record
         if record.get("state") != "running" or _owner_alive(record):
             return record
         return dict(
@@ -138,9 +138,12 @@ class RunDir:
         )
 
     def settle(self) -> dict:
-        """`live_status`, written back to status.json when it changed."""
-        record = self.live_status()
-        if record != self.status():
+        """`live_status`, written back to status.json when it changed (and
+        only if nobody rewrote the status meanwhile, e.g. a resume that
+        just started)."""
+        seen = self.status()
+        record = self.live_status(seen)
+        if record != seen and self.status() == seen:
             self.write_json(STATUS_FILE, record)
         return record
 
