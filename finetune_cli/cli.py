@@ -390,6 +390,12 @@ def evaluate(
                 f"{', '.join(evaluation.METRIC_KEYS)}. Received: "
                 f"{compare_metric!r}"
             )
+        if set_ and config is None:
+            raise_config(
+                "--set changes the config given with --config; without "
+                "--config, evaluate uses the run's recorded split and has no "
+                "config to change"
+            )
         cfg = _load(config, set_) if config is not None else None
         _quiet_tensorflow()
         ev = evaluation.evaluate(

@@ -17,7 +17,6 @@ no traceback (unless `--debug`). Anything else is a bug and exits with 1.
 import difflib
 import reprlib
 
-EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_DATA = 3

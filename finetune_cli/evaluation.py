@@ -192,10 +192,6 @@ class Target:
     labels: list[str]
     run_dir: Optional[Path]
 
-    @property
-    def name(self) -> str:
-        return str(self.run_dir or self.model_path)
-
 
 def resolve_target(path) -> Target:
     """A run folder (uses best.keras) or a .keras file with labels.txt beside.

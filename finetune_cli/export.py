@@ -507,12 +507,12 @@ def metadata(target, model, artifacts) -> dict:
             run_metrics = json.loads(mpath.read_text())
         cpath = target.run_dir / "config.yaml"
         if cpath.is_file():
-            import yaml
-
-            cfg = yaml.safe_load(cpath.read_text())
             from finetune_cli import applications
+            from finetune_cli import config as config_lib
 
-            app = applications.get(cfg["model"]["name"])
+            # Through the schema, like every other reader of a config.
+            cfg = config_lib.load_config(cpath)
+            app = applications.get(cfg.model.name)
             preprocess = {
                 "application": app.name,
                 "mode": app.preprocess,
