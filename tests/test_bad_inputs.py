@@ -1100,6 +1100,12 @@ CASES = {
             args("evaluate", "{t}", "--compare-metric", "speed"),
         ),
         (
+            "evaluate --set without --config",
+            C,
+            ["--set", "--config"],
+            args("evaluate", "{t}", "--set", "data.batch_size=2"),
+        ),
+        (
             "export an unknown format",
             C,
             ["--format", "tflight"],
