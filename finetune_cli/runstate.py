@@ -63,6 +63,8 @@ class RunState:
         best_phase, best_phase_epoch: best monitor value in this phase.
         best_run, best_run_epoch: best monitor value of the whole run.
         model, opt, best_phase_weights, best_run_weights: variable values.
+        versions: finetune-cli/Keras/TensorFlow versions that wrote the
+            state (set by `load`; `save` writes the ones it is given).
     """
 
     stage: str = "train"
@@ -73,6 +75,7 @@ class RunState:
     phase_finished: bool = False
     history: list = dataclasses.field(default_factory=list)
     phase_metrics: list = dataclasses.field(default_factory=list)
+    versions: dict = dataclasses.field(default_factory=dict)
     callbacks: list = dataclasses.field(default_factory=list)
     best_phase: Optional[float] = None
     best_phase_epoch: Optional[int] = None
@@ -186,7 +189,6 @@ def load(path, *, config: dict, versions: dict) -> RunState:
         if meta.get("best_run_is_phase_best")
         else arrays["best_run"]
     )
-    state.versions = meta.get("versions", {})
     return state
 
 

@@ -312,7 +312,7 @@ class Trainer:
                 else f"phase {st.phase + 1} ({self.plans[st.phase].phase.name})"
             )
             out.step(f"resuming {self.run.path} after epoch {st.epoch}, at {where}")
-            saved = getattr(st, "versions", {}) or {}
+            saved = st.versions
             changed = [
                 f"{k} {saved[k]} -> {v}"
                 for k, v in self.versions.items()

@@ -165,6 +165,7 @@ def test_resume_refuses_a_changed_config_and_names_the_key(tmp_path):
     state.save(path, config=config, versions={"finetune_cli": "x"})
     loaded = runstate.load(path, config=config, versions={})
     assert loaded.epoch == 3
+    assert loaded.versions == {"finetune_cli": "x"}  # what wrote it
     edited = {"phases": [{"epochs": 3}], "data": {"batch_size": 8}}
     with pytest.raises(ConfigError, match=r"phases\.0\.epochs \(5 -> 3\)"):
         runstate.load(path, config=edited, versions={})
