@@ -704,7 +704,16 @@ def runs_list(
             return
         out.table(
             f"runs in {output_dir}",
-            ["experiment", "run", "state", "started", "best", "test acc", "note"],
+            [
+                "experiment",
+                "run",
+                "state",
+                "started",
+                "best",
+                "test acc",
+                "determ.",
+                "note",
+            ],
             [
                 [
                     r["experiment"],
@@ -713,6 +722,7 @@ def runs_list(
                     r["started"] or "-",
                     r["best"] or "-",
                     r["test_accuracy"] or "-",
+                    {True: "yes", False: "no"}.get(r["deterministic"], "-"),
                     _run_note(r),
                 ]
                 for r in rows

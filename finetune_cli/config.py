@@ -203,6 +203,9 @@ class Experiment(_Strict):
     # The metric that picks the best epoch of each phase and `best.keras`.
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     tensorboard: Bool = False
+    # Same config, seed, data and machine -> bit-identical weights, at some
+    # cost in speed (README: reproducible runs).
+    deterministic: Bool = False
 
 
 class Split(_Strict):

@@ -438,6 +438,7 @@ def make_dataset(
     seed: int = 0,
     augmenter=None,
     epochs: tuple[int, int] | None = None,
+    deterministic: bool = False,
 ):
     """A batched `tf.data.Dataset` of (float32 pixels 0-255, one-hot labels).
 
@@ -450,6 +451,11 @@ def make_dataset(
             epoch) alone: a resumed run sees the same order as one that was
             never interrupted. Without it, the order is reshuffled on every
             pass over the dataset.
+        deterministic: augment batch b of epoch e with randomness that is a
+            function of (seed, e, b) alone, one batch at a time (with
+            `epochs`). Without it, batches are augmented in parallel and
+            draw from the layers' shared generators in whatever order the
+            threads run.
     """
     import tensorflow as tf
 
@@ -459,18 +465,26 @@ def make_dataset(
     size = tuple(image_size)
     base = tf.data.Dataset.from_tensor_slices((paths, labels))
 
-    def pipeline(ds):
+    def pipeline(ds, epoch=None):
         ds = ds.map(
             lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         ).batch(batch_size)
-        if augmenter is not None:
-            ds = ds.map(
-                lambda x, y: (augmenter(x, training=True), y),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        return ds
+        if augmenter is None:
+            return ds
+        if deterministic and epoch is not None:
+
+            def augment(b, xy):
+                with tf.control_dependencies(reseed(augmenter, seed, epoch, b)):
+                    return augmenter(xy[0], training=True), xy[1]
+
+            # One batch at a time: the generators' state is shared.
+            return ds.enumerate().map(augment)
+        return ds.map(
+            lambda x, y: (augmenter(x, training=True), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
 
     if shuffle and epochs is not None:
         first, end = epochs
@@ -480,14 +494,39 @@ def make_dataset(
                     n,
                     seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
                     reshuffle_each_iteration=False,
-                )
+                ),
+                epoch=e,
             )
         )
     elif shuffle:
         ds = pipeline(base.shuffle(n, seed=seed, reshuffle_each_iteration=True))
     else:
         ds = pipeline(base)
+    if deterministic:
+        options = tf.data.Options()
+        options.deterministic = True
+        ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def reseed(augmenter, seed: int, epoch, batch) -> list:
+    """Set every random generator of `augmenter` to a state that depends on
+    (seed, epoch, batch) only; returns the assign ops (graph or eager).
+
+    Keras' random layers take their seed from a generator whose state
+    advances on every call, so what a batch gets depends on every call
+    before it. Resetting the state per batch makes the augmentation of a
+    batch reproducible on its own: the same after a resume, and whatever
+    order batches are produced in.
+    """
+    import tensorflow as tf
+
+    step = tf.cast(epoch, tf.int64) * (1 << 32) + tf.cast(batch, tf.int64) * 256
+    ops = []
+    for i, v in enumerate(augmenter.non_trainable_variables):
+        state = tf.stack([tf.constant(seed * 1009 + i, tf.int64), step])
+        ops.append(v.value.assign(tf.cast(state, v.dtype), read_value=False))
+    return ops
 
 
 def build_augmenter(augmentation, seed: int):

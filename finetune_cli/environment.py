@@ -67,11 +67,38 @@ def describe(argv=None) -> dict:
 
 
 def configure_runtime(cfg, gpu: bool) -> dict:
-    """Seeds and the dtype policy; returns what was chosen."""
+    """Seeds, op determinism and the dtype policy; returns what was chosen.
+
+    `keras.utils.set_random_seed` seeds Python, NumPy, TensorFlow and
+    Keras. With `experiment.deterministic`, TensorFlow's op determinism is
+    switched on too: ops without a deterministic kernel raise instead of
+    silently differing, and tf.data runs stateful map functions serially.
+    It is process-wide, so it is also switched off when not asked for.
+    """
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(cfg.experiment.seed)
+    deterministic = cfg.experiment.deterministic
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    elif op_determinism_enabled():
+        # TensorFlow exports no way back; the switch lives here.
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
     mp = cfg.runtime.mixed_precision
     mixed = mp == "on" or (mp == "auto" and gpu)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    return {"mixed_precision": mixed, "xla": cfg.runtime.xla}
+    return {
+        "mixed_precision": mixed,
+        "xla": cfg.runtime.xla,
+        "deterministic": deterministic,
+    }
+
+
+def op_determinism_enabled() -> bool:
+    """Whether TensorFlow's op determinism is on in this process."""
+    from tensorflow.python.framework import config as tf_config
+
+    return bool(tf_config.is_op_determinism_enabled())

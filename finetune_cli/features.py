@@ -253,13 +253,10 @@ def extract(
         paths_ds = tf.data.Dataset.from_tensor_slices([p for p, _ in samples]).batch(
             batch_size
         )
-        if augmenter is not None and views > 1:
-            # Fresh, reproducible randomness per view.
-            import keras
-
-            keras.utils.set_random_seed(seed + 1000 * view)
-        for (images, onehot), paths in zip(ds, paths_ds, strict=True):
+        for b, ((images, onehot), paths) in enumerate(zip(ds, paths_ds, strict=True)):
             if augmenter is not None and views > 1:
+                # View v of an image is the same whatever ran before.
+                data_lib.reseed(augmenter, seed, view, b)
                 images = augmenter(images, training=True)
             feats = np.asarray(extractor.predict_on_batch(images), dtype="float32")
             dim = feats.shape[1]

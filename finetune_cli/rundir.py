@@ -330,6 +330,10 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
             metrics = {}
             with contextlib.suppress(OSError, ValueError):
                 metrics = json.loads((run / "metrics.json").read_text())
+            runtime = {}
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                env = json.loads((run / "environment.json").read_text())
+                runtime = env.get("runtime") or {}
             best = metrics.get("best_value")
             test = (metrics.get("test") or {}).get("accuracy")
             rows.append(
@@ -347,6 +351,8 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
                     "test_accuracy": f"{test:.4f}"
                     if isinstance(test, (int, float))
                     else None,
+                    # None for runs made before it was recorded.
+                    "deterministic": runtime.get("deterministic"),
                     "reason": status.get("reason"),
                     "resumable": bool(status.get("resumable")),
                 }

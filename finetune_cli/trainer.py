@@ -218,6 +218,7 @@ class Trainer:
         env = environment.describe(argv)
         gpu = any(d["type"] == "GPU" for d in env["devices"])
         runtime = environment.configure_runtime(cfg, gpu)
+        env["runtime"] = runtime
         model, base = model_lib.build_model(cfg, len(index.class_names))
         plans = phases_lib.plan_phases(model, base, cfg)
         trainer = cls(
@@ -274,7 +275,10 @@ class Trainer:
         run.set_status("running", resumed=self.resumed)
         self.out.attach_log(run / "log.txt")
         try:
-            return self.run_all()
+            try:
+                return self.run_all()
+            except tf.errors.UnimplementedError as e:
+                raise self._not_deterministic(e) from None
         except KeyboardInterrupt:
             run.set_status(
                 "interrupted",
@@ -293,6 +297,19 @@ class Trainer:
             raise
         finally:
             self.out.close()
+
+    def _not_deterministic(self, e) -> Exception:
+        """What op determinism raises for an op without a deterministic
+        kernel (mostly GPU ones), said in config terms."""
+        if not self.runtime["deterministic"]:
+            return e
+        first = (e.message or "").strip().splitlines() or ["?"]
+        return ConfigError(
+            "experiment.deterministic: true, but an op of this model has no "
+            f"deterministic implementation on this device ({first[0][:200]}); "
+            "set experiment.deterministic: false, or run on CPU. "
+            "Received: experiment.deterministic=true"
+        )
 
     def run_all(self) -> FinetuneResult:
         st = self.state
@@ -338,6 +355,7 @@ class Trainer:
             f"precision: "
             f"{'mixed_float16' if self.runtime['mixed_precision'] else 'float32'}"
             f"; XLA: {'on' if self.runtime['xla'] else 'off'}"
+            f"; deterministic: {'on' if self.runtime['deterministic'] else 'off'}"
         )
         out.info(
             f"data: {self.index.source}: {self.num_classes} classes, "
@@ -417,6 +435,7 @@ class Trainer:
                 seed=self.cfg.experiment.seed,
                 augmenter=self._augmenter,
                 epochs=(first, end),
+                deterministic=self.runtime["deterministic"],
             )
             return self.model, train, self._val_dataset()
         cached = self._cached.get(plan.path)
