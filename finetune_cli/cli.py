@@ -185,7 +185,7 @@ def finetune(
         from finetune_cli.trainer import finetune as run
 
         result = run(cfg, out, argv=sys.argv, resume=resume)
-        if promote_to is not None:
+        if promote_to is not None and result.run_dir is not None:
             from finetune_cli import promotion
 
             promotion.run_promotion(

@@ -588,9 +588,29 @@ class FeatureCache(_Strict):
 
 
 class Runtime(_Strict):
+    """Where and how the run computes (README: multi-GPU and multi-host)."""
+
     # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: Bool = False
+    # auto: mirrored when TensorFlow finds more than one GPU, else none.
+    # multi_worker reads the cluster from the TF_CONFIG environment variable.
+    distribute: Literal["auto", "none", "mirrored", "multi_worker", "tpu"] = "auto"
+    # Split the host CPU into this many logical devices (a strategy without
+    # GPUs, for trying and testing one).
+    logical_cpus: Optional[Int] = Field(None, ge=1, le=64)
+    # multi_worker: seconds to wait for every worker at start, and after
+    # which a worker that stopped answering ends the others' run.
+    worker_timeout: Int = Field(60, ge=5)
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.distribute == "tpu":
+            raise ValueError(
+                "distribute: tpu is not supported yet; use none, mirrored or "
+                "multi_worker. Received: distribute='tpu'"
+            )
+        return self
 
 
 class Config(_Strict):

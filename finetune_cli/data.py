@@ -439,6 +439,9 @@ def make_dataset(
     augmenter=None,
     epochs: tuple[int, int] | None = None,
     deterministic: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    per_epoch: int | None = None,
+    class_weight: dict | None = None,
 ):
     """A batched `tf.data.Dataset` of (float32 pixels 0-255, one-hot labels).
 
@@ -456,6 +459,13 @@ def make_dataset(
             `epochs`). Without it, batches are augmented in parallel and
             draw from the layers' shared generators in whatever order the
             threads run.
+        shard: (index, count): with `epochs`, this input pipeline reads every
+            count-th file of each epoch's shuffled list, from `index`.
+        per_epoch: with `epochs`, read this many files of the shard per
+            epoch and only full batches (a strategy needs every replica to
+            run the same steps).
+        class_weight: {class index: weight}, added as sample weights (what
+            Keras' `class_weight` does, which a distributed dataset lacks).
     """
     import tensorflow as tf
 
@@ -470,33 +480,40 @@ def make_dataset(
             lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
-        ).batch(batch_size)
+        ).batch(batch_size, drop_remainder=per_epoch is not None)
+        if class_weight is not None:
+            ds = with_sample_weights(ds, class_weight, num_classes)
         if augmenter is None:
             return ds
         if deterministic and epoch is not None:
 
             def augment(b, xy):
                 with tf.control_dependencies(reseed(augmenter, seed, epoch, b)):
-                    return augmenter(xy[0], training=True), xy[1]
+                    return (augmenter(xy[0], training=True), *xy[1:])
 
             # One batch at a time: the generators' state is shared.
             return ds.enumerate().map(augment)
         return ds.map(
-            lambda x, y: (augmenter(x, training=True), y),
+            lambda x, *rest: (augmenter(x, training=True), *rest),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+
+    def epoch_files(e):
+        files = base.shuffle(
+            n,
+            seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
+            reshuffle_each_iteration=False,
+        )
+        if shard[1] > 1:
+            files = files.shard(shard[1], shard[0])
+        if per_epoch is not None:
+            files = files.take(per_epoch)
+        return files
 
     if shuffle and epochs is not None:
         first, end = epochs
         ds = tf.data.Dataset.range(first, end).flat_map(
-            lambda e: pipeline(
-                base.shuffle(
-                    n,
-                    seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
-                    reshuffle_each_iteration=False,
-                ),
-                epoch=e,
-            )
+            lambda e: pipeline(epoch_files(e), epoch=e)
         )
     elif shuffle:
         ds = pipeline(base.shuffle(n, seed=seed, reshuffle_each_iteration=True))
@@ -507,6 +524,16 @@ def make_dataset(
         options.deterministic = True
         ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def with_sample_weights(ds, class_weight: dict, num_classes: int):
+    """(x, one-hot y) batches -> (x, y, the weight of each one's class)."""
+    import tensorflow as tf
+
+    table = tf.constant(
+        [float(class_weight.get(i, 1.0)) for i in range(num_classes)], tf.float32
+    )
+    return ds.map(lambda x, y: (x, y, tf.gather(table, tf.argmax(y, axis=-1))))
 
 
 def reseed(augmenter, seed: int, epoch, batch) -> list:

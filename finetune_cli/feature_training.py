@@ -9,8 +9,8 @@ trains the full model's head; nothing has to be copied back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 
 import keras
 import numpy as np
@@ -32,7 +32,16 @@ def head_model(model, base):
 
 
 def feature_dataset(
-    feats, labels, num_classes: int, batch_size: int, *, seed: int, epochs=None
+    feats,
+    labels,
+    num_classes: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epochs=None,
+    shard=(0, 1),
+    per_epoch=None,
+    class_weight=None,
 ):
     """Batches of (features, one-hot) from cached features [views, n, d].
 
@@ -42,6 +51,7 @@ def feature_dataset(
             an order that depends on (seed, e) only, so a resumed phase
             sees the batches an uninterrupted one would. None: one pass in
             data order (validation).
+        shard, per_epoch, class_weight: as for `data.make_dataset`.
     """
     onehot = np.eye(num_classes, dtype="float32")[labels]
     views, n = feats.shape[0], feats.shape[1]
@@ -57,11 +67,16 @@ def feature_dataset(
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), e])
         )
+        order = order[shard[0] :: shard[1]]
+        if per_epoch is not None:
+            order = order[:per_epoch]
         return tf.data.Dataset.from_tensor_slices(
             (tf.gather(stacked[view], order), tf.gather(ys, order))
-        ).batch(batch_size)
+        ).batch(batch_size, drop_remainder=per_epoch is not None)
 
     ds = tf.data.Dataset.range(first, end).flat_map(epoch_batches)
+    if class_weight is not None:
+        ds = data_lib.with_sample_weights(ds, class_weight, num_classes)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -76,17 +91,16 @@ class CachedData:
     batch_size: int
     seed: int
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.train[0].shape[1] / self.batch_size)
-
-    def train_dataset(self, first: int, end: int):
+    def train_dataset(self, first: int, end: int, **distributed):
+        """Batches of epochs first..end-1; `distributed` as for
+        `feature_dataset` (batch_size, shard, per_epoch, class_weight)."""
         return feature_dataset(
             *self.train,
             self.num_classes,
-            self.batch_size,
+            distributed.pop("batch_size", self.batch_size),
             seed=self.seed,
             epochs=(first, end),
+            **distributed,
         )
 
     def val_dataset(self):
@@ -95,8 +109,15 @@ class CachedData:
         )
 
 
-def cached_datasets(cfg, out, model, base, index, path: str) -> CachedData:
-    """Extract (or reuse) the features a phase on `path` needs."""
+def cached_datasets(
+    cfg, out, model, base, index, path: str, strategy=None
+) -> CachedData:
+    """Extract (or reuse) the features a phase on `path` needs.
+
+    Call outside any strategy scope: extraction is a local forward pass on
+    each worker. The head model is grafted inside `strategy`'s scope, so
+    that it trains under the strategy.
+    """
     preprocess = (
         model.get_layer(model_lib.PREPROCESS_NAME)
         if any(la.name == model_lib.PREPROCESS_NAME for la in model.layers)
@@ -117,8 +138,10 @@ def cached_datasets(cfg, out, model, base, index, path: str) -> CachedData:
     val_fs, _ = features.get_features(cfg, extractor, index, "val", root / "val", out)
     f, labels, _ = train_fs.load()
     vf, vlabels, _ = val_fs.load()
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        head = head_model(model, base)
     return CachedData(
-        head_model(model, base),
+        head,
         (f, labels),
         (vf, vlabels),
         len(index.class_names),

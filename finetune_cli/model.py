@@ -331,12 +331,14 @@ def select_layers(base, trainable, key: str) -> list[str]:
     return chosen
 
 
-def apply_trainable(model, base, layer_names, batchnorm: str):
+def apply_trainable(model, base, layer_names, batchnorm: str, sync: bool = False):
     """Set what trains for a phase: the named base layers and the head.
 
     Under `batchnorm: frozen`, BatchNormalization layers of the base stay
     non-trainable, which in Keras 3 also keeps them in inference mode (moving
-    statistics used and never updated). The caller must recompile.
+    statistics used and never updated). With `sync` (several replicas), the
+    BatchNormalization layers that train compute their batch statistics over
+    the global batch, not each replica's slice. The caller must recompile.
     """
     import keras
 
@@ -351,6 +353,8 @@ def apply_trainable(model, base, layer_names, batchnorm: str):
             ):
                 train = False
             layer.trainable = train
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = sync and train
     for layer in model.layers:
         if layer is base or layer.name == PREPROCESS_NAME:
             continue

@@ -98,12 +98,17 @@ PLAN_COLUMNS = [
     "LR",
     "schedule",
     "epochs",
+    "batch",
     "path",
 ]
 
 
-def plan_rows(plans, cfg) -> list[list[str]]:
-    """The plan table: one row per phase (see PLAN_COLUMNS)."""
+def plan_rows(plans, cfg, replicas: int) -> list[list[str]]:
+    """The plan table: one row per phase (see PLAN_COLUMNS). The batch is
+    the global one, split over `replicas`."""
+    batch = str(cfg.data.batch_size)
+    if replicas > 1:
+        batch += f" = {replicas} x {cfg.data.batch_size // replicas}"
     rows = []
     for p in plans:
         ph = p.phase
@@ -121,6 +126,8 @@ def plan_rows(plans, cfg) -> list[list[str]]:
         if ph.schedule.warmup_epochs and sched != "warmup":
             sched += f" +{ph.schedule.warmup_epochs:g} ep warmup"
         bn = "inference (frozen)" if ph.batchnorm == "frozen" else "train"
+        if bn == "train" and replicas > 1:
+            bn = "train (synchronised)"
         if not p.layer_names:
             bn = "inference (frozen)"
         rows.append(
@@ -135,6 +142,7 @@ def plan_rows(plans, cfg) -> list[list[str]]:
                 f"{ph.learning_rate:g}",
                 sched,
                 str(ph.epochs),
+                batch,
                 describe_path(p.path, cfg),
             ]
         )

@@ -32,7 +32,10 @@ import csv
 import dataclasses
 import io
 import math
+import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,6 +47,7 @@ from finetune_cli import __version__
 from finetune_cli import checks
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
+from finetune_cli import distribute
 from finetune_cli import environment
 from finetune_cli import faults
 from finetune_cli import feature_training
@@ -62,6 +66,7 @@ from finetune_cli.rundir import Lock
 from finetune_cli.rundir import RunDir
 from finetune_cli.rundir import atomic_path
 from finetune_cli.rundir import atomic_write
+from finetune_cli.rundir import pid_alive
 
 
 @dataclasses.dataclass
@@ -92,6 +97,10 @@ def finetune(
         checks.check_output_dir(exp.output_dir, "experiment.output_dir")
         if cfg.model.weights not in ("imagenet", "none"):
             checks.check_weights(cfg.model.weights)
+    # Before any TensorFlow op: devices and the cluster are set up first.
+    topo = distribute.setup(cfg.runtime)
+    if not topo.chief:
+        return _finetune_worker(cfg, out, argv, resume, topo)
     exp_dir = Path(exp.output_dir) / exp.name
     lock = Lock(exp_dir / LOCK_FILE, f"experiment {exp.name!r} in {exp.output_dir}")
     # A run that never starts leaves no folder behind, not even the lock's.
@@ -107,12 +116,49 @@ def finetune(
             for p in exp_dir.iterdir():
                 if (p / STATUS_FILE).is_file() and not p.is_symlink():
                     RunDir(p).settle()  # dead runs read as interrupted
-            trainer = Trainer.prepare(cfg, out, argv, resume)
+            trainer = Trainer.prepare(cfg, out, argv, resume, topo)
             return trainer.run_guarded()
     finally:
         for p in reversed(made):
             with contextlib.suppress(OSError):
                 p.rmdir()  # only when empty
+
+
+def _finetune_worker(cfg, out, argv, resume, topo) -> FinetuneResult:
+    """A non-chief worker: the same steps as the chief, every write in a
+    temporary folder that is removed at the end. It takes no lock."""
+    _remove_dead_workers_folders()
+    prefix = f"finetune-worker-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        private = cfg.model_copy(
+            update={
+                "experiment": cfg.experiment.model_copy(
+                    update={"output_dir": str(Path(tmp) / "runs")}
+                ),
+                "feature_cache": cfg.feature_cache.model_copy(
+                    update={"dir": str(Path(tmp) / "features")}
+                ),
+            }
+        )
+        with _sigterm_as_interrupt():
+            trainer = Trainer.prepare(
+                private,
+                out,
+                argv,
+                resume,
+                topo,
+                config_dict=cfg.model_dump(mode="json"),
+            )
+            result = trainer.run_guarded()
+    return dataclasses.replace(result, run_dir=None)
+
+
+def _remove_dead_workers_folders() -> None:
+    """Temporary folders of workers that were killed (their pid is gone)."""
+    for p in Path(tempfile.gettempdir()).glob("finetune-worker-*-*"):
+        pid = p.name.split("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -150,6 +196,7 @@ class Trainer:
         env,
         state,
         resumed: bool,
+        topo: distribute.Topology,
     ):
         self.cfg = cfg
         self.out = out
@@ -163,8 +210,11 @@ class Trainer:
         self.state = state
         self.resumed = resumed
         self.run: Optional[RunDir] = None
+        self.topo = topo
         self.num_classes = len(index.class_names)
-        self.steps = max(1, math.ceil(len(index.splits["train"]) / cfg.data.batch_size))
+        self.steps = topo.steps_per_epoch(
+            len(index.splits["train"]), cfg.data.batch_size
+        )
         self.config_dict = cfg.model_dump(mode="json")
         self.versions = {
             "finetune_cli": __version__,
@@ -180,9 +230,18 @@ class Trainer:
     # -- construction -----------------------------------------------------
 
     @classmethod
-    def prepare(cls, cfg, out, argv=None, resume=None) -> "Trainer":
+    def prepare(
+        cls, cfg, out, argv=None, resume=None, topo=None, config_dict=None
+    ) -> "Trainer":
         """Check everything, build the model; create the run folder (a new
-        run) or load its state (a resume)."""
+        run) or load its state (a resume).
+
+        Args:
+            topo: the strategy (`distribute.setup`); none by default.
+            config_dict: the config a resumed state must match, when `cfg`
+                is a worker's private copy of it.
+        """
+        topo = topo or distribute.Topology("none", tf.distribute.get_strategy())
         exp = cfg.experiment
         if resume is not None:
             run = RunDir(resume)
@@ -218,8 +277,11 @@ class Trainer:
         env = environment.describe(argv)
         gpu = any(d["type"] == "GPU" for d in env["devices"])
         runtime = environment.configure_runtime(cfg, gpu)
-        env["runtime"] = runtime
-        model, base = model_lib.build_model(cfg, len(index.class_names))
+        env["runtime"] = {**runtime, **topo.describe()}
+        _check_batch(cfg, topo, len(index.splits["train"]))
+        with topo.strategy.scope():
+            model, base = model_lib.build_model(cfg, len(index.class_names))
+        distribute.adopt(model, topo)
         plans = phases_lib.plan_phases(model, base, cfg)
         trainer = cls(
             cfg,
@@ -233,7 +295,10 @@ class Trainer:
             env,
             runstate.RunState(),
             resume is not None,
+            topo,
         )
+        if config_dict is not None:
+            trainer.config_dict = config_dict
         if run is not None:
             trainer.run = run
             trainer.state = runstate.load(
@@ -243,6 +308,14 @@ class Trainer:
             )
         else:
             trainer.state.model = runstate.values(model.variables)
+        if not topo.chief:
+            # The chief's state, if resuming; every write goes elsewhere.
+            trainer.run = RunDir.create(
+                exp.output_dir,
+                exp.name,
+                prepare=lambda r: trainer._write_new_run(r, skipped),
+            )
+        elif run is None:
             trainer.run = RunDir.create(
                 exp.output_dir,
                 exp.name,
@@ -279,6 +352,13 @@ class Trainer:
                 return self.run_all()
             except tf.errors.UnimplementedError as e:
                 raise self._not_deterministic(e) from None
+            except distribute.peer_errors() as e:
+                if self.topo.kind != "multi_worker":
+                    raise
+                raise InterruptedRun(self._lost_worker(e)) from None
+        except InterruptedRun as e:
+            run.set_status("interrupted", reason=str(e), resumable=True)
+            raise
         except KeyboardInterrupt:
             run.set_status(
                 "interrupted",
@@ -309,6 +389,19 @@ class Trainer:
             f"deterministic implementation on this device ({first[0][:200]}); "
             "set experiment.deterministic: false, or run on CPU. "
             "Received: experiment.deterministic=true"
+        )
+
+    def _lost_worker(self, e) -> str:
+        where = (
+            f"--resume {self.run.path}"
+            if self.topo.chief
+            else "--resume with the chief's run folder"
+        )
+        return (
+            f"{self.topo.task}: the cluster lost a worker "
+            f"({distribute.lost_worker(e)}); the run stopped after epoch "
+            f"{self.state.epoch}. Start every worker again with "
+            f"finetune-cli finetune {where}"
         )
 
     def run_all(self) -> FinetuneResult:
@@ -357,6 +450,16 @@ class Trainer:
             f"; XLA: {'on' if self.runtime['xla'] else 'off'}"
             f"; deterministic: {'on' if self.runtime['deterministic'] else 'off'}"
         )
+        topo = self.topo
+        if topo.distributed:
+            out.info(
+                f"distribute: {topo.kind}, {topo.replicas} replica(s) on "
+                f"{topo.workers} worker(s) (this is {topo.task}"
+                f"{', the chief' if topo.chief else ', writes nothing'}); "
+                f"global batch {cfg.data.batch_size}, "
+                f"{topo.per_replica_batch(cfg.data.batch_size)} per replica, "
+                f"{self.steps} steps per epoch"
+            )
         out.info(
             f"data: {self.index.source}: {self.num_classes} classes, "
             + ", ".join(f"{s} {len(v)}" for s, v in self.index.splits.items())
@@ -367,7 +470,9 @@ class Trainer:
             f"input {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
         )
         out.table(
-            "plan", phases_lib.PLAN_COLUMNS, phases_lib.plan_rows(self.plans, cfg)
+            "plan",
+            phases_lib.PLAN_COLUMNS,
+            phases_lib.plan_rows(self.plans, cfg, self.topo.replicas),
         )
 
     def _materialize(self) -> None:
@@ -385,15 +490,36 @@ class Trainer:
     # -- one phase --------------------------------------------------------
 
     def _run_phase(self, plan: phases_lib.PhasePlan) -> None:
-        st, phase = self.state, plan.phase
-        mid_phase = st.phase_started
         self.out.step(
-            f"phase {plan.index + 1}/{len(self.plans)}: {phase.name} "
+            f"phase {plan.index + 1}/{len(self.plans)}: {plan.phase.name} "
             f"({phases_lib.describe_path(plan.path, self.cfg)})"
         )
+        if plan.path != "base" and plan.path not in self._cached:
+            # Outside the scope: extraction is each worker's local pass.
+            runstate.assign(self.model.variables, self.state.model, "model")
+            self._cached[plan.path] = feature_training.cached_datasets(
+                self.cfg,
+                self.out,
+                self.model,
+                self.base,
+                self.index,
+                plan.path,
+                strategy=self.topo.strategy,
+            )
+        # Models, compile, optimizer restore and head graft: in the scope.
+        with self.topo.strategy.scope():
+            self._run_phase_in_scope(plan)
+
+    def _run_phase_in_scope(self, plan: phases_lib.PhasePlan) -> None:
+        st, phase = self.state, plan.phase
+        mid_phase = st.phase_started
         runstate.assign(self.model.variables, st.model, "model")
         model_lib.apply_trainable(
-            self.model, self.base, plan.layer_names, phase.batchnorm
+            self.model,
+            self.base,
+            plan.layer_names,
+            phase.batchnorm,
+            sync=self.topo.replicas > 1,
         )
         if not mid_phase:
             st.start_phase()
@@ -426,33 +552,77 @@ class Trainer:
     def _phase_data(self, plan, first: int, end: int):
         """(model to fit, training batches of epochs first..end-1, val)."""
         if plan.path == "base":
-            train = data_lib.make_dataset(
-                self.index.splits["train"],
-                self.num_classes,
-                self.cfg.data.image_size,
-                self.cfg.data.batch_size,
-                shuffle=True,
-                seed=self.cfg.experiment.seed,
-                augmenter=self._augmenter,
-                epochs=(first, end),
-                deterministic=self.runtime["deterministic"],
+
+            def train(**distributed):
+                return data_lib.make_dataset(
+                    self.index.splits["train"],
+                    self.num_classes,
+                    self.cfg.data.image_size,
+                    distributed.pop("batch_size", self.cfg.data.batch_size),
+                    shuffle=True,
+                    seed=self.cfg.experiment.seed,
+                    augmenter=self._augmenter,
+                    epochs=(first, end),
+                    deterministic=self.runtime["deterministic"],
+                    **distributed,
+                )
+
+            fit_model, val = self.model, self._val_dataset()
+        else:
+            cached = self._cached[plan.path]
+
+            def train(**distributed):
+                return cached.train_dataset(first, end, **distributed)
+
+            fit_model, val = cached.head, self._unsharded(cached.val_dataset())
+        distribute.adopt(fit_model, self.topo)
+        if not self.topo.distributed:
+            return fit_model, train(), val
+        class_weight = self.class_weights[plan.index]
+        return fit_model, self._distributed(train, class_weight), val
+
+    def _distributed(self, train, class_weight):
+        """Training batches under the strategy: each input pipeline reads
+        its own shard of every epoch, in per-replica batches."""
+        topo, n = self.topo, len(self.index.splits["train"])
+        batch = self.cfg.data.batch_size
+
+        def per_pipeline(ctx):
+            per_replica = ctx.get_per_replica_batch_size(batch)
+            per_epoch = (
+                self.steps
+                * per_replica
+                * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
             )
-            return self.model, train, self._val_dataset()
-        cached = self._cached.get(plan.path)
-        if cached is None:
-            cached = feature_training.cached_datasets(
-                self.cfg, self.out, self.model, self.base, self.index, plan.path
+            return train(
+                batch_size=per_replica,
+                shard=(ctx.input_pipeline_id, ctx.num_input_pipelines),
+                per_epoch=min(per_epoch, n),
+                class_weight=class_weight,
             )
-            self._cached[plan.path] = cached
-        return cached.head, cached.train_dataset(first, end), cached.val_dataset()
+
+        return topo.strategy.distribute_datasets_from_function(per_pipeline)
+
+    def _unsharded(self, ds):
+        """Validation data is read whole by every worker (the metrics are
+        then exact whatever the split of the last batch)."""
+        if self.topo.kind != "multi_worker":
+            return ds
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        return ds.with_options(options)
 
     def _val_dataset(self):
         if self._val_ds is None:
-            self._val_ds = data_lib.make_dataset(
-                self.index.splits["val"],
-                self.num_classes,
-                self.cfg.data.image_size,
-                self.cfg.data.batch_size,
+            self._val_ds = self._unsharded(
+                data_lib.make_dataset(
+                    self.index.splits["val"],
+                    self.num_classes,
+                    self.cfg.data.image_size,
+                    self.cfg.data.batch_size,
+                )
             )
         return self._val_ds
 
@@ -466,7 +636,8 @@ class Trainer:
                 initial_epoch=first,
                 epochs=end,
                 steps_per_epoch=self.steps,
-                class_weight=class_weight,
+                # Under a strategy the weights are in the batches.
+                class_weight=None if self.topo.distributed else class_weight,
                 callbacks=callbacks,
                 verbose=0,
                 shuffle=False,
@@ -582,10 +753,13 @@ class Trainer:
             self.base.save_weights(str(tmp))
         # Only the loss and metrics are needed now (label smoothing as in
         # the last phase, so `loss` means what it meant during training).
-        phases_lib.compile_phase(
-            self.model, self.cfg.phases[-1], self.steps, self.num_classes, False
-        )
-        final = self.model.evaluate(self._val_dataset(), verbose=0, return_dict=True)
+        with self.topo.strategy.scope():
+            phases_lib.compile_phase(
+                self.model, self.cfg.phases[-1], self.steps, self.num_classes, False
+            )
+            final = self.model.evaluate(
+                self._val_dataset(), verbose=0, return_dict=True
+            )
         metrics = {
             "monitor": exp.monitor,
             "best_epoch": st.best_run_epoch,
@@ -595,23 +769,30 @@ class Trainer:
             "val": {"loss": float(final["loss"]), "accuracy": float(final["accuracy"])},
         }
         if self.index.splits.get("test"):
-            test_ds = data_lib.make_dataset(
-                self.index.splits["test"],
-                self.num_classes,
-                self.cfg.data.image_size,
-                self.cfg.data.batch_size,
+            test_ds = self._unsharded(
+                data_lib.make_dataset(
+                    self.index.splits["test"],
+                    self.num_classes,
+                    self.cfg.data.image_size,
+                    self.cfg.data.batch_size,
+                )
             )
-            test = self.model.evaluate(test_ds, verbose=0, return_dict=True)
+            with self.topo.strategy.scope():
+                test = self.model.evaluate(test_ds, verbose=0, return_dict=True)
             metrics["test"] = {
                 "loss": float(test["loss"]),
                 "accuracy": float(test["accuracy"]),
             }
-            # The held-out report, exactly as `finetune-cli evaluate RUN`
-            # writes it: on the recorded test files.
-            ev = evaluation.evaluate(run.path, split="test")
-            metrics["test"].update(ev.metrics["summary"])
-            metrics["test"]["report"] = str(ev.out_dir / "report.html")
-            self.out.info(f"test report: {ev.out_dir / 'report.html'}")
+            if self.topo.chief:
+                # The held-out report, exactly as `finetune-cli evaluate
+                # RUN` writes it: on the recorded test files.
+                ev = evaluation.evaluate(run.path, split="test")
+                metrics["test"].update(ev.metrics["summary"])
+                metrics["test"]["report"] = str(ev.out_dir / "report.html")
+                self.out.info(f"test report: {ev.out_dir / 'report.html'}")
+        if not self.topo.chief:
+            self.out.success(f"{self.topo.task}: done; the chief wrote the run folder")
+            return FinetuneResult(run.path, metrics, st.history)
         run.write_json("metrics.json", metrics)
         run.mark_latest()
         run.set_status("completed")
@@ -726,3 +907,24 @@ class _RestoreCallbacks(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         phases_lib.restore_callbacks(self._callbacks, self._states)
+
+
+def _check_batch(cfg, topo, n_train: int) -> None:
+    """Under a strategy the global batch must split evenly over the replicas
+    and leave every worker at least one full batch per epoch."""
+    if not topo.distributed:
+        return
+    batch = cfg.data.batch_size
+    if batch % topo.replicas:
+        raise ConfigError(
+            f"data.batch_size is the global batch and must split evenly over "
+            f"the {topo.replicas} replicas of runtime.distribute: {topo.kind}; "
+            f"use a multiple of {topo.replicas}. Received: "
+            f"data.batch_size={batch}"
+        )
+    if topo.steps_per_epoch(n_train, batch) < 1:
+        raise ConfigError(
+            f"data.batch_size {batch} is larger than the {n_train} training "
+            f"images can fill on {topo.workers} worker(s); lower it. "
+            f"Received: data.batch_size={batch}"
+        )

@@ -1,0 +1,242 @@
+"""Training under tf.distribute: two logical CPUs (mirrored) and two local
+worker processes (multi_worker, TF_CONFIG on 127.0.0.1) give the losses of
+one device; a worker that dies stops the others, and --resume completes."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from finetune_cli import config as config_lib
+from finetune_cli import distribute
+from finetune_cli.errors import ConfigError
+
+from conftest import lively_weights
+from conftest import tiny_config
+
+CLI = [sys.executable, "-m", "finetune_cli"]
+PHASES = [
+    {"name": "head", "epochs": 2, "learning_rate": 1e-2},
+    # Batch statistics train here: equal to one device only if the two
+    # replicas' BatchNormalization layers are synchronised.
+    {
+        "name": "top",
+        "epochs": 2,
+        "trainable": {"top": 6},
+        "batchnorm": "train",
+        "learning_rate": 1e-3,
+    },
+]
+
+
+def write_config(shapes_dir, tmp_path, name, **runtime):
+    raw = tiny_config(shapes_dir, tmp_path, phases=PHASES)
+    raw["model"]["weights"] = lively_weights(tmp_path / "pre.weights.h5")
+    raw["experiment"]["name"] = name
+    raw["runtime"] = runtime
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def launch(args, env=None, fault=None):
+    env = dict(os.environ, **(env or {}))
+    env.pop("FINETUNE_CLI_FAULT", None)
+    if fault:
+        env["FINETUNE_CLI_FAULT"] = fault
+    return subprocess.Popen(
+        CLI + args + ["--plain"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def runs(tmp_path, name):
+    root = tmp_path / "runs" / name
+    return [p for p in root.iterdir() if p.name[0].isdigit()] if root.is_dir() else []
+
+
+def history(run):
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    return [(r["phase"], float(r["loss"]), float(r["val_loss"])) for r in rows]
+
+
+def losses(rows):
+    return [x for _, *vals in rows for x in vals]
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(ports, index):
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    return json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    )
+
+
+@pytest.fixture(scope="module")
+def single(shapes_dir, tmp_path_factory):
+    """The reference: the same config on one device."""
+    tmp = tmp_path_factory.mktemp("single")
+    cfg = write_config(shapes_dir, tmp, "single", distribute="none")
+    code, out, err = finish(launch(["finetune", str(cfg)]))
+    assert code == 0, err[-3000:]
+    (run,) = runs(tmp, "single")
+    return run
+
+
+def test_mirrored_on_two_logical_cpus_matches_one_device(single, shapes_dir, tmp_path):
+    import keras
+
+    cfg = write_config(
+        shapes_dir, tmp_path, "mirrored", distribute="mirrored", logical_cpus=2
+    )
+    code, out, err = finish(launch(["finetune", str(cfg)]))
+    assert code == 0, err[-3000:]
+    assert "8 = 2 x 4" in out  # the plan table: global batch over 2 replicas
+    (run,) = runs(tmp_path, "mirrored")
+    env = json.loads((run / "environment.json").read_text())
+    assert env["runtime"]["distribute"] == "mirrored"
+    assert env["runtime"]["replicas"] == 2 and env["runtime"]["workers"] == 1
+
+    rows, ref = history(run), history(single)
+    assert [r[0] for r in rows] == ["head"] * 2 + ["top"] * 2
+    assert losses(rows) == pytest.approx(losses(ref), rel=1e-4)
+    assert len(set(losses(ref))) > 4  # the losses move
+
+    images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3))
+    got = keras.saving.load_model(run / "best.keras").predict(images, verbose=0)
+    want = keras.saving.load_model(single / "best.keras").predict(images, verbose=0)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_two_workers_write_one_run_with_the_losses_of_one_device(
+    single, shapes_dir, tmp_path
+):
+    cfg = write_config(
+        shapes_dir, tmp_path, "workers", distribute="multi_worker", worker_timeout=60
+    )
+    ports = free_ports(2)
+    procs = [
+        launch(["finetune", str(cfg)], env={"TF_CONFIG": tf_config(ports, i)})
+        for i in range(2)
+    ]
+    results = [finish(p) for p in procs]
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert "worker:1: done; the chief wrote the run folder" in results[1][1]
+
+    (run,) = runs(tmp_path, "workers")  # exactly one run folder
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    env = json.loads((run / "environment.json").read_text())
+    assert env["runtime"]["workers"] == 2 and env["runtime"]["task"] == "worker:0"
+    # Worker 1 wrote only to its temporary folder, which is gone.
+    temp = Path(tempfile.gettempdir())
+    assert not list(temp.glob(f"finetune-worker-{procs[1].pid}-*"))
+    assert losses(history(run)) == pytest.approx(losses(history(single)), rel=1e-3)
+
+    import keras
+
+    model = keras.saving.load_model(run / "best.keras")
+    assert model.predict(np.zeros((1, 32, 32, 3)), verbose=0).shape == (1, 4)
+
+
+def test_a_dead_worker_stops_the_other_and_resume_completes(
+    single, shapes_dir, tmp_path
+):
+    cfg = write_config(
+        shapes_dir, tmp_path, "killed", distribute="multi_worker", worker_timeout=20
+    )
+    ports = free_ports(2)
+    env = [{"TF_CONFIG": tf_config(ports, i)} for i in range(2)]
+    t0 = time.monotonic()
+    chief = launch(["finetune", str(cfg)], env=env[0])
+    worker = launch(["finetune", str(cfg)], env=env[1], fault="epoch_saved@2")
+    assert finish(worker)[0] == -9
+    code, out, err = finish(chief)
+    # Within a bounded time of the kill, with a message, not a hang.
+    assert time.monotonic() - t0 < 150
+    assert code == 5, err[-3000:]
+    assert "worker:1 stopped answering" in err
+    (run,) = runs(tmp_path, "killed")
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["resumable"]
+    assert f"--resume {run}" in err
+
+    ports = free_ports(2)
+    procs = [
+        launch(
+            ["finetune", "--resume", str(run)], env={"TF_CONFIG": tf_config(ports, i)}
+        )
+        for i in range(2)
+    ]
+    for code, _, err in [finish(p) for p in procs]:
+        assert code == 0, err[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert losses(history(run)) == pytest.approx(losses(history(single)), rel=1e-3)
+
+
+def test_tf_config_problems_are_config_errors(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        distribute.cluster()
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}}')
+    with pytest.raises(ConfigError, match="TF_CONFIG must be JSON like"):
+        distribute.cluster()
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+    )
+    with pytest.raises(ConfigError, match="index"):
+        distribute.cluster()
+
+
+def test_an_unreachable_cluster_names_the_address(shapes_dir, tmp_path):
+    cfg = write_config(
+        shapes_dir, tmp_path, "alone", distribute="multi_worker", worker_timeout=5
+    )
+    ports = free_ports(2)
+    code, out, err = finish(
+        launch(["finetune", str(cfg)], env={"TF_CONFIG": tf_config(ports, 0)})
+    )
+    assert code == 2, err[-3000:]
+    assert f"nothing answers at 127.0.0.1:{ports[1]}" in err
+    assert not runs(tmp_path, "alone")
+
+
+def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
+    topo = distribute.Topology("mirrored", None, replicas=3)
+    cfg = config_lib.validate(
+        {"data": {"dir": "d", "batch_size": 8}, "phases": [{"name": "a", "epochs": 1}]}
+    )
+    from finetune_cli.trainer import _check_batch
+
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        _check_batch(cfg, topo, 100)
+    assert distribute.Topology("none", None).steps_per_epoch(17, 8) == 3
+    two = distribute.Topology("multi_worker", None, replicas=2, workers=2)
+    assert two.steps_per_epoch(17, 8) == 2  # full global batches only
