@@ -40,6 +40,10 @@ def check(cfg) -> None:
         check_csv(Path(cfg.data.csv))
     if cfg.model.weights not in ("imagenet", "none"):
         check_weights(cfg.model.weights)
+    if cfg.runtime.distribute == "multi_worker":
+        from finetune_cli import distribute
+
+        distribute.cluster()  # TF_CONFIG set and well formed
     check_memory(cfg)
 
 

@@ -720,8 +720,8 @@ def runs_list(
                     r["run"],
                     r["state"],
                     r["started"] or "-",
-                    r["best"] or "-",
-                    r["test_accuracy"] or "-",
+                    "-" if r["best"] is None else f"{r['monitor']} {r['best']:.4f}",
+                    "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}",
                     {True: "yes", False: "no"}.get(r["deterministic"], "-"),
                     _run_note(r),
                 ]

@@ -530,8 +530,9 @@ def metadata(target, model, artifacts) -> dict:
         "output": {"probabilities": [None, len(target.labels)]},
         "preprocessing": preprocess,
         "source": {
-            "model": str(target.model_path),
-            "run": str(target.run_dir) if target.run_dir else None,
+            # The files themselves, not through the moving `latest` link.
+            "model": str(target.model_path.resolve()),
+            "run": str(target.run_dir.resolve()) if target.run_dir else None,
             "metrics": run_metrics,
         },
         "artifacts": [

@@ -59,6 +59,8 @@ def confusion_matrix_png(cm: np.ndarray, classes, path) -> Path:
 def curves_png(history_csv, path) -> Path:
     """Loss and accuracy per epoch, train and val, phase boundaries marked."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     rows = list(csv.DictReader(open(history_csv, newline="")))
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
@@ -94,6 +96,8 @@ def curves_png(history_csv, path) -> Path:
                 fontsize=8,
                 color="gray",
             )
+        # Epochs are whole numbers: no 1.5 ticks on short runs.
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()

@@ -343,14 +343,10 @@ def list_runs(output_dir, experiment=None) -> list[dict]:
                     "path": str(run),
                     "state": status.get("state", "?"),
                     "started": status.get("started"),
-                    "best": (
-                        f"{metrics.get('monitor')} {best:.4f}"
-                        if isinstance(best, (int, float))
-                        else None
-                    ),
-                    "test_accuracy": f"{test:.4f}"
-                    if isinstance(test, (int, float))
-                    else None,
+                    # Numbers stay numbers (for --json); the table formats.
+                    "monitor": metrics.get("monitor"),
+                    "best": best if isinstance(best, (int, float)) else None,
+                    "test_accuracy": (test if isinstance(test, (int, float)) else None),
                     # None for runs made before it was recorded.
                     "deterministic": runtime.get("deterministic"),
                     "reason": status.get("reason"),

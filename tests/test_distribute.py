@@ -200,6 +200,22 @@ def test_a_dead_worker_stops_the_other_and_resume_completes(
     assert losses(history(run)) == pytest.approx(losses(history(single)), rel=1e-3)
 
 
+def test_config_validate_checks_tf_config_without_tensorflow(
+    shapes_dir, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli import app
+
+    cfg = write_config(shapes_dir, tmp_path, "v", distribute="multi_worker")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = CliRunner().invoke(app, ["config", "validate", str(cfg)])
+    assert result.exit_code == 2 and "TF_CONFIG" in result.output
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
+    result = CliRunner().invoke(app, ["config", "validate", str(cfg)])
+    assert result.exit_code == 0, result.output
+
+
 def test_tf_config_problems_are_config_errors(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ConfigError, match="TF_CONFIG"):

@@ -136,6 +136,13 @@ def test_cli_promote_gate_exit_code_and_runs_list(setup, tmp_path):
     rows = json.loads(result.stdout)
     assert len(rows) == 1 and rows[0]["state"] == "completed"
     assert rows[0]["experiment"] == "t" and rows[0]["test_accuracy"]
+    # Numbers, not strings, for scripts.
+    assert isinstance(rows[0]["test_accuracy"], float)
+    assert isinstance(rows[0]["best"], float) and rows[0]["monitor"]
+    table = CliRunner().invoke(
+        app, ["runs", "list", "--output-dir", str(tmp_path / "runs")]
+    )
+    assert f"{rows[0]['test_accuracy']:.4f}" in table.stdout
 
 
 def test_promote_to_problems_are_found_before_training(setup, tmp_path):

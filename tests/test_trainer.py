@@ -51,6 +51,7 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
         augmentation=[{"type": "flip"}, {"type": "contrast", "factor": 0.1}],
     )
     raw["model"]["weights"] = str(weights)
+    raw["experiment"]["tensorboard"] = True
     cfg = config_lib.validate(raw)
     buf = io.StringIO()
     result = trainer.finetune(cfg, Output(file=buf))
@@ -111,6 +112,17 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
     )
     assert len(again.weights) == len(base.weights)
     assert (run.parent / "latest").resolve() == run.resolve()
+    # experiment.tensorboard: event files for training and validation.
+    events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert {p.parent.name for p in events} >= {"train", "validation"}, events
+    # An export of `latest` records the run folder it came from.
+    from finetune_cli import evaluation
+    from finetune_cli import export
+
+    target = evaluation.resolve_target(run.parent / "latest")
+    meta = export.metadata(target, model, [])
+    assert meta["source"]["run"] == str(run.resolve())
+    assert meta["source"]["model"] == str((run / "best.keras").resolve())
     text = buf.getvalue()
     assert "phase head: val_accuracy" in text and "phase top: val_accuracy" in text
     assert "\x1b[" not in text  # plain output when not a terminal
