@@ -868,4 +868,8 @@ def _main(
 
 def main():
     """Console-script entry point (Click's usage errors also exit 2)."""
+    if "--debug" not in sys.argv:
+        from finetune_cli.console import filter_native_stderr
+
+        filter_native_stderr()
     app()

@@ -9,6 +9,8 @@ plain, whatever the terminal shows.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 from typing import Optional, TextIO
 
@@ -176,3 +178,59 @@ class _RichProgress:
 
     def update(self, advance=1, status=""):
         self._progress.update(self._task, advance=advance, status=status)
+
+
+# TensorFlow's native (C++/absl) log lines, and the banners around them.
+_NATIVE = re.compile(
+    # absl: "I0000 00:00:1795493092.790121   17709 cudart_stub.cc:31] ..."
+    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\]"
+    r"|WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] tensorflow/"  # older TF format
+    r")"
+)
+
+
+def filter_native_stderr() -> None:
+    """Keep TensorFlow's native log lines out of this process's stderr.
+
+    TensorFlow 2.21 logs through absl before `TF_CPP_MIN_LOG_LEVEL` is read
+    (the cuInit error on every CPU machine, CPU feature notices, converter
+    chatter). Those lines bypass Python, so file descriptor 2 is routed
+    through a pipe and a thread that drops them and passes every other line
+    on. Python's TensorFlow logger is limited to errors. `--debug` skips
+    this, so nothing is hidden when diagnosing.
+    """
+    import atexit
+    import logging
+    import os
+    import threading
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+    except OSError:
+        return
+
+    def pump():
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not _NATIVE.match(line.decode("utf-8", "replace")):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore():
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            os.dup2(real, 2)  # closes the pipe's last writer: the pump ends
+        thread.join(timeout=5)
+
+    atexit.register(restore)

@@ -118,6 +118,7 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(single, shapes_dir, tmp
     code, out, err = finish(launch(["finetune", str(cfg)]))
     assert code == 0, err[-3000:]
     assert "8 = 2 x 4" in out  # the plan table: global batch over 2 replicas
+    assert err == "", err[-2000:]  # no native TensorFlow log lines
     (run,) = runs(tmp_path, "mirrored")
     env = json.loads((run / "environment.json").read_text())
     assert env["runtime"]["distribute"] == "mirrored"

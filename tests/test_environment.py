@@ -4,6 +4,7 @@ about where it ran."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -116,6 +117,14 @@ def test_same_seed_gives_bit_identical_runs_even_across_a_kill_and_resume(
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "after epoch 2, at phase 2" in resumed.stdout
+    # TensorFlow's native log lines (cuInit, CPU features) are filtered out:
+    # stderr holds only what the tool wrote (here: the killed run's lock).
+    (line,) = resumed.stderr.splitlines()
+    assert re.fullmatch(
+        r"warning: the previous run of 'killed' \(process \d+\) ended "
+        r"without releasing its lock",
+        line,
+    ), line
     assert history(second) == rows
     for name in ("best.keras", "last.keras"):
         assert same_weights(second / name, first / name), name
