@@ -221,7 +221,10 @@ def filter_native_stderr() -> None:
         with os.fdopen(read, "rb") as lines:
             for line in lines:
                 if not _NATIVE.match(line.decode("utf-8", "replace")):
-                    os.write(real, line)
+                    # Keep draining even if the real stderr is gone (a
+                    # closed pipe): a full pipe would block every writer.
+                    with contextlib.suppress(OSError):
+                        os.write(real, line)
 
     thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     thread.start()
