@@ -168,8 +168,7 @@ def cluster() -> tuple[dict, str, int]:
         spec = tf_config["cluster"]
         task = tf_config["task"]
         kind, index = task["type"], int(task["index"])
-        workers = list(spec.get("chief", [])) + list(spec.get("worker", []))
-        if not workers or kind not in spec or index >= len(spec[kind]):
+        if not _members(spec) or kind not in spec or index >= len(spec[kind]):
             raise ValueError("task not in cluster")
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(
@@ -181,18 +180,24 @@ def cluster() -> tuple[dict, str, int]:
     return spec, kind, index
 
 
+def _members(spec: dict) -> list:
+    """Every task that trains: the chief (if any) and the workers."""
+    return [*spec.get("chief", []), *spec.get("worker", [])]
+
+
 def _multi_worker(tf, runtime) -> Topology:
     spec, kind, index = cluster()
     chief = kind == "chief" or (kind == "worker" and index == 0 and "chief" not in spec)
     me = spec[kind][index]
-    peers = [a for job in ("chief", "worker") for a in spec.get(job, []) if a != me]
+    members = _members(spec)
+    peers = [a for a in members if a != me]
     _rendezvous(f"{kind}:{index}", me, peers, runtime.worker_timeout)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     return Topology(
         "multi_worker",
         strategy,
         replicas=strategy.num_replicas_in_sync,
-        workers=len(spec.get("chief", [])) + len(spec.get("worker", [])),
+        workers=len(members),
         task=f"{kind}:{index}",
         chief=chief,
         devices=_names(tf.config.list_logical_devices("GPU"))
@@ -216,7 +221,7 @@ def _rendezvous(task: str, me: str, peers: list, timeout: int) -> None:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        listener.bind(("" if host in ("localhost",) else host, int(port)))
+        listener.bind(("" if host == "localhost" else host, int(port)))
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"worker {task} cannot listen on its TF_CONFIG address {me}: {e}"
@@ -262,16 +267,12 @@ def _send(address: str, me: str) -> bool:
         return False
 
 
-def lost_worker(e) -> str:
+def lost_worker(e, me: str) -> str:
     """Which worker a collective op's error says went away, in TF_CONFIG's
-    terms ("worker:1"), or the error's first line."""
+    terms ("worker:1"; `me` is this task's), or the error's first line."""
     text = getattr(e, "message", None) or str(e)
     found = re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", text)
-    mine = None
-    with contextlib.suppress(ConfigError):
-        _, kind, index = cluster()
-        mine = (kind, str(index))
-    others = sorted({f"{j}:{t}" for j, t in found if (j, t) != mine})
+    others = sorted({f"{j}:{t}" for j, t in found} - {me})
     if others:
         return f"{', '.join(others)} stopped answering"
     lines = text.strip().splitlines()

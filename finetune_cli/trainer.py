@@ -308,20 +308,16 @@ class Trainer:
             )
         else:
             trainer.state.model = runstate.values(model.variables)
-        if not topo.chief:
-            # The chief's state, if resuming; every write goes elsewhere.
+        # A worker writes into its private folder, even when it resumes
+        # from the chief's state.
+        if run is None or not topo.chief:
             trainer.run = RunDir.create(
                 exp.output_dir,
                 exp.name,
                 prepare=lambda r: trainer._write_new_run(r, skipped),
             )
-        elif run is None:
-            trainer.run = RunDir.create(
-                exp.output_dir,
-                exp.name,
-                prepare=lambda r: trainer._write_new_run(r, skipped),
-            )
-            faults.point("run_created")
+            if topo.chief:
+                faults.point("run_created")
         return trainer
 
     def _write_new_run(self, run: RunDir, skipped) -> None:
@@ -399,7 +395,8 @@ class Trainer:
         )
         return (
             f"{self.topo.task}: the cluster lost a worker "
-            f"({distribute.lost_worker(e)}); the run stopped after epoch "
+            f"({distribute.lost_worker(e, self.topo.task)}); the run stopped "
+            "after epoch "
             f"{self.state.epoch}. Start every worker again with "
             f"finetune-cli finetune {where}"
         )
@@ -616,15 +613,19 @@ class Trainer:
 
     def _val_dataset(self):
         if self._val_ds is None:
-            self._val_ds = self._unsharded(
-                data_lib.make_dataset(
-                    self.index.splits["val"],
-                    self.num_classes,
-                    self.cfg.data.image_size,
-                    self.cfg.data.batch_size,
-                )
-            )
+            self._val_ds = self._eval_dataset("val")
         return self._val_ds
+
+    def _eval_dataset(self, split: str):
+        """A split's images in order, read whole by every worker."""
+        return self._unsharded(
+            data_lib.make_dataset(
+                self.index.splits[split],
+                self.num_classes,
+                self.cfg.data.image_size,
+                self.cfg.data.batch_size,
+            )
+        )
 
     def _fit(
         self, model, train_ds, val_ds, callbacks, first, end, class_weight
@@ -769,14 +770,7 @@ class Trainer:
             "val": {"loss": float(final["loss"]), "accuracy": float(final["accuracy"])},
         }
         if self.index.splits.get("test"):
-            test_ds = self._unsharded(
-                data_lib.make_dataset(
-                    self.index.splits["test"],
-                    self.num_classes,
-                    self.cfg.data.image_size,
-                    self.cfg.data.batch_size,
-                )
-            )
+            test_ds = self._eval_dataset("test")
             with self.topo.strategy.scope():
                 test = self.model.evaluate(test_ds, verbose=0, return_dict=True)
             metrics["test"] = {
