@@ -29,6 +29,23 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ACTIVATION_FACTOR = 16
 
 
+def scan_images(index, on_bad_image: str, out):
+    """The pre-flight check of every image (`data.preflight`), with a
+    progress bar, warning about the images left out under
+    `on_bad_image: skip`. Returns (the index without them, [(path, why)])."""
+    from finetune_cli import data as data_lib
+
+    total = sum(len(v) for v in index.splits.values())
+    with out.counter(total, "pre-flight") as progress:
+        index, skipped = data_lib.preflight(index, on_bad_image, progress)
+    if skipped:
+        out.warn(
+            f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "
+            f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}"
+        )
+    return index, skipped
+
+
 def check(cfg) -> None:
     """Raise ConfigError or DataError for the first problem found."""
     check_output_dir(cfg.experiment.output_dir, "experiment.output_dir")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -169,12 +170,12 @@ def finetune(
             cfg = _load(resume / "config.yaml", [])
         else:
             cfg = _load(config, set_)
-        gates = None
+        thresholds = None
         if promote_to is not None:
-            from finetune_cli import evaluation
+            from finetune_cli import gates
             from finetune_cli import promotion
 
-            gates = evaluation.parse_gates(fail_under, "--fail-under")
+            thresholds = gates.parse_gates(fail_under, "--fail-under")
             promotion.check_target(promote_to)  # before hours of training
         elif fail_under:
             raise_config(
@@ -192,7 +193,7 @@ def finetune(
                 result.run_dir,
                 promote_to,
                 out,
-                fail_under=gates,
+                fail_under=thresholds,
                 compare=compare_to_promoted,
                 tolerance=tolerance,
             )
@@ -201,7 +202,7 @@ def finetune(
 
 
 def _render_evaluation(out: Output, ev) -> None:
-    from finetune_cli.evaluation import fmt
+    from finetune_cli.metrics import fmt
 
     m = ev.metrics
     out.step(
@@ -329,7 +330,16 @@ def evaluate(
         Optional[str],
         typer.Option(help="Name of the evaluation folder under RUN/eval/."),
     ] = None,
-    top_k: Annotated[int, typer.Option(min=1, help="k of top-k accuracy.")] = 5,
+    top_k: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="k of top-k accuracy, below the number of classes (at k >= "
+            "classes every label is in the top k). Default: 5, lowered to "
+            "classes - 1 when there are fewer.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print only the metrics JSON to stdout.")
     ] = False,
@@ -381,13 +391,15 @@ def evaluate(
 
     def job():
         from finetune_cli import evaluation
+        from finetune_cli import gates
+        from finetune_cli.metrics import METRIC_KEYS
 
-        under = evaluation.parse_gates(fail_under, "--fail-under")
-        over = evaluation.parse_gates(fail_over, "--fail-over")
-        if compare_metric not in evaluation.METRIC_KEYS:
+        under = gates.parse_gates(fail_under, "--fail-under")
+        over = gates.parse_gates(fail_over, "--fail-over")
+        if compare_metric not in METRIC_KEYS:
             raise_config(
                 f"--compare-metric: expected one of "
-                f"{', '.join(evaluation.METRIC_KEYS)}. Received: "
+                f"{', '.join(METRIC_KEYS)}. Received: "
                 f"{compare_metric!r}"
             )
         if set_ and config is None:
@@ -405,15 +417,22 @@ def evaluate(
             split=split,
             out=out_dir,
             name=name,
-            top_k=top_k,
+            top_k=5 if top_k is None else top_k,
             allow_missing=allow_missing,
             warn=out.warn,
         )
+        k = ev.metrics["top_k"]
+        if top_k is not None and k != top_k:
+            out.warn(
+                f"--top-k {top_k}: the model has {len(ev.metrics['classes'])} "
+                f"classes, so top-k accuracy is computed with k={k} (with k >= "
+                "the number of classes it would be 1.0 for any model)"
+            )
         if json_out:
             out.text(json.dumps(ev.metrics, indent=2))
         else:
             _render_evaluation(out, ev)
-        evaluation.gate(
+        gates.gate(
             ev,
             fail_under=under,
             fail_over=over,
@@ -493,7 +512,7 @@ def export_(
 
     def job():
         from finetune_cli import export as export_lib
-        from finetune_cli.evaluation import fmt
+        from finetune_cli.metrics import fmt
 
         formats = export_lib.parse_list(format_, export_lib.FORMATS, "--format")
         quants = export_lib.parse_list(quantize, export_lib.QUANTIZATIONS, "--quantize")
@@ -548,6 +567,38 @@ def export_(
     _run(out, debug, job)
 
 
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+def _prediction_format(out_file: Optional[str], fmt: Optional[Format]):
+    """The format of `predict --out`, checked before TensorFlow loads."""
+    if out_file is None:
+        if fmt is not None:
+            raise_config("--format needs --out FILE, or --out - for stdout")
+        return None
+    if out_file == "-":
+        if fmt is None:
+            raise_config("--out - (stdout) needs --format csv or --format json")
+        return fmt.value
+    path = Path(out_file)
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in ("csv", "json"):
+        raise_config(
+            "--out must end in .csv or .json, or be - (stdout) with --format. "
+            f"Received: {out_file}"
+        )
+    if fmt is not None and fmt.value != suffix:
+        raise_config(
+            f"--format {fmt.value} does not match the suffix of --out. "
+            f"Received: {out_file}"
+        )
+    if path.is_dir():
+        raise_config(f"--out {out_file} is a folder; expected a file name")
+    return suffix
+
+
 @app.command()
 def predict(
     target: Annotated[
@@ -566,47 +617,78 @@ def predict(
     ],
     top_k: Annotated[int, typer.Option(min=1, help="How many labels per image.")] = 3,
     out_file: Annotated[
-        Optional[Path],
-        typer.Option("--out", help="Write predictions to a .csv or .json file."),
+        Optional[str],
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            help="Write predictions to a .csv or .json file, or to stdout "
+            "with - (and --format).",
+        ),
     ] = None,
+    fmt: Annotated[
+        Optional[Format],
+        typer.Option("--format", help="csv or json (needed with --out -)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per inference batch.")
+    ] = 32,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
     """Batch inference on image files, with labels.
 
-    Unreadable images are reported by name; the others are still predicted,
-    and the exit code is then 3.
+    Images stream through the model in batches (memory stays flat). Without
+    --out, one line per image; with --out, only a progress bar and a
+    summary (on stderr when --out is -). Unreadable images are reported by
+    name; the others are still predicted, and the exit code is then 3.
     """
-    out = Output(quiet=quiet, plain=plain)
+    to_stdout = out_file == "-"
+    out = Output(quiet=quiet, plain=plain, file=sys.stderr if to_stdout else None)
 
     def job():
-        _quiet_tensorflow()
-        from finetune_cli import evaluation
-        from finetune_cli.errors import DataError
+        import time
 
-        rows = evaluation.predict(target, images, top_k=top_k)
-        if out_file is not None:
-            evaluation.write_predictions(rows, out_file)
-        out.table(
-            "predictions",
-            ["file", "label", "confidence", f"top {top_k}"],
-            [
-                [
-                    r["file"],
-                    r["label"] or "-",
-                    evaluation.fmt(r["confidence"]),
-                    ", ".join(
+        kind = _prediction_format(out_file, fmt)
+        _quiet_tensorflow()
+        from finetune_cli import prediction
+        from finetune_cli.errors import DataError
+        from finetune_cli.metrics import fmt as fmt_number
+
+        files = prediction.collect_images(images)
+        rows = prediction.predict(target, files, top_k=top_k, batch_size=batch_size)
+        if kind is not None:
+            rows = prediction.write_rows(rows, out_file, kind)
+        t0 = time.monotonic()
+        bad = []
+        with out.counter(len(files), "predict", final=False) as progress:
+            for n, r in enumerate(rows, 1):
+                progress(n)
+                if r["error"]:
+                    bad.append(r)
+                if kind is None:
+                    top = ", ".join(
                         f"{t['label']} {t['probability']:.3f}" for t in r["top_k"]
                     )
-                    or r["error"],
-                ]
-                for r in rows
-            ],
+                    out.info(
+                        f"{r['file']}: "
+                        + (
+                            f"{r['label']} {fmt_number(r['confidence'])} ({top})"
+                            if not r["error"]
+                            else f"unreadable: {r['error']}"
+                        )
+                    )
+        seconds = time.monotonic() - t0
+        where = (
+            ""
+            if kind is None
+            else (" to stdout" if to_stdout else f"; wrote {out_file}")
         )
-        if out_file is not None:
-            out.info(f"wrote {len(rows)} rows to {out_file}")
-        bad = [r for r in rows if r["error"]]
+        out.info(
+            f"predicted {len(files) - len(bad)} of {len(files)} images in "
+            f"{seconds:.1f}s ({len(files) / max(seconds, 1e-9):.1f} images/s), "
+            f"{len(bad)} unreadable{where}"
+        )
         if bad:
             raise DataError(
                 f"{len(bad)} unreadable image(s): "
@@ -641,11 +723,11 @@ def promote(
     out = Output(quiet=quiet, plain=plain)
 
     def job():
-        from finetune_cli import evaluation
+        from finetune_cli import gates
         from finetune_cli import promotion
         from finetune_cli.rundir import RunDir
 
-        gates = evaluation.parse_gates(fail_under, "--fail-under")
+        thresholds = gates.parse_gates(fail_under, "--fail-under")
         state = RunDir(run_dir).live_status().get("state")
         if state != "completed":
             raise_config(
@@ -657,7 +739,7 @@ def promote(
             run_dir,
             to,
             out,
-            fail_under=gates,
+            fail_under=thresholds,
             compare=compare_to_promoted,
             tolerance=tolerance,
         )

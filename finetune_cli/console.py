@@ -10,8 +10,10 @@ plain, whatever the terminal shows.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
+import time
 from typing import Optional, TextIO
 
 from rich import box
@@ -55,6 +57,7 @@ class Output:
         self.quiet = quiet
         self._log: Optional[Console] = None
         self._log_file = None
+        self._live: list = []  # progress bars being drawn
 
     # -- log file ---------------------------------------------------------
 
@@ -94,7 +97,14 @@ class Output:
     def success(self, message: str) -> None:
         self._emit(escape(message), style="green")
 
+    def _end_live(self) -> None:
+        # A message must not land on the line a progress bar is drawing
+        # (Ctrl-C or an error in the middle of an epoch).
+        while self._live:
+            self._live.pop().stop()
+
     def warn(self, message: str) -> None:
+        self._end_live()
         self.err.print(
             f"warning: {escape(message)}", style=None if self.plain else "yellow"
         )
@@ -102,6 +112,7 @@ class Output:
             self._log.print(f"warning: {escape(message)}")
 
     def error(self, kind: str, message: str) -> None:
+        self._end_live()
         self.err.print(
             f"{kind}: {escape(message)}", style=None if self.plain else "bold red"
         )
@@ -145,7 +156,42 @@ class Output:
             console=self.console,
             transient=True,
         )
-        return _RichProgress(progress, total, description)
+        return _RichProgress(progress, total, description, self._live)
+
+    @contextlib.contextmanager
+    def counter(
+        self, total: int, description: str, unit: str = "images", final: bool = True
+    ):
+        """Yield `update(done)` for a long count: a bar with the rate at a
+        terminal; in plain mode a line every 10 s, and one at the end
+        unless `final` is false (the caller sums up itself)."""
+        t0 = time.monotonic()
+        last = [t0]
+
+        def line(done: int) -> str:
+            dt = max(time.monotonic() - t0, 1e-9)
+            rate = done / dt
+            eta = (total - done) / rate if rate > 0 else math.inf
+            return (
+                f"{description}: {done}/{total} {unit}, {rate:.1f} {unit}/s, "
+                f"ETA {eta:.0f}s"
+            )
+
+        with self.progress(total, description) as bar:
+            seen = [0]
+
+            def update(done: int, *_):
+                rate = done / max(time.monotonic() - t0, 1e-9)
+                bar.update(done - seen[0], f"{rate:.1f} {unit}/s")
+                seen[0] = done
+                now = time.monotonic()
+                if self.plain and now - last[0] > 10:
+                    last[0] = now
+                    self.info(line(done))
+
+            yield update
+        if self.plain and final:
+            self.info(line(seen[0]))
 
 
 class _NoProgress:
@@ -160,13 +206,15 @@ class _NoProgress:
 
 
 class _RichProgress:
-    def __init__(self, progress, total, description):
+    def __init__(self, progress, total, description, live):
         self._progress = progress
         self._total = total
         self._description = description
+        self._live = live
 
     def __enter__(self):
         self._progress.start()
+        self._live.append(self._progress)
         self._task = self._progress.add_task(
             self._description, total=self._total, status=""
         )
@@ -174,6 +222,8 @@ class _RichProgress:
 
     def __exit__(self, *exc):
         self._progress.stop()
+        if self._progress in self._live:
+            self._live.remove(self._progress)
         return False
 
     def update(self, advance=1, status=""):

@@ -46,6 +46,7 @@ import numpy as np
 
 from finetune_cli import data as data_lib
 from finetune_cli import evaluation
+from finetune_cli import runmodel
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.errors import GateError
@@ -104,7 +105,7 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
     import keras
     import tensorflow as tf
 
-    size = evaluation.model_image_size(model)
+    size = runmodel.model_image_size(model)
     label_table = tf.constant(labels)
 
     def outputs(probs):
@@ -147,7 +148,7 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
 def _concrete(model):
     import tensorflow as tf
 
-    size = evaluation.model_image_size(model)
+    size = runmodel.model_image_size(model)
 
     @tf.function(input_signature=[_pixels_spec(size)])
     def probabilities(pixels):
@@ -206,7 +207,7 @@ def write_onnx(model, path: Path, opset: int) -> None:
             "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)"
         ) from None
     fn = _concrete(model)
-    size = evaluation.model_image_size(model)
+    size = runmodel.model_image_size(model)
     proto, _ = tf2onnx.convert.from_function(
         fn, input_signature=[_pixels_spec(size)], opset=opset
     )
@@ -377,7 +378,7 @@ def export(
     progress=None,
 ) -> ExportResult:
     """Export a run (its best.keras) or a .keras model; see the module doc."""
-    target = evaluation.resolve_target(target_path)
+    target = runmodel.resolve_target(target_path)
     if "onnx" in formats:
         try:
             import onnxruntime  # noqa: F401 - only checking it is there
@@ -398,8 +399,8 @@ def export(
     val = train = None
     if needs_data:
         val, train = _data_for(target, data)
-    model = evaluation.load_model(target)
-    size = evaluation.model_image_size(model)
+    model = runmodel.load_model(target)
+    size = runmodel.model_image_size(model)
     say = progress or (lambda msg: None)
 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -498,7 +499,7 @@ def metadata(target, model, artifacts) -> dict:
 
     from finetune_cli import __version__
 
-    h, w = evaluation.model_image_size(model)
+    h, w = runmodel.model_image_size(model)
     run_metrics = None
     preprocess = None
     if target.run_dir is not None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -302,20 +301,6 @@ def _remove_dead_partials(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-class Throughput:
-    """images/s and ETA for progress lines."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.t0 = time.monotonic()
-
-    def line(self, done: int) -> str:
-        dt = max(time.monotonic() - self.t0, 1e-9)
-        rate = done / dt
-        eta = (self.total - done) / rate if rate > 0 else math.inf
-        return f"{done}/{self.total} images, {rate:.1f} images/s, ETA {eta:.0f}s"
-
-
 @dataclasses.dataclass
 class ExtractResult:
     split: str
@@ -362,19 +347,7 @@ def get_features(
     if why != "no cache yet":
         out.info(f"features [{split}]: recomputing, cache out of date: {why}")
     total = len(samples) * views
-    meter = Throughput(total)
-    last = [0.0]
-    with out.progress(total, f"extract {split}") as bar:
-
-        def progress(done, total_):
-            bar.update(done - progress.done, meter.line(done))
-            progress.done = done
-            now = time.monotonic()
-            if out.plain and (now - last[0] > 10 or done == total_):
-                last[0] = now
-                out.info(f"extract [{split}] {meter.line(done)}")
-
-        progress.done = 0
+    with out.counter(total, f"extract [{split}]") as progress:
         fs = extract(
             extractor,
             samples,
@@ -412,12 +385,7 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     # The same pre-flight check as finetune, so both see the same files
     # (and a bad image is a data error naming it, not a crash).
-    index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
-    if skipped:
-        out.warn(
-            f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "
-            f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}"
-        )
+    index, skipped = checks.scan_images(index, cfg.data.on_bad_image, out)
     splits = list(index.splits) if split == "all" else [split]
     for s in splits:
         if s not in index.splits:

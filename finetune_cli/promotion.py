@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 from finetune_cli import evaluation
+from finetune_cli import gates
+from finetune_cli import runmodel
 from finetune_cli import faults
 from finetune_cli import split as split_lib
 from finetune_cli.errors import ConfigError
@@ -149,7 +151,7 @@ def decide(
     )
     split = "test" if has_test else "val"
     ev = evaluation.evaluate(run_dir, split=split, name=f"promotion-{split}")
-    reasons = evaluation.check_gates(ev.metrics["summary"], fail_under or {}, {})
+    reasons = gates.check_gates(ev.metrics["summary"], fail_under or {}, {})
     record = {
         "split": split,
         "metrics": ev.metrics["summary"],
@@ -163,10 +165,10 @@ def decide(
 
 
 def _compare_with(promoted, ev, metric, tolerance, record) -> list[str]:
-    old = evaluation.resolve_target(promoted / "model.keras")
+    old = runmodel.resolve_target(promoted / "model.keras")
     if old.labels != ev.metrics["classes"]:
         return [f"classes changed: promoted {old.labels}, new {ev.metrics['classes']}"]
-    message, record["champion"] = evaluation.compare_unseen(ev, old, metric, tolerance)
+    message, record["champion"] = gates.compare_unseen(ev, old, metric, tolerance)
     record["champion"]["path"] = str(promoted)
     if record["champion"]["images"] == 0:
         return [message]

@@ -258,13 +258,7 @@ class Trainer:
         else:
             run = None
             index = data_lib.index_data(cfg.data, exp.seed)
-            index, skipped = data_lib.preflight(index, cfg.data.on_bad_image)
-            if skipped:
-                out.warn(
-                    f"skipping {len(skipped)} bad image(s) "
-                    f"(data.on_bad_image: skip), e.g. {skipped[0][0]}: "
-                    f"{skipped[0][1]}"
-                )
+            index, skipped = checks.scan_images(index, cfg.data.on_bad_image, out)
         class_weights = [
             phases_lib.resolve_class_weight(p, i, index)
             for i, p in enumerate(cfg.phases)

@@ -68,3 +68,24 @@ def lively_weights(path) -> str:
     if not os.path.exists(path):
         lively_base().save_weights(str(path))
     return str(path)
+
+
+def constant_model(tmp_path, name, cls, shapes_dir):
+    """A model that always predicts class `cls`, saved with labels.txt."""
+    import keras
+    import numpy as np
+
+    from finetune_cli import model as model_lib
+
+    cfg = config_lib.validate(tiny_config(shapes_dir, tmp_path))
+    model, _ = model_lib.build_model(cfg, 4)
+    out = model.get_layer(model_lib.OUTPUT_NAME)
+    kernel, bias = out.get_weights()
+    out.set_weights([np.zeros_like(kernel), 10 * np.eye(4)[cls].astype("float32")])
+    folder = tmp_path / name
+    folder.mkdir()
+    model.save(folder / "model.keras")
+    (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
+    assert isinstance(model, keras.Model)
+    return folder / "model.keras"
+

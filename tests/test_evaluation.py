@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
-from finetune_cli import evaluation
-from finetune_cli import model as model_lib
+
 from finetune_cli import trainer
 from finetune_cli.cli import app
 from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
 
+from conftest import constant_model
 from conftest import tiny_config
 
 runner = CliRunner()
@@ -44,57 +44,6 @@ def run_dir(shapes_dir, tmp_path_factory):
     return trainer.finetune(
         config_lib.validate(raw), Output(file=open("/dev/null", "w"))
     ).run_dir
-
-
-def test_numpy_metrics_equal_sklearn():
-    sk = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    n, c = 200, 5
-    y = rng.integers(0, c, n)
-    logits = rng.normal(size=(n, c)) + 2.0 * np.eye(c)[y] * rng.uniform(0, 1, (n, 1))
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    names = list("abcde")
-    m = evaluation.compute_metrics(y, probs, names, top_k=3)
-    pred = probs.argmax(1)
-    assert m["summary"]["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
-    assert m["summary"]["top_k_accuracy"] == pytest.approx(
-        sk.top_k_accuracy_score(y, probs, k=3, labels=range(c))
-    )
-    assert m["summary"]["log_loss"] == pytest.approx(
-        sk.log_loss(y, probs, labels=range(c))
-    )
-    np.testing.assert_array_equal(m["confusion_matrix"], sk.confusion_matrix(y, pred))
-    p, r, f, s = sk.precision_recall_fscore_support(y, pred, zero_division=0)
-    for i, name in enumerate(names):
-        got = m["per_class"][name]
-        assert (
-            got["precision"],
-            got["recall"],
-            got["f1"],
-            got["support"],
-        ) == pytest.approx((p[i], r[i], f[i], s[i]))
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = sk.precision_recall_fscore_support(
-            y, pred, average=avg, zero_division=0
-        )
-        assert m["summary"][f"{avg}_precision"] == pytest.approx(p)
-        assert m["summary"][f"{avg}_recall"] == pytest.approx(r)
-        assert m["summary"][f"{avg}_f1"] == pytest.approx(f)
-    cm = np.array(m["confusion_matrix"])
-    worst = m["most_confused"][0]
-    i, j = names.index(worst["true"]), names.index(worst["predicted"])
-    assert worst["count"] == cm[~np.eye(c, dtype=bool)].max() == cm[i, j]
-
-
-def test_ece_by_hand():
-    # Four predictions at confidence 0.8, two right: |0.5 - 0.8| = 0.3.
-    probs = np.array([[0.8, 0.2]] * 4)
-    y = np.array([0, 0, 1, 1])
-    assert evaluation.expected_calibration_error(y, probs) == pytest.approx(0.3)
-    # Perfectly calibrated: confidence 1.0, all right.
-    assert evaluation.expected_calibration_error(
-        np.array([0, 1]), np.eye(2)
-    ) == pytest.approx(0.0)
 
 
 def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
@@ -231,23 +180,6 @@ def test_cli_json_and_gates(run_dir):
     assert result.exit_code == 2 and "did you mean 'accuracy'" in result.output
 
 
-def constant_model(tmp_path, name, cls, shapes_dir):
-    """A model that always predicts class `cls`, saved with labels.txt."""
-    import keras
-
-    cfg = config_lib.validate(tiny_config(shapes_dir, tmp_path))
-    model, _ = model_lib.build_model(cfg, 4)
-    out = model.get_layer(model_lib.OUTPUT_NAME)
-    kernel, bias = out.get_weights()
-    out.set_weights([np.zeros_like(kernel), 10 * np.eye(4)[cls].astype("float32")])
-    folder = tmp_path / name
-    folder.mkdir()
-    model.save(folder / "model.keras")
-    (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
-    assert isinstance(model, keras.Model)
-    return folder / "model.keras"
-
-
 def test_compare_to_fails_when_worse_on_same_data(tmp_path, shapes_dir):
     # Unbalanced held-out folder: 1 circle, 3 of each other class.
     data = tmp_path / "holdout"
@@ -347,29 +279,3 @@ def test_class_mismatch_is_a_clear_error(tmp_path, shapes_dir):
     assert "does not know: ['hexagon']" in result.output
     assert "no images in the data: ['star', 'triangle']" in result.output
     assert "Traceback" not in result.output
-
-
-def test_predict_folder_one_row_per_image_and_bad_image_named(tmp_path, shapes_dir):
-    model = constant_model(tmp_path, "m", 2, shapes_dir)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    srcs = sorted((shapes_dir / "square").iterdir())[:5]
-    for f in srcs:
-        (folder / f.name).write_bytes(f.read_bytes())
-    out = tmp_path / "preds.csv"
-    result = runner.invoke(
-        app, ["predict", str(model), str(folder), "--out", str(out), "--top-k", "2"]
-    )
-    assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(open(out)))
-    assert len(rows) == 5 and {r["label"] for r in rows} == {"star"}
-    assert all(len(r["top_k"].split(";")) == 2 for r in rows)
-    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    out_json = tmp_path / "preds.json"
-    result = runner.invoke(
-        app, ["predict", str(model), str(folder), "--out", str(out_json)]
-    )
-    assert result.exit_code == 3
-    assert "zz_broken.png" in result.output
-    rows = json.loads(out_json.read_text())
-    assert len(rows) == 6 and rows[-1]["error"] and rows[0]["label"] == "star"

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
 from finetune_cli import model as model_lib
+from finetune_cli import runmodel
 from finetune_cli import trainer
 from finetune_cli.cli import app
 from finetune_cli.console import Output
@@ -116,10 +117,9 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
     events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert {p.parent.name for p in events} >= {"train", "validation"}, events
     # An export of `latest` records the run folder it came from.
-    from finetune_cli import evaluation
     from finetune_cli import export
 
-    target = evaluation.resolve_target(run.parent / "latest")
+    target = runmodel.resolve_target(run.parent / "latest")
     meta = export.metadata(target, model, [])
     assert meta["source"]["run"] == str(run.resolve())
     assert meta["source"]["model"] == str((run / "best.keras").resolve())
