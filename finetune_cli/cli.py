@@ -8,6 +8,7 @@ renders the result. TensorFlow is only imported inside those functions, so
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -16,20 +17,84 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_INTERRUPTED
 from finetune_cli.errors import EXIT_UNEXPECTED
 from finetune_cli.errors import FinetuneError
+from finetune_cli.metrics import METRIC_KEYS
+
+
+class ExtractSplit(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+    all = "all"
+
+
+Metric = Enum("Metric", {k: k for k in METRIC_KEYS}, type=str)
+
+
+class _Help:
+    """Help that reads like a man page: `TARGET IMAGES...` in the usage line,
+    value placeholders (`PATH`, `INT`, `csv|json`) only for options that
+    take a value, none for flags and arguments."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_help(param)
+
+    def get_params(self, ctx):
+        # --help and the completion options are added after __init__.
+        params = super().get_params(ctx)
+        for param in params:
+            _plain_help(param)
+        return params
+
+
+def _plain_help(param) -> None:
+    if isinstance(param, typer.core.TyperArgument):
+        param.metavar = param.metavar or param.name.upper()
+        param.display_type_rich = lambda ctx=None: None
+    elif param.is_flag:
+        param.display_type_rich = lambda ctx=None: None
+    else:
+        param.display_type_rich = functools.partial(_placeholder, param)
+
+
+class Group(_Help, typer.core.TyperGroup):
+    pass
+
+
+class Command(_Help, typer.core.TyperCommand):
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def _placeholder(param, ctx=None) -> str:
+    # Typer writes `<path>`, `<int range>`, `<list[str]>`; a metavar wins.
+    label = typer.core.TyperOption.display_type_rich(param, ctx)
+    label = label.strip("<>").replace(" range", "")
+    if label.startswith("list[") or param.multiple:
+        label = label.removeprefix("list[").rstrip("]")
+    return label if "|" in label or param.metavar else label.upper()
+
 
 app = typer.Typer(
     help="Fine-tune keras.applications image classifiers from YAML configs.",
     no_args_is_help=True,
-    add_completion=False,
+    cls=Group,
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(
-    help="Inspect and check experiment configs.", no_args_is_help=True
+    help="Inspect and check experiment configs.", no_args_is_help=True, cls=Group
 )
 app.add_typer(config_app, name="config")
 
@@ -119,7 +184,7 @@ def _load(config: Path, overrides):
     return load_config(config, overrides or [])
 
 
-@app.command()
+@app.command(cls=Command)
 def finetune(
     config: Annotated[
         Optional[Path],
@@ -235,12 +300,12 @@ def _render_evaluation(out: Output, ev) -> None:
     out.info(f"report: {ev.out_dir / 'report.html'}")
 
 
-@app.command()
+@app.command(cls=Command)
 def extract(
     config: ConfigArg,
     split: Annotated[
-        str, typer.Option(help="Which split: train, val, test or all.")
-    ] = "all",
+        ExtractSplit, typer.Option(help="Which split, or all of them.")
+    ] = ExtractSplit.all,
     out_dir: Annotated[
         Optional[Path],
         typer.Option(
@@ -262,15 +327,11 @@ def extract(
     out = Output(quiet=quiet, plain=plain)
 
     def job():
-        if split not in ("train", "val", "test", "all"):
-            raise_config(
-                f"--split must be train, val, test or all. Received: {split!r}"
-            )
         cfg = _load(config, set_)
         _quiet_tensorflow()
         from finetune_cli import features
 
-        results = features.extract_command(cfg, out, split, out_dir)
+        results = features.extract_command(cfg, out, split.value, out_dir)
         out.table(
             "features",
             [
@@ -299,7 +360,7 @@ def extract(
     _run(out, debug, job)
 
 
-@app.command()
+@app.command(cls=Command)
 def evaluate(
     target: Annotated[
         Path,
@@ -368,8 +429,8 @@ def evaluate(
         float, typer.Option(min=0.0, help="How much worse --compare-to allows.")
     ] = 0.005,
     compare_metric: Annotated[
-        str, typer.Option(help="Metric --compare-to compares.")
-    ] = "accuracy",
+        Metric, typer.Option(help="Metric --compare-to compares.")
+    ] = Metric.accuracy,
     allow_missing: Annotated[
         bool,
         typer.Option(
@@ -392,16 +453,9 @@ def evaluate(
     def job():
         from finetune_cli import evaluation
         from finetune_cli import gates
-        from finetune_cli.metrics import METRIC_KEYS
 
         under = gates.parse_gates(fail_under, "--fail-under")
         over = gates.parse_gates(fail_over, "--fail-over")
-        if compare_metric not in METRIC_KEYS:
-            raise_config(
-                f"--compare-metric: expected one of "
-                f"{', '.join(METRIC_KEYS)}. Received: "
-                f"{compare_metric!r}"
-            )
         if set_ and config is None:
             raise_config(
                 "--set changes the config given with --config; without "
@@ -438,7 +492,7 @@ def evaluate(
             fail_over=over,
             compare_to=compare_to,
             tolerance=tolerance,
-            compare_metric=compare_metric,
+            compare_metric=compare_metric.value,
         )
         if under or over or compare_to is not None:
             out.success("all gates passed")
@@ -446,7 +500,7 @@ def evaluate(
     _run(out, debug, job)
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 def export_(
     target: Annotated[
         Path,
@@ -599,7 +653,7 @@ def _prediction_format(out_file: Optional[str], fmt: Optional[Format]):
     return suffix
 
 
-@app.command()
+@app.command(cls=Command)
 def predict(
     target: Annotated[
         Path,
@@ -698,7 +752,7 @@ def predict(
     _run(out, debug, job)
 
 
-@app.command()
+@app.command(cls=Command)
 def promote(
     run_dir: Annotated[
         Path, typer.Argument(help="A completed run folder.", show_default=False)
@@ -753,11 +807,13 @@ def raise_config(message: str):
     raise ConfigError(message)
 
 
-runs_app = typer.Typer(help="Recent runs and their state.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Recent runs and their state.", no_args_is_help=True, cls=Group
+)
 app.add_typer(runs_app, name="runs")
 
 
-@runs_app.command("list")
+@runs_app.command("list", cls=Command)
 def runs_list(
     output_dir: Annotated[
         Path, typer.Option(help="Where runs are written (experiment.output_dir).")
@@ -820,7 +876,7 @@ def _run_note(row: dict) -> str:
     return (row["reason"] or "")[:60]
 
 
-@config_app.command("show")
+@config_app.command("show", cls=Command)
 def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
     """Print the resolved config (defaults and overrides applied) as YAML."""
     out = Output()
@@ -833,7 +889,7 @@ def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False)
     _run(out, debug, job)
 
 
-@config_app.command("validate")
+@config_app.command("validate", cls=Command)
 def config_validate(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
     """Check a config and the files it names, without TensorFlow.
 
@@ -855,7 +911,7 @@ def config_validate(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = Fa
     _run(out, debug, job)
 
 
-@config_app.command("schema")
+@config_app.command("schema", cls=Command)
 def config_schema(
     out_file: Annotated[
         Optional[Path],
@@ -883,7 +939,7 @@ def config_schema(
     _run(out, False, job)
 
 
-@app.command()
+@app.command(cls=Command)
 def synth(
     out_dir: Annotated[
         Path, typer.Argument(help="Folder to create.", show_default=False)

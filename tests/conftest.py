@@ -88,4 +88,3 @@ def constant_model(tmp_path, name, cls, shapes_dir):
     (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
     assert isinstance(model, keras.Model)
     return folder / "model.keras"
-

@@ -57,7 +57,6 @@ def test_ece_by_hand():
     ) == pytest.approx(0.0)
 
 
-
 def test_top_k_is_clamped_below_the_number_of_classes():
     # A model that gives the true class the lowest score: top-4 of 4 classes
     # would still call it right every time.

@@ -1,0 +1,73 @@
+"""The command line itself: help text (a snapshot, no type placeholders)
+and shell completion."""
+
+import os
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from finetune_cli.cli import app
+
+runner = CliRunner()
+SNAPSHOT = Path(__file__).parent / "snapshots" / "help.txt"
+COMMANDS = [
+    [],
+    ["finetune"],
+    ["extract"],
+    ["evaluate"],
+    ["export"],
+    ["predict"],
+    ["promote"],
+    ["synth"],
+    ["runs", "list"],
+    ["config", "show"],
+    ["config", "validate"],
+    ["config", "schema"],
+]
+
+
+def _help_text() -> str:
+    parts = []
+    for cmd in COMMANDS:
+        result = runner.invoke(
+            app,
+            [*cmd, "--help"],
+            env={"COLUMNS": "100", "NO_COLOR": "1"},
+            prog_name="finetune-cli",
+        )
+        assert result.exit_code == 0, result.output
+        lines = [line.rstrip() for line in result.stdout.splitlines()]
+        parts.append(f"$ finetune-cli {' '.join([*cmd, '--help'])}\n")
+        parts.append("\n".join(lines).strip("\n") + "\n\n")
+    return "".join(parts)
+
+
+def test_help_matches_snapshot_and_has_no_type_placeholders():
+    text = _help_text()
+    # Typer's own placeholders: <bool>, <path>, <list[Path]>, {target}.
+    assert not re.search(r"<(bool|path|int|float|str|list)\b|\{[a-z_]+\}", text), [
+        line for line in text.splitlines() if re.search(r"<\w+|\{[a-z_]+\}", line)
+    ]
+    assert "Usage: finetune-cli predict [OPTIONS] TARGET IMAGES..." in text, text
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(text)
+    assert text == SNAPSHOT.read_text(), (
+        "help text changed; review it and rerun with UPDATE_SNAPSHOTS=1"
+    )
+
+
+def test_shell_completion_is_offered():
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert "--install-completion" in result.stdout
+    result = runner.invoke(
+        app,
+        [],
+        env={
+            "_FINETUNE_CLI_COMPLETE": "complete_bash",
+            "COMP_WORDS": "finetune-cli ev",
+            "COMP_CWORD": "1",
+        },
+        prog_name="finetune-cli",
+    )
+    assert "evaluate" in result.stdout
