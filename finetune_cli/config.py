@@ -928,8 +928,21 @@ def format_errors(error: ValidationError, source: str) -> str:
 
 
 def to_yaml(config: Config) -> str:
-    """The resolved config (defaults filled in) as YAML that reloads to it."""
-    data = config.model_dump(mode="json", exclude_none=True)
+    """The resolved config as YAML that reloads to it: every key with its
+    default (null included), except the per-type options of head layers,
+    augmentation layers, optimizers and `trainable`, shown only when set
+    (unset, they take Keras' default for that type)."""
+    data = config.model_dump(mode="json")
+
+    def set_only(d):
+        return {k: v for k, v in d.items() if v is not None}
+
+    data["head"] = [set_only(layer) for layer in data["head"]]
+    data["augmentation"] = [set_only(layer) for layer in data["augmentation"]]
+    for phase in data["phases"]:
+        phase["optimizer"] = set_only(phase["optimizer"])
+        if isinstance(phase["trainable"], dict):
+            phase["trainable"] = set_only(phase["trainable"])
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 

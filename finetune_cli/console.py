@@ -22,6 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 
 
+PLAIN_WIDTH = 10_000
+
+
 class Output:
     """Where the CLI and the training loop report what they do.
 
@@ -51,7 +54,9 @@ class Output:
                 highlight=False,
                 no_color=True,
                 force_terminal=False,
-                width=max(self.console.width, 120),
+                # Plain lines are for logs and greps: a table row stays
+                # one line, whatever its paths and timestamps.
+                width=PLAIN_WIDTH,
                 soft_wrap=True,
             )
         self.quiet = quiet
@@ -67,7 +72,7 @@ class Output:
         self._log = Console(
             file=self._log_file,
             no_color=True,
-            width=120,
+            width=PLAIN_WIDTH,
             force_terminal=False,
             highlight=False,
             soft_wrap=True,

@@ -29,9 +29,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from finetune_cli import evaluation
-from finetune_cli import gates
-from finetune_cli import runmodel
 from finetune_cli import faults
 from finetune_cli import split as split_lib
 from finetune_cli.errors import ConfigError
@@ -150,6 +147,11 @@ def decide(
         or (rec is None and (run_dir / "eval" / "test" / "metrics.json").is_file())
     )
     split = "test" if has_test else "val"
+    # Imported here: `check_target` runs before training starts and
+    # answers without loading TensorFlow.
+    from finetune_cli import evaluation
+    from finetune_cli import gates
+
     ev = evaluation.evaluate(run_dir, split=split, name=f"promotion-{split}")
     reasons = gates.check_gates(ev.metrics["summary"], fail_under or {}, {})
     record = {
@@ -165,6 +167,9 @@ def decide(
 
 
 def _compare_with(promoted, ev, metric, tolerance, record) -> list[str]:
+    from finetune_cli import gates
+    from finetune_cli import runmodel
+
     old = runmodel.resolve_target(promoted / "model.keras")
     if old.labels != ev.metrics["classes"]:
         return [f"classes changed: promoted {old.labels}, new {ev.metrics['classes']}"]

@@ -190,6 +190,15 @@ def test_resolved_config_round_trips(tmp_path):
     text = config_lib.to_yaml(cfg)
     again = config_lib.load_config(write(tmp_path, text, "resolved.yaml"))
     assert again == cfg
+    # Every key, null defaults included; per-type options only when set.
+    shown = yaml.safe_load(text)
+    assert shown["data"]["csv"] is None and "logical_cpus" in shown["runtime"]
+    assert shown["model"]["bn_momentum"] is None
+    assert shown["phases"][1]["optimizer"] == {"name": "sgd", "momentum": 0.9}
+    assert shown["phases"][0]["callbacks"] == {
+        "early_stopping": None,
+        "reduce_lr_on_plateau": None,
+    }
 
 
 def test_json_schema_describes_sections():
