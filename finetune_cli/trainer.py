@@ -53,6 +53,7 @@ from finetune_cli import faults
 from finetune_cli import feature_training
 from finetune_cli import model as model_lib
 from finetune_cli import phases as phases_lib
+from finetune_cli import plots
 from finetune_cli import runstate
 from finetune_cli import split as split_lib
 from finetune_cli.console import Output
@@ -763,6 +764,10 @@ class Trainer:
             "classes": self.index.class_names,
             "val": {"loss": float(final["loss"]), "accuracy": float(final["accuracy"])},
         }
+        if self.topo.chief:
+            # In the run folder too: a run without a test split has no
+            # evaluation report to carry the curves.
+            plots.curves_png(run / "history.csv", run / "curves.png")
         if self.index.splits.get("test"):
             test_ds = self._eval_dataset("test")
             with self.topo.strategy.scope():

@@ -161,6 +161,10 @@ def test_corrupt_image_is_caught_before_training_or_skipped(tmp_path):
     )
     assert result.exit_code == 0, result.output
     (run,) = [p for p in (tmp_path / "runs" / "t").iterdir() if p.name[0].isdigit()]
+    # The pre-flight scan reports its progress; no test split, yet curves.
+    assert "pre-flight: 17/17 images" in result.output
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run / "eval").exists()
     skipped = (run / "skipped_images.txt").read_text()
     assert "broken.jpg" in skipped and "not a readable image" in skipped
     split = json.loads((run / "split.json").read_text())
