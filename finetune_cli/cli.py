@@ -2,8 +2,8 @@
 
 Each command parses its options, loads the config, calls one function and
 renders the result. TensorFlow is only imported inside those functions, so
-`--help` and config errors come back at once. Exit codes: see `errors.py`
-(0 ok, 1 unexpected, 2 config/usage, 3 data, 4 gate, 5 interrupted).
+`--help` and config errors come back at once. Exit codes: the table in
+`errors.py`, shown by `finetune-cli --help`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ def _placeholder(param, ctx=None) -> str:
 
 
 app = typer.Typer(
-    help="Fine-tune keras.applications image classifiers from YAML configs.",
     no_args_is_help=True,
     cls=Group,
     pretty_exceptions_enable=False,
@@ -1023,7 +1022,8 @@ def _main(
     """Fine-tune keras.applications image classifiers from YAML configs.
 
     Exit codes: 0 ok, 1 unexpected error, 2 usage or config error, 3 data
-    error, 4 quality gate failed, 5 interrupted.
+    error, 4 quality gate failed, 5 interrupted (resumable), 6 another run
+    holds the experiment.
     """
 
 

@@ -954,7 +954,7 @@ CASES = {
         (
             "extract with a bad split",
             C,
-            ["--split must be"],
+            ["'--split'", "'bogus' is not one of 'train',"],
             args("extract", "{cfg}", "--split", "bogus"),
         ),
         (
