@@ -242,6 +242,9 @@ _NATIVE = re.compile(
     r"|WARNING: All log messages before absl::InitializeLog\(\)"
     r"|To enable the following instructions: .* rebuild TensorFlow"
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] tensorflow/"  # older TF format
+    # The TFLite converter's and interpreter's own INFO lines.
+    r"|fully_quantize: \d+, inference_type: "
+    r"|INFO: (?:Created TensorFlow Lite|Initialized TensorFlow Lite)"
     r")"
 )
 

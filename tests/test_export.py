@@ -351,3 +351,37 @@ def test_quantized_gate_is_on_accuracy_not_agreement(monkeypatch, n):
         Ref(), arts[:1], images, labels, min_agreement=0.97
     )
     assert "--min-agreement" in report["failures"][0]
+
+
+def test_export_in_a_process_writes_only_its_own_lines_to_stderr(
+    model_dir, shapes_dir, tmp_path
+):
+    # The TFLite converter and interpreter print from C++ straight to file
+    # descriptor 2 (quantization settings, delegate notices): in cron mail.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune_cli",
+            "export",
+            str(model_dir / "model.keras"),
+            "--format",
+            "tflite",
+            "--quantize",
+            "none,int8",
+            "--data",
+            str(shapes_dir),
+            "--out",
+            str(tmp_path / "e"),
+            "--max-accuracy-drop",
+            "1",
+            "--plain",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "tflite_int8" in proc.stdout
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("warning: only 32 labelled images"), proc.stderr
