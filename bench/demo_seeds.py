@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args, cwd):
-    cmd = [sys.executable, "-m", "finetune_cli", *args, "--plain", "--quiet"]
+    cmd = [sys.executable, "-m", "finetune_cli", *args, "--quiet"]
     subprocess.run(
         cmd, cwd=cwd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )

@@ -12,6 +12,7 @@ Only Keras APIs are used here, so the same code runs on any Keras backend.
 from __future__ import annotations
 
 import re
+import warnings
 
 from finetune_cli import applications
 from finetune_cli.errors import did_you_mean
@@ -89,61 +90,45 @@ def build_base(model_cfg, image_size):
         keras_weights = weights
     h, w = image_size
     check_options(app, model_cfg.options)
-    import warnings
-
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            base = app.constructor()(
-                include_top=False,
-                weights=keras_weights,
-                input_shape=(h, w, 3),
-                pooling=model_cfg.pooling,
-                **model_cfg.options,
-            )
-        # Keras loads a partly matching file with only a warning, leaving
-        # some layers random: for us that is a wrong weights file.
-        partial = [
-            str(c.message)
-            for c in caught
-            if any(
-                k in str(c.message)
-                for k in (
-                    "freshly-initialized",
-                    "Skipping variable",
-                    "Skipping loading",
-                    "were not loaded",
-                )
-            )
-        ]
-        if partial and keras_weights not in (None, "imagenet"):
-            raise ConfigError(
-                f"model.weights: {weights} only partly fits {app.name} "
-                f"(options {model_cfg.options}): {partial[0].splitlines()[0]}"
-            )
-    except ConfigError:
-        raise
+        # A weights file is loaded below, by us, so that its failures are
+        # told apart from the constructor's.
+        base = app.constructor()(
+            include_top=False,
+            weights="imagenet" if keras_weights == "imagenet" else None,
+            input_shape=(h, w, 3),
+            pooling=model_cfg.pooling,
+            **model_cfg.options,
+        )
     except TypeError as e:
         raise ConfigError(
             f"model.options: {app.name} does not accept these options: {e}. "
             f"Received: {model_cfg.options}"
         ) from None
     except Exception as e:  # noqa: BLE001 - Keras raises many kinds here
-        if keras_weights not in (None, "imagenet"):
+        if keras_weights == "imagenet":
+            raise ConfigError(
+                f"model.weights: could not load the ImageNet weights of "
+                f"{app.name} ({_first_line(e)}). They are downloaded on first "
+                "use; on a machine without internet, set model.weights to a "
+                "local .h5 file."
+            ) from None
+        raise ConfigError(
+            f"model: {app.name} rejected the config: {_first_line(e)}"
+        ) from None
+    if keras_weights not in (None, "imagenet"):
+        try:
+            # Keras only warns when it leaves part of a model at its random
+            # initialisation: for us that is a file that does not fit.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                base.load_weights(keras_weights)
+        except Exception as e:  # noqa: BLE001 - any failure: it does not fit
             raise ConfigError(
                 f"model.weights: {weights} does not fit {app.name} "
                 f"(include_top=False, input {h}x{w}, options "
                 f"{model_cfg.options}): {_first_line(e)}"
             ) from None
-        if keras_weights == "imagenet" and _looks_like_download(e):
-            raise ConfigError(
-                f"model.weights: could not download ImageNet weights for "
-                f"{app.name} ({_first_line(e)}). On a machine without "
-                "internet, set model.weights to a local .h5 file."
-            ) from None
-        raise ConfigError(
-            f"model: {app.name} rejected the config: {_first_line(e)}"
-        ) from None
     if model_cfg.bn_momentum is not None:
         import keras
 
@@ -203,22 +188,6 @@ def check_options(app, options: dict) -> None:
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def _looks_like_download(e: Exception) -> bool:
-    text = f"{type(e).__name__} {e}".lower()
-    return any(
-        w in text
-        for w in (
-            "url",
-            "download",
-            "fetch",
-            "connection",
-            "resolve",
-            "network",
-            "http",
-        )
-    )
 
 
 def build_head(head_cfg, num_classes: int):

@@ -59,6 +59,22 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
         model_lib.build_base(model_cfg(weights=str(tmp_path / "w.txt")), (32, 32))
 
 
+def test_weights_file_missing_one_layer_is_refused(tmp_path):
+    # Loading must not leave that layer at its random initialisation.
+    import h5py
+
+    source = model_lib.build_base(model_cfg(), (32, 32))
+    path = tmp_path / "partial.weights.h5"
+    source.save_weights(str(path))
+    with h5py.File(path, "a") as f:
+        groups = []
+        f.visit(lambda name: groups.append(name) if name.endswith("/vars") else None)
+        deleted = next(g for g in groups if len(f[g]) > 0)
+        del f[deleted]
+    with pytest.raises(ConfigError, match=r"model.weights: .*partial.weights.h5 does"):
+        model_lib.build_base(model_cfg(weights=str(path)), (32, 32))
+
+
 def test_bad_constructor_option_names_model_options():
     with pytest.raises(ConfigError, match="model.options"):
         model_lib.build_base(model_cfg(options={"alpha": 0.35, "depth": 3}), (32, 32))
