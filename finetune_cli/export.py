@@ -47,7 +47,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from finetune_cli import data as data_lib
 from finetune_cli import evaluation
@@ -98,7 +100,6 @@ def parse_list(value: str, allowed, option: str) -> list[str]:
 
 
 def _pixels_spec(size):
-    import tensorflow as tf
 
     return tf.TensorSpec([None, size[0], size[1], 3], tf.float32, name="pixels")
 
@@ -109,8 +110,6 @@ def write_keras(model, path: Path) -> None:
 
 def write_saved_model(model, path: Path, labels: list[str]) -> None:
     """SavedModel with a pixels signature and an encoded-bytes signature."""
-    import keras
-    import tensorflow as tf
 
     size = runmodel.model_image_size(model)
     label_table = tf.constant(labels)
@@ -153,7 +152,6 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
 
 
 def _concrete(model):
-    import tensorflow as tf
 
     size = runmodel.model_image_size(model)
 
@@ -165,7 +163,6 @@ def _concrete(model):
 
 
 def write_tflite(model, path: Path, quantize: str, calibration=None) -> None:
-    import tensorflow as tf
 
     import tempfile
 
@@ -182,7 +179,6 @@ def write_tflite(model, path: Path, quantize: str, calibration=None) -> None:
 
 
 def _configure_tflite(converter, quantize: str, calibration) -> None:
-    import tensorflow as tf
 
     if quantize == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -230,8 +226,6 @@ def _tflite_interpreter(path):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
-        import tensorflow as tf
-
         Interpreter = tf.lite.Interpreter
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -241,13 +235,9 @@ def _tflite_interpreter(path):
 def runner_for(artifact: Artifact):
     """A function: float pixels [1, H, W, 3] -> probabilities [1, C]."""
     if artifact.format == "keras":
-        import keras
-
         m = keras.saving.load_model(artifact.path, compile=False, safe_mode=True)
         return lambda x: np.asarray(m.predict_on_batch(x))
     if artifact.format == "saved_model":
-        import tensorflow as tf
-
         loaded = tf.saved_model.load(str(artifact.path))
         serve = loaded.signatures["serve"]
         return lambda x: serve(pixels=tf.constant(x))["probabilities"].numpy()
@@ -542,8 +532,6 @@ def _data_for(target, data):
 
 
 def metadata(target, model, artifacts) -> dict:
-    import keras
-    import tensorflow as tf
 
     from finetune_cli import __version__
 

@@ -37,7 +37,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from finetune_cli import applications
 from finetune_cli import data as data_lib
@@ -52,8 +54,6 @@ FORMAT = "finetune-cli-features/1"
 def _weights_identity(cfg) -> str:
     w = cfg.model.weights
     if w == "imagenet":
-        import keras
-
         return f"imagenet (keras {keras.__version__})"
     if w == "none":
         return f"none (random, seed {cfg.experiment.seed})"
@@ -184,7 +184,6 @@ def build_extractor(cfg):
 
 
 def extractor_from(base, preprocess, image_size):
-    import keras
 
     h, w = image_size
     inputs = keras.Input((h, w, 3), dtype="float32")
@@ -216,7 +215,6 @@ def extract(
     Args:
         progress: called as progress(done_images, total_images).
     """
-    import tensorflow as tf
 
     folder = Path(folder)
     _remove_dead_partials(folder)
@@ -318,7 +316,6 @@ def get_features(
     """The cached features of a split: reused when the key matches, else
     recomputed (saying why)."""
     samples = index.splits[split]
-    import keras
 
     dtype = keras.mixed_precision.global_policy().compute_dtype
     fields = key_fields(
