@@ -82,3 +82,28 @@ def test_root_help_lists_every_exit_code():
     assert codes == {1, 2, 3, 4, 5, 6}
     for code in codes | {0}:
         assert re.search(rf"[:,] {code} [a-z]", text), code
+
+
+def test_synth_writes_the_classes_and_never_replaces_without_force(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "shapes"
+    args = ["synth", str(out), "--task", "target", "--per-class", "3", "--size", "24"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cross",
+        "diamond",
+        "hexagon",
+        "ring",
+    ]
+    files = sorted(out.glob("*/*"))
+    assert len(files) == 12
+    with Image.open(files[0]) as im:
+        assert im.size == (24, 24)
+    before = {p: p.read_bytes() for p in files}
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert {p: p.read_bytes() for p in sorted(out.glob("*/*"))} == before
+    result = runner.invoke(app, [*args, "--per-class", "2", "--force"])
+    assert result.exit_code == 0 and len(list(out.glob("*/*"))) == 8

@@ -175,3 +175,29 @@ def test_an_op_without_a_deterministic_kernel_is_named_as_a_config_error(
     job.runtime["deterministic"] = False
     with pytest.raises(tf.errors.UnimplementedError):
         job.run_guarded()
+
+
+@pytest.mark.parametrize(
+    "setting, gpu, policy",
+    [
+        ("auto", False, "float32"),
+        ("auto", True, "mixed_float16"),
+        ("off", True, "float32"),
+        ("on", False, "mixed_float16"),
+    ],
+)
+def test_mixed_precision_auto_follows_the_device(
+    shapes_dir, tmp_path, setting, gpu, policy
+):
+    import keras
+
+    from finetune_cli import environment
+
+    raw = tiny_config(shapes_dir, tmp_path)
+    raw["runtime"] = {"mixed_precision": setting}
+    try:
+        chosen = environment.configure_runtime(config_lib.validate(raw), gpu)
+        assert keras.mixed_precision.global_policy().name == policy
+        assert chosen["mixed_precision"] == (policy == "mixed_float16")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -145,3 +145,18 @@ def test_mixed_precision_keeps_output_float32(shapes_dir, tmp_path):
         assert keras.backend.standardize_dtype(out.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_bn_momentum_reaches_every_batchnorm_layer():
+    import keras
+
+    def momenta(base):
+        return {
+            layer.momentum
+            for layer in base.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+
+    assert momenta(model_lib.build_base(model_cfg(), (32, 32))) == {0.999}
+    tuned = model_lib.build_base(model_cfg(bn_momentum=0.9), (32, 32))
+    assert momenta(tuned) == {0.9}
