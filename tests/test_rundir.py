@@ -192,3 +192,27 @@ def test_two_runs_on_one_output_exactly_one_trains(shapes_dir, tmp_path):
     loser = outs[[p.returncode for p in procs].index(EXIT_LOCKED)]
     assert "locked: experiment 'twin'" in loser and "in use by process" in loser
     assert len(run_dirs(tmp_path / "runs" / "twin")) == 1
+
+
+def test_runs_list_filters_by_experiment_and_limits_newest_first(tmp_path):
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli import app
+    from finetune_cli.rundir import RunDir
+
+    for exp, day in (("a", 1), ("a", 3), ("b", 4), ("a", 2)):
+        run = RunDir.create(tmp_path, exp)
+        run.set_status("completed", started=f"2026-11-0{day}T00:00:00+00:00")
+    result = CliRunner().invoke(
+        app,
+        ["runs", "list", "--output-dir", str(tmp_path), "--experiment", "a"]
+        + ["--limit", "2", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["experiment"], r["started"][:10]) for r in rows] == [
+        ("a", "2026-11-03"),
+        ("a", "2026-11-02"),
+    ]
+    result = CliRunner().invoke(app, ["runs", "list", "--output-dir", str(tmp_path)])
+    assert result.stdout.count("completed") == 4
