@@ -780,7 +780,9 @@ class Trainer:
                 # The held-out report, exactly as `finetune-cli evaluate
                 # RUN` writes it: on the recorded test files.
                 ev = evaluation.evaluate(run.path, split="test")
-                metrics["test"].update(ev.metrics["summary"])
+                # Keras' own loss and accuracy stay; the report adds the rest.
+                for key, value in ev.metrics["summary"].items():
+                    metrics["test"].setdefault(key, value)
                 metrics["test"]["report"] = str(ev.out_dir / "report.html")
                 self.out.info(f"test report: {ev.out_dir / 'report.html'}")
         if not self.topo.chief:

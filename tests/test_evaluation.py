@@ -73,7 +73,8 @@ def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
     assert metrics["summary"]["log_loss"] == pytest.approx(
         sk.log_loss(y, probs.astype("float64"), labels=range(4)), rel=1e-5
     )
-    # The run's metrics.json carries the test report's summary.
+    # Keras' accuracy from model.evaluate at the end of the run (its own
+    # pipeline and metric) equals the report's, from predictions + NumPy.
     run_metrics = json.loads((run_dir / "metrics.json").read_text())
     assert run_metrics["test"]["accuracy"] == pytest.approx(
         metrics["summary"]["accuracy"]
@@ -87,10 +88,11 @@ def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
 
 def test_pngs_are_real_images_and_report_has_every_section(run_dir):
     out = run_dir / "eval" / "test"
-    with Image.open(out / "confusion_matrix.png") as im:
-        assert im.format == "PNG" and im.size == (900, 400)
-    with Image.open(out / "curves.png") as im:
-        assert im.format == "PNG" and im.size == (1100, 400)
+    for name in ("confusion_matrix.png", "curves.png"):
+        with Image.open(out / name) as im:
+            # A drawn figure, not an empty canvas: many colours in use.
+            assert im.format == "PNG", name
+            assert len(im.convert("RGB").getcolors(1 << 20)) > 50, name
 
     class Sections(html.parser.HTMLParser):
         ids, images = set(), []
