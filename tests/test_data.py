@@ -202,3 +202,22 @@ def test_csv_with_a_bom_and_nested_class_subfolders(tmp_path, shapes_dir):
     )
     index = data_lib.index_data(config_lib.Data(csv=str(data / "m.csv")), 0)
     assert index.class_names == ["circle", "square"]
+
+
+def test_csv_split_column_is_taken_as_written(tmp_path, shapes_dir):
+    # Every 4th file to val, every 8th to test (seeded splitting would
+    # not give this layout); the configured fractions are ignored.
+    files = sorted(shapes_dir.glob("*/*"))
+    want = {"train": [], "val": [], "test": []}
+    lines = ["path,label,split"]
+    for i, p in enumerate(files):
+        split = "test" if i % 8 == 0 else "val" if i % 4 == 0 else "train"
+        want[split].append(str(p.resolve()))
+        lines.append(f"{p},{p.parent.name},{split}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = data_cfg(csv=str(manifest), allow_outside_root=True)
+    for seed in (0, 1):
+        index = data_lib.index_data(cfg, seed=seed)
+        for split, paths in want.items():
+            assert sorted(index.files(split)) == sorted(paths), split
