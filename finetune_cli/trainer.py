@@ -639,9 +639,13 @@ class Trainer:
                 shuffle=False,
             )
         except tf.errors.ResourceExhaustedError:
-            raise FinetuneError(
-                "out of memory on the device during training; lower "
-                "data.batch_size (or data.image_size) and try again"
+            # The config asks for more than the device has: the user's to
+            # change, so a config error (exit 2), and the run can resume.
+            raise ConfigError(
+                f"data.batch_size: out of memory on the device during "
+                f"training at a batch of {self.cfg.data.batch_size} "
+                f"({self.cfg.data.image_size[0]}x{self.cfg.data.image_size[1]} "
+                "images); lower data.batch_size (or data.image_size)"
             ) from None
         except tf.errors.InvalidArgumentError:
             # tf.data does not say which file failed: find it.

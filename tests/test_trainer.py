@@ -1,6 +1,7 @@
 """The trainer end to end: the run folder, the schedule, bad images."""
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -176,3 +177,60 @@ def test_corrupt_image_is_caught_before_training_or_skipped(tmp_path):
     recorded = [f for files in split["files"].values() for f, _, _ in files]
     assert len(recorded) == 16 and not any("broken" in f for f in recorded)
     assert split["skipped"][0][0].endswith("broken.jpg")
+
+
+def test_val_loss_monitor_xla_and_no_feature_cache(shapes_dir, tmp_path, monkeypatch):
+    import keras
+
+    compiled = []
+    fit = keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        compiled.append(self.jit_compile)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path,
+        phases=[{"name": "head", "epochs": 3, "learning_rate": 3e-2}],
+    )
+    raw["experiment"]["monitor"] = "val_loss"
+    raw["runtime"] = {"xla": True}
+    raw["feature_cache"]["enabled"] = False
+    result = trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
+    history = list(csv.DictReader(open(result.run_dir / "history.csv")))
+    losses = [float(r["val_loss"]) for r in history]
+    # The best epoch is the lowest val_loss (the lower-is-better direction).
+    assert result.metrics["best_epoch"] == 1 + losses.index(min(losses))
+    assert result.metrics["best_value"] == pytest.approx(min(losses))
+    # Trained through the base (no cache written), compiled with XLA.
+    assert [p["path"] for p in result.metrics["phases"]] == ["base"]
+    assert not (tmp_path / "features").exists()
+    assert compiled and all(compiled)
+    env = json.loads((result.run_dir / "environment.json").read_text())
+    assert env["runtime"]["xla"] is True
+
+
+def test_out_of_memory_is_a_config_error_naming_the_batch(
+    shapes_dir, tmp_path, monkeypatch
+):
+    import keras
+    import tensorflow as tf
+
+    def oom(self, *args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
+
+    monkeypatch.setattr(keras.Model, "fit", oom)
+    raw = tiny_config(shapes_dir, tmp_path)
+    raw["feature_cache"]["enabled"] = False
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["finetune", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "data.batch_size: out of memory" in result.output
+    assert "batch of 8 (32x32 images)" in result.output
+    assert "Traceback" not in result.output
+    (run,) = [p for p in (tmp_path / "runs" / "t").iterdir() if p.name[0].isdigit()]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["resumable"] is True
