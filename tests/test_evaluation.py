@@ -281,3 +281,39 @@ def test_class_mismatch_is_a_clear_error(tmp_path, shapes_dir):
     assert "does not know: ['hexagon']" in result.output
     assert "no images in the data: ['star', 'triangle']" in result.output
     assert "Traceback" not in result.output
+
+
+def test_evaluate_split_config_and_compare_metric(run_dir, tmp_path):
+    recorded = json.loads((run_dir / "split.json").read_text())["files"]
+    # --split val: the run's recorded validation files.
+    result = runner.invoke(
+        app, ["evaluate", str(run_dir), "--split", "val", "--name", "v", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["split"] == "val" and m["num_samples"] == len(recorded["val"])
+    # --config: the data and split of that config, with --set applied (here
+    # half the images held out as test, where the run held out a quarter).
+    config = tmp_path / "c.yaml"
+    config.write_text((run_dir / "config.yaml").read_text())
+    result = runner.invoke(
+        app,
+        ["evaluate", str(run_dir), "--config", str(config), "--name", "c", "--json"]
+        + ["--set", "data.split={train: 0.25, val: 0.25, test: 0.5}"],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(recorded["test"]) == 8
+    assert json.loads(result.stdout)["num_samples"] == 16
+    # --compare-metric names what --compare-to compares.
+    result = runner.invoke(
+        app,
+        ["evaluate", str(run_dir), "--name", "cm", "--compare-to", str(run_dir)]
+        + ["--compare-metric", "macro_f1", "--tolerance", "0"],
+    )
+    assert result.exit_code == 0, result.output
+    gates = json.loads((run_dir / "eval" / "cm" / "gates.json").read_text())
+    assert gates["compare_to"]["metric"] == "macro_f1"
+    result = runner.invoke(
+        app, ["evaluate", str(run_dir), "--compare-metric", "f1_macro"]
+    )
+    assert result.exit_code == 2 and "macro_f1" in result.output
