@@ -107,8 +107,8 @@ def main(argv=None) -> int:
         large = results[(mode, 4 * args.per_class)]
         ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
         print(
-            f"{mode}: peak RSS {large['images']} / {small['images']} images = "
-            f"{ratio:.2f}x"
+            f"{mode}: peak RSS x{ratio:.2f} for "
+            f"x{large['images'] / small['images']:.2f} the images"
         )
     return 0
 
