@@ -29,15 +29,22 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ACTIVATION_FACTOR = 16
 
 
-def scan_images(index, on_bad_image: str, out):
+def scan_images(index, cfg, out):
     """The pre-flight check of every image (`data.preflight`), with a
     progress bar, warning about the images left out under
-    `on_bad_image: skip`. Returns (the index without them, [(path, why)])."""
+    `data.on_bad_image: skip`. Verdicts are cached in the feature cache
+    folder (when the cache is enabled), so a rerun decodes only new or
+    changed files. Returns (the index without them, [(path, why)])."""
     from finetune_cli import data as data_lib
 
-    total = sum(len(v) for v in index.splits.values())
+    cache = None
+    if cfg.feature_cache.enabled:
+        cache = Path(cfg.feature_cache.dir) / data_lib.PREFLIGHT_CACHE
+    total = len({p for v in index.splits.values() for p, _ in v})
     with out.counter(total, "pre-flight") as progress:
-        index, skipped = data_lib.preflight(index, on_bad_image, progress)
+        index, skipped = data_lib.preflight(
+            index, cfg.data.on_bad_image, progress, cache
+        )
     if skipped:
         out.warn(
             f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "

@@ -17,6 +17,7 @@ Indexing uses only the file system; TensorFlow is imported when a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -318,13 +319,76 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+PREFLIGHT_CACHE = "preflight.json"
+
+
+def image_verdicts(paths, cache_file=None, progress=None):
+    """For each path: (why it cannot be used or None, SHA-256 of its bytes),
+    and a function that saves the verdicts to `cache_file` (called by the
+    caller once it is content with them).
+
+    Decoding is the slow part (a quarter of a second for a 12-megapixel
+    JPEG), so verdicts are kept in `cache_file`, keyed by path with the
+    file's size, mtime and content hash: a rerun decodes only new or
+    changed files. Files are hashed and decoded in parallel threads (PIL
+    and hashlib release the GIL while they work).
+    """
+    import concurrent.futures
+    import json
+
+    cache = {}
+    if cache_file is not None:
+        try:
+            cache = json.loads(Path(cache_file).read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            cache = {}  # no cache yet, or unreadable: start again
+
+    def one(path):
+        try:
+            st = os.stat(path)
+            digest = sha256_file(path)
+        except OSError as e:
+            return path, None, (f"cannot read: {e.strerror or e}", None)
+        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        entry = cache.get(path)
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()):
+            return path, entry, (entry.get("reason"), digest)
+        reason = check_image(path)
+        return path, {**key, "reason": reason}, (reason, digest)
+
+    unique = list(dict.fromkeys(paths))
+    verdicts, fresh = {}, {}
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for done, (path, entry, verdict) in enumerate(pool.map(one, unique), 1):
+            verdicts[path] = verdict
+            if entry is not None:
+                fresh[path] = entry
+            if progress is not None:
+                progress(done, len(unique))
+
+    def save():
+        if cache_file is None or fresh == {p: cache.get(p) for p in fresh}:
+            return
+        from finetune_cli.rundir import write_json
+
+        # Other experiments' files stay: one cache serves every config.
+        cache.update(fresh)
+        with contextlib.suppress(OSError):  # a cache: never worth failing for
+            write_json(cache_file, {"version": 1, "files": cache})
+
+    return verdicts, save
+
+
 def preflight(
-    index: DataIndex, on_bad_image: str = "error", progress=None
+    index: DataIndex, on_bad_image: str = "error", progress=None, cache_file=None
 ) -> tuple[DataIndex, list[tuple[str, str]]]:
     """Check every image and the splits before training.
 
     Returns the index without bad images (when `on_bad_image` is "skip") and
-    the list of (path, reason) left out.
+    the list of (path, reason) left out. Verdicts are reused from
+    `cache_file` for unchanged files (see `image_verdicts`), and saved
+    there when the check passes (a failed check writes nothing).
 
     Raises:
         DataError: a bad image (under "error"), the same file content in two
@@ -333,14 +397,14 @@ def preflight(
     bad: list[tuple[str, str]] = []
     seen: dict[str, tuple[str, str]] = {}
     digests: dict[str, str] = {}
-    total = sum(len(v) for v in index.splits.values())
-    done = 0
+    verdicts, save = image_verdicts(
+        [p for samples in index.splits.values() for p, _ in samples],
+        cache_file,
+        progress,
+    )
     for split, samples in index.splits.items():
         for path, _ in samples:
-            reason = check_image(path)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            reason, digest = verdicts[path]
             if reason is not None:
                 if on_bad_image == "error":
                     raise DataError(
@@ -349,7 +413,6 @@ def preflight(
                     )
                 bad.append((path, reason))
                 continue
-            digest = sha256_file(path)
             digests[path] = digest
             other = seen.get(digest)
             if other is not None and other[1] != split:
@@ -365,6 +428,7 @@ def preflight(
                 continue
             seen.setdefault(digest, (path, split))
     if not bad:
+        save()
         return DataIndex(index.class_names, index.splits, index.source, digests), bad
     dropped = {p for p, _ in bad}
     splits = {
@@ -378,6 +442,7 @@ def preflight(
             )
     if not splits.get("val"):
         raise DataError("no usable validation images after skipping bad ones")
+    save()
     return cleaned, bad
 
 

@@ -259,7 +259,7 @@ class Trainer:
         else:
             run = None
             index = data_lib.index_data(cfg.data, exp.seed)
-            index, skipped = checks.scan_images(index, cfg.data.on_bad_image, out)
+            index, skipped = checks.scan_images(index, cfg, out)
         class_weights = [
             phases_lib.resolve_class_weight(p, i, index)
             for i, p in enumerate(cfg.phases)

@@ -221,3 +221,51 @@ def test_csv_split_column_is_taken_as_written(tmp_path, shapes_dir):
         index = data_lib.index_data(cfg, seed=seed)
         for split, paths in want.items():
             assert sorted(index.files(split)) == sorted(paths), split
+
+
+def test_preflight_decodes_only_new_or_changed_files(tmp_path, shapes_dir, monkeypatch):
+    import os
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes_dir, data)
+    broken = data / "star" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    cache = tmp_path / "features" / data_lib.PREFLIGHT_CACHE
+    decoded = []
+    check = data_lib.check_image
+    monkeypatch.setattr(
+        data_lib, "check_image", lambda p: decoded.append(p) or check(p)
+    )
+    index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
+    first, skipped = data_lib.preflight(index, "skip", cache_file=cache)
+    assert len(decoded) == 33 and cache.is_file()
+    assert [p for p, _ in skipped] == [str(broken)]
+    # A rerun decodes nothing and gives the same verdicts and hashes.
+    decoded.clear()
+    again, skipped_again = data_lib.preflight(index, "skip", cache_file=cache)
+    assert decoded == [] and skipped_again == skipped
+    assert again.digests == first.digests
+    # A bad verdict is remembered too: under "error" it is still an error,
+    # and a failed check leaves the cache as it was.
+    before = cache.read_bytes()
+    with pytest.raises(DataError, match="broken.jpg"):
+        data_lib.preflight(index, "error", cache_file=cache)
+    assert decoded == [] and cache.read_bytes() == before
+    elsewhere = tmp_path / "other" / data_lib.PREFLIGHT_CACHE
+    with pytest.raises(DataError, match="broken.jpg"):
+        data_lib.preflight(index, "error", cache_file=elsewhere)
+    assert not elsewhere.parent.exists()
+    # Content changed, same size and mtime: the hash catches it.
+    victim = next(p for p, _ in index.splits["train"] if p.endswith(".png"))
+    st = os.stat(victim)
+    with open(victim, "r+b") as f:
+        f.seek(st.st_size - 1)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # A new file: decoded; the rest: not.
+    shutil.copy(data / "circle" / "circle_0000.jpg", data / "circle" / "new.jpg")
+    decoded.clear()
+    index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
+    data_lib.preflight(index, "skip", cache_file=cache)
+    assert sorted(decoded) == sorted([victim, str(data / "circle" / "new.jpg")])
