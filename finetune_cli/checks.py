@@ -34,23 +34,24 @@ def scan_images(index, cfg, out):
     progress bar, warning about the images left out under
     `data.on_bad_image: skip`. Verdicts are cached in the feature cache
     folder (when the cache is enabled), so a rerun decodes only new or
-    changed files. Returns (the index without them, [(path, why)])."""
+    changed files. Returns (the index without them, [(path, why)], a
+    function that saves the verdicts): the caller saves them once every
+    other check has passed, so bad input leaves no file behind."""
     from finetune_cli import data as data_lib
 
     cache = None
     if cfg.feature_cache.enabled:
         cache = Path(cfg.feature_cache.dir) / data_lib.PREFLIGHT_CACHE
-    total = len({p for v in index.splits.values() for p, _ in v})
-    with out.counter(total, "pre-flight") as progress:
-        index, skipped = data_lib.preflight(
-            index, cfg.data.on_bad_image, progress, cache
-        )
+    paths = list(dict.fromkeys(p for v in index.splits.values() for p, _ in v))
+    with out.counter(len(paths), "pre-flight") as progress:
+        verdicts, save = data_lib.image_verdicts(paths, cache, progress)
+    index, skipped = data_lib.preflight(index, cfg.data.on_bad_image, verdicts=verdicts)
     if skipped:
         out.warn(
             f"skipping {len(skipped)} bad image(s) (data.on_bad_image: "
             f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}"
         )
-    return index, skipped
+    return index, skipped, save
 
 
 def check(cfg) -> None:

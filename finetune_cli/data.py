@@ -381,14 +381,19 @@ def image_verdicts(paths, cache_file=None, progress=None):
 
 
 def preflight(
-    index: DataIndex, on_bad_image: str = "error", progress=None, cache_file=None
+    index: DataIndex,
+    on_bad_image: str = "error",
+    progress=None,
+    cache_file=None,
+    verdicts=None,
 ) -> tuple[DataIndex, list[tuple[str, str]]]:
     """Check every image and the splits before training.
 
     Returns the index without bad images (when `on_bad_image` is "skip") and
     the list of (path, reason) left out. Verdicts are reused from
     `cache_file` for unchanged files (see `image_verdicts`), and saved
-    there when the check passes (a failed check writes nothing).
+    there when the check passes (a failed check writes nothing). A caller
+    with its own `verdicts` from `image_verdicts` saves them itself.
 
     Raises:
         DataError: a bad image (under "error"), the same file content in two
@@ -397,11 +402,13 @@ def preflight(
     bad: list[tuple[str, str]] = []
     seen: dict[str, tuple[str, str]] = {}
     digests: dict[str, str] = {}
-    verdicts, save = image_verdicts(
-        [p for samples in index.splits.values() for p, _ in samples],
-        cache_file,
-        progress,
-    )
+    save = None
+    if verdicts is None:
+        verdicts, save = image_verdicts(
+            [p for samples in index.splits.values() for p, _ in samples],
+            cache_file,
+            progress,
+        )
     for split, samples in index.splits.items():
         for path, _ in samples:
             reason, digest = verdicts[path]
@@ -428,7 +435,8 @@ def preflight(
                 continue
             seen.setdefault(digest, (path, split))
     if not bad:
-        save()
+        if save is not None:
+            save()
         return DataIndex(index.class_names, index.splits, index.source, digests), bad
     dropped = {p for p, _ in bad}
     splits = {
@@ -442,7 +450,8 @@ def preflight(
             )
     if not splits.get("val"):
         raise DataError("no usable validation images after skipping bad ones")
-    save()
+    if save is not None:
+        save()
     return cleaned, bad
 
 

@@ -382,7 +382,7 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     # The same pre-flight check as finetune, so both see the same files
     # (and a bad image is a data error naming it, not a crash).
-    index, skipped = checks.scan_images(index, cfg, out)
+    index, _, save_verdicts = checks.scan_images(index, cfg, out)
     splits = list(index.splits) if split == "all" else [split]
     for s in splits:
         if s not in index.splits:
@@ -392,6 +392,7 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
             )
     environment.configure_runtime(cfg, environment.has_gpu())
     extractor = build_extractor(cfg)
+    save_verdicts()  # every check passed: now files may be written
     root = Path(out_dir) if out_dir is not None else cache_root(cfg)
     results = []
     for s in splits:

@@ -255,11 +255,11 @@ class Trainer:
                     "(it was started by an older finetune-cli); start a new "
                     "run"
                 )
-            skipped = []
+            skipped, save_verdicts = [], None
         else:
             run = None
             index = data_lib.index_data(cfg.data, exp.seed)
-            index, skipped = checks.scan_images(index, cfg, out)
+            index, skipped, save_verdicts = checks.scan_images(index, cfg, out)
         class_weights = [
             phases_lib.resolve_class_weight(p, i, index)
             for i, p in enumerate(cfg.phases)
@@ -313,6 +313,8 @@ class Trainer:
             )
             if topo.chief:
                 faults.point("run_created")
+        if save_verdicts is not None and topo.chief:
+            save_verdicts()  # the run exists: every check before it passed
         return trainer
 
     def _write_new_run(self, run: RunDir, skipped) -> None:
