@@ -41,13 +41,9 @@ class _Help:
     value placeholders (`PATH`, `INT`, `csv|json`) only for options that
     take a value, none for flags and arguments."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            _plain_help(param)
-
     def get_params(self, ctx):
-        # --help and the completion options are added after __init__.
+        # Every use of the parameters (help, usage, parsing, errors) goes
+        # through here, including --help and the completion options.
         params = super().get_params(ctx)
         for param in params:
             _plain_help(param)

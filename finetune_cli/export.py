@@ -100,7 +100,6 @@ def parse_list(value: str, allowed, option: str) -> list[str]:
 
 
 def _pixels_spec(size):
-
     return tf.TensorSpec([None, size[0], size[1], 3], tf.float32, name="pixels")
 
 
@@ -152,7 +151,6 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
 
 
 def _concrete(model):
-
     size = runmodel.model_image_size(model)
 
     @tf.function(input_signature=[_pixels_spec(size)])
@@ -163,7 +161,6 @@ def _concrete(model):
 
 
 def write_tflite(model, path: Path, quantize: str, calibration=None) -> None:
-
     import tempfile
 
     # The converter reads variables frozen from a plain SavedModel (a
@@ -179,7 +176,6 @@ def write_tflite(model, path: Path, quantize: str, calibration=None) -> None:
 
 
 def _configure_tflite(converter, quantize: str, calibration) -> None:
-
     if quantize == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -532,7 +528,6 @@ def _data_for(target, data):
 
 
 def metadata(target, model, artifacts) -> dict:
-
     from finetune_cli import __version__
 
     h, w = runmodel.model_image_size(model)

@@ -184,7 +184,6 @@ def build_extractor(cfg):
 
 
 def extractor_from(base, preprocess, image_size):
-
     h, w = image_size
     inputs = keras.Input((h, w, 3), dtype="float32")
     x = preprocess(inputs) if preprocess is not None else inputs

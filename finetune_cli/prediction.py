@@ -23,47 +23,13 @@ import numpy as np
 import tensorflow as tf
 
 from finetune_cli import data as data_lib
-from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.rundir import atomic_path
 from finetune_cli.runmodel import load_model
 from finetune_cli.runmodel import model_image_size
 from finetune_cli.runmodel import resolve_target
 
-FORMATS = ("csv", "json")
 CSV_COLUMNS = ["file", "label", "confidence", "top_k", "error"]
-
-
-def output_format(out, fmt=None) -> str:
-    """The format for `--out` (`-` is stdout) and `--format`, checked before
-    any model is loaded.
-
-    Raises:
-        ConfigError: an unknown format, a file suffix that is not one, or
-            stdout without `--format`.
-    """
-    if fmt is not None and fmt not in FORMATS:
-        raise ConfigError(
-            f"--format must be one of {', '.join(FORMATS)}. Received: {fmt!r}"
-        )
-    if out is None:
-        return fmt
-    if str(out) == "-":
-        if fmt is None:
-            raise ConfigError("--out - (stdout) needs --format csv or --format json")
-        return fmt
-    suffix = Path(out).suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
-        raise ConfigError(
-            f"--out must end in .csv or .json (or be - with --format). Received: {out}"
-        )
-    if fmt is not None and fmt != suffix:
-        raise ConfigError(
-            f"--format {fmt} does not match the suffix of --out. Received: {out}"
-        )
-    if Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a folder; expected a file name")
-    return suffix
 
 
 def collect_images(inputs) -> list[str]:
@@ -127,7 +93,7 @@ def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
         yield path, None, _why_unreadable(path)
 
 
-def predict_files(model, paths, batch_size: int = 32, progress=None) -> np.ndarray:
+def predict_files(model, paths, batch_size: int = 32) -> np.ndarray:
     """Probabilities for every file, [n, classes].
 
     Raises:
@@ -139,8 +105,6 @@ def predict_files(model, paths, batch_size: int = 32, progress=None) -> np.ndarr
             bad.append((path, error))
         else:
             probs.append(p)
-        if progress is not None:
-            progress.update()
     if bad:
         raise DataError(
             "image(s) could not be decoded: "
