@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 FT     := $(BIN)/finetune-cli
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint install clean demo-data
+.PHONY: demo test test-heavy test-slow lint install clean demo-data
 
 install: $(STAMP)
 
@@ -30,16 +30,24 @@ demo: demo-data
 	$(FT) finetune configs/demo.yaml --set experiment.name=demo-from-scratch --set model.weights=none
 	$(BIN)/python -m finetune_cli.demo_summary runs/demo/latest runs/demo-from-scratch/latest
 
-# Two workers: the crash/resume and promotion tests spend most of their time
-# in child processes importing TensorFlow, which one core cannot overlap.
-# A test file's tests stay on one worker (they share module fixtures).
 # Style and the no-TensorFlow-at-import rule for cli/config (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check finetune_cli tests bench
 	$(BIN)/ruff format --check finetune_cli tests bench
 
+# Two workers: child processes (crash, lock, promotion tests) overlap with
+# in-process training. A test file's tests stay on one worker (they share
+# module fixtures); the finished run in conftest.py is shared by all.
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --dist loadfile tests
+	$(PYTEST) -m "not slow and not heavy" tests
+
+# Whole runs in child processes: the kill-at-every-point resume chain, the
+# bit-identical kill-and-resume, the tf.distribute clusters, every export
+# format. CI (.ci/run) runs them after `make test`.
+test-heavy: $(STAMP)
+	$(PYTEST) -m "heavy and not slow" tests
 
 # Tests on ../shared/assets (real photos and ImageNet weights); they skip
 # when the folder is absent.

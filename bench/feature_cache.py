@@ -44,6 +44,7 @@ def main(argv=None) -> int:
 
     from finetune_cli import config as config_lib
     from finetune_cli import data as data_lib
+    from finetune_cli import pipeline
     from finetune_cli import model as model_lib
     from finetune_cli import feature_training
     from finetune_cli import phases as phases_lib
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     k = len(index.class_names)
     size = cfg.data.image_size
-    mk = lambda split: data_lib.make_dataset(  # noqa: E731
+    mk = lambda split: pipeline.make_dataset(  # noqa: E731
         index.splits[split], k, size, args.batch_size, shuffle=split == "train", seed=42
     )
     print(

@@ -41,9 +41,10 @@ else:
     import numpy as np
     import keras
     from finetune_cli import data as data_lib
+    from finetune_cli import pipeline
     m = keras.saving.load_model(model, compile=False)
     size = tuple(m.input_shape[1:3])
-    x = np.stack([np.asarray(data_lib.load_image(f, size)) for f in files])
+    x = np.stack([np.asarray(pipeline.load_image(f, size)) for f in files])
     m.predict(x, batch_size=32, verbose=0)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"images": len(files), "seconds": time.perf_counter() - t0,

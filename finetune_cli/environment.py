@@ -6,6 +6,11 @@ import platform
 import subprocess
 import sys
 
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+
 
 def git_commit(cwd=".") -> str | None:
     try:
@@ -24,7 +29,6 @@ def git_commit(cwd=".") -> str | None:
 
 def devices() -> list[dict]:
     """The devices TensorFlow found, CPU first."""
-    import tensorflow as tf
 
     found = []
     for d in tf.config.list_physical_devices():
@@ -45,9 +49,6 @@ def has_gpu() -> bool:
 
 
 def describe(argv=None) -> dict:
-    import keras
-    import numpy as np
-    import tensorflow as tf
 
     from finetune_cli import __version__
 
@@ -75,8 +76,6 @@ def configure_runtime(cfg, gpu: bool) -> dict:
     silently differing, and tf.data runs stateful map functions serially.
     It is process-wide, so it is also switched off when not asked for.
     """
-    import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(cfg.experiment.seed)
     deterministic = cfg.experiment.deterministic
@@ -84,7 +83,6 @@ def configure_runtime(cfg, gpu: bool) -> dict:
         tf.config.experimental.enable_op_determinism()
     elif op_determinism_enabled():
         # TensorFlow exports no way back; the switch lives here.
-        from tensorflow.python.framework import config as tf_config
 
         tf_config.disable_op_determinism()
     mp = cfg.runtime.mixed_precision
@@ -99,6 +97,5 @@ def configure_runtime(cfg, gpu: bool) -> dict:
 
 def op_determinism_enabled() -> bool:
     """Whether TensorFlow's op determinism is on in this process."""
-    from tensorflow.python.framework import config as tf_config
 
     return bool(tf_config.is_op_determinism_enabled())

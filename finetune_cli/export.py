@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import evaluation
 from finetune_cli import runmodel
 from finetune_cli.errors import ConfigError
@@ -389,7 +390,7 @@ def _images(samples, size, limit: int, seed: int):
     if len(samples) > limit:
         idx = sorted(rng.choice(len(samples), limit, replace=False))
         samples = [samples[i] for i in idx]
-    x = np.stack([np.asarray(data_lib.load_image(p, size)) for p, _ in samples])
+    x = np.stack([np.asarray(pipeline.load_image(p, size)) for p, _ in samples])
     return x.astype(np.float32), np.array([lb for _, lb in samples])
 
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import features
 from finetune_cli import model as model_lib
 
@@ -51,7 +51,7 @@ def feature_dataset(
             an order that depends on (seed, e) only, so a resumed phase
             sees the batches an uninterrupted one would. None: one pass in
             data order (validation).
-        shard, per_epoch, class_weight: as for `data.make_dataset`.
+        shard, per_epoch, class_weight: as for `pipeline.make_dataset`.
     """
     onehot = np.eye(num_classes, dtype="float32")[labels]
     views, n = feats.shape[0], feats.shape[1]
@@ -76,7 +76,7 @@ def feature_dataset(
 
     ds = tf.data.Dataset.range(first, end).flat_map(epoch_batches)
     if class_weight is not None:
-        ds = data_lib.with_sample_weights(ds, class_weight, num_classes)
+        ds = pipeline.with_sample_weights(ds, class_weight, num_classes)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -127,7 +127,7 @@ def cached_datasets(
     root = features.cache_root(cfg)
     views = cfg.feature_cache.views if path == "views" else 1
     augmenter = (
-        data_lib.build_augmenter(cfg.augmentation, cfg.experiment.seed)
+        pipeline.build_augmenter(cfg.augmentation, cfg.experiment.seed)
         if views > 1
         else None
     )

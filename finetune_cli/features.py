@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from finetune_cli import applications
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import faults
 from finetune_cli import rundir
 from finetune_cli.rundir import atomic_path
@@ -245,14 +246,14 @@ def extract(
         buf_f, buf_l, buf_p, buf_v = [], [], [], []
 
     for view in range(views):
-        ds = data_lib.make_dataset(samples, len(class_names), image_size, batch_size)
+        ds = pipeline.make_dataset(samples, len(class_names), image_size, batch_size)
         paths_ds = tf.data.Dataset.from_tensor_slices([p for p, _ in samples]).batch(
             batch_size
         )
         for b, ((images, onehot), paths) in enumerate(zip(ds, paths_ds, strict=True)):
             if augmenter is not None and views > 1:
                 # View v of an image is the same whatever ran before.
-                data_lib.reseed(augmenter, seed, view, b)
+                pipeline.reseed(augmenter, seed, view, b)
                 images = augmenter(images, training=True)
             feats = np.asarray(extractor.predict_on_batch(images), dtype="float32")
             dim = feats.shape[1]

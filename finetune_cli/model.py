@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 import warnings
 
+import keras
+
 from finetune_cli import applications
 from finetune_cli.errors import did_you_mean
 from finetune_cli.errors import ConfigError
@@ -32,7 +34,6 @@ def build_preprocessing(app: applications.Application, name=PREPROCESS_NAME):
 
     Returns None for applications that rescale inside themselves.
     """
-    import keras
     import numpy as np
 
     if app.preprocess == "none":
@@ -130,8 +131,6 @@ def build_base(model_cfg, image_size):
                 f"{model_cfg.options}): {_first_line(e)}"
             ) from None
     if model_cfg.bn_momentum is not None:
-        import keras
-
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = model_cfg.bn_momentum
@@ -192,7 +191,6 @@ def _first_line(e: Exception) -> str:
 
 def build_head(head_cfg, num_classes: int):
     """The head layers (from the config) and the float32 softmax output."""
-    import keras
 
     layers = []
     for i, spec in enumerate(head_cfg):
@@ -221,7 +219,6 @@ def build_head(head_cfg, num_classes: int):
 
 def build_model(cfg, num_classes: int):
     """The full classifier for a config; returns (model, base)."""
-    import keras
 
     app = applications.get(cfg.model.name)
     h, w = cfg.data.image_size
@@ -243,7 +240,6 @@ def build_model(cfg, num_classes: int):
 
 def find_base(model):
     """The application sub-model inside a model built by `build_model`."""
-    import keras
 
     for layer in model.layers:
         if isinstance(layer, keras.Model) and layer.name != PREPROCESS_NAME:
@@ -253,7 +249,6 @@ def find_base(model):
 
 def base_layers(base):
     """The base's layers that `top: N` counts (every layer but the input)."""
-    import keras
 
     return [la for la in base.layers if not isinstance(la, keras.layers.InputLayer)]
 
@@ -309,7 +304,6 @@ def apply_trainable(model, base, layer_names, batchnorm: str, sync: bool = False
     BatchNormalization layers that train compute their batch statistics over
     the global batch, not each replica's slice. The caller must recompile.
     """
-    import keras
 
     chosen = set(layer_names)
     # Setting a container's flag sets all its sublayers: do it first.

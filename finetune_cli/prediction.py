@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli.errors import DataError
 from finetune_cli.rundir import atomic_path
 from finetune_cli.runmodel import load_model
@@ -53,7 +54,7 @@ def collect_images(inputs) -> list[str]:
 
 
 def _why_unreadable(path: str) -> str:
-    bad = data_lib.find_unreadable([path], limit=1)
+    bad = pipeline.find_unreadable([path], limit=1)
     return bad[0][1] if bad else "cannot decode"
 
 
@@ -69,7 +70,7 @@ def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
     ds = (
         tf.data.Dataset.from_tensor_slices(paths)
         .map(
-            lambda p: (p, data_lib.load_image(p, size)),
+            lambda p: (p, pipeline.load_image(p, size)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

@@ -47,6 +47,7 @@ from finetune_cli import __version__
 from finetune_cli import checks
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import distribute
 from finetune_cli import environment
 from finetune_cli import faults
@@ -222,7 +223,7 @@ class Trainer:
             "keras": keras.__version__,
             "tensorflow": tf.__version__,
         }
-        self._augmenter = data_lib.build_augmenter(
+        self._augmenter = pipeline.build_augmenter(
             cfg.augmentation, cfg.experiment.seed
         )
         self._cached: dict[str, feature_training.CachedData] = {}
@@ -548,7 +549,7 @@ class Trainer:
         if plan.path == "base":
 
             def train(**distributed):
-                return data_lib.make_dataset(
+                return pipeline.make_dataset(
                     self.index.splits["train"],
                     self.num_classes,
                     self.cfg.data.image_size,
@@ -616,7 +617,7 @@ class Trainer:
     def _eval_dataset(self, split: str):
         """A split's images in order, read whole by every worker."""
         return self._unsharded(
-            data_lib.make_dataset(
+            pipeline.make_dataset(
                 self.index.splits[split],
                 self.num_classes,
                 self.cfg.data.image_size,
@@ -652,7 +653,7 @@ class Trainer:
         except tf.errors.InvalidArgumentError:
             # tf.data does not say which file failed: find it.
             files = self.index.files("train") + self.index.files("val")
-            bad = data_lib.find_unreadable(files)
+            bad = pipeline.find_unreadable(files)
             if not bad:
                 raise
             listed = "; ".join(f"{p}: {why}" for p, why in bad)

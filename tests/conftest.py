@@ -1,4 +1,10 @@
+import contextlib
+import dataclasses
+import fcntl
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -88,3 +94,123 @@ def constant_model(tmp_path, name, cls, shapes_dir):
     (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
     assert isinstance(model, keras.Model)
     return folder / "model.keras"
+
+
+def _shared_root(tmp_path_factory, config):
+    """A folder every pytest-xdist worker of this test run sees (one per run)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """Hold an exclusive lock on `path` across processes (xdist workers)."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    run: Path  # the run folder: read it, copy it (`copy_run`) to write in it
+    data: Path  # its data folder (4 shapes x 8 images), not to be changed
+    raw: dict  # the raw config it ran
+    weights: Path  # the "pretrained" base weights file it started from
+    output: str  # what `finetune` printed (plain)
+
+
+# Two phases that exercise most of the schedule: augmentation on a frozen
+# base, then a top-N phase with another optimizer, class weights, label
+# smoothing; TensorBoard on; a test split for the end-of-run report.
+FINISHED_PHASES = [
+    {"name": "head", "epochs": 2, "learning_rate": 1e-2},
+    {
+        "name": "top",
+        "epochs": 2,
+        "trainable": {"top": 8},
+        "optimizer": {"name": "sgd", "momentum": 0.9},
+        "learning_rate": 3e-4,
+        "class_weight": "auto",
+        "label_smoothing": 0.1,
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, request) -> FinishedRun:
+    """One finished tiny run, trained once for the whole test run.
+
+    Every module that needs "a run" reads this one instead of training its
+    own (under pytest-xdist the workers share it through a file lock).
+    """
+    root = _shared_root(tmp_path_factory, request.config) / "finished-run"
+    with _exclusive(f"{root}.lock"):
+        if not (root / "done.json").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            _train_finished_run(root)
+    done = json.loads((root / "done.json").read_text())
+    return FinishedRun(
+        run=Path(done["run"]),
+        data=root / "shapes",
+        raw=done["raw"],
+        weights=root / "pre.weights.h5",
+        output=done["output"],
+    )
+
+
+def _train_finished_run(root: Path) -> None:
+    import io
+
+    import keras
+
+    from finetune_cli import model as model_lib
+    from finetune_cli import trainer
+    from finetune_cli.console import Output
+
+    data = root / "shapes"
+    synthetic.generate(data, "source", per_class=8, size=32, seed=1)
+    keras.utils.set_random_seed(0)
+    base = model_lib.build_base(
+        config_lib.Model(name="MobileNetV2", weights="none", options={"alpha": 0.35}),
+        (32, 32),
+    )
+    base.save_weights(str(root / "pre.weights.h5"))
+    raw = tiny_config(
+        data,
+        root,
+        phases=FINISHED_PHASES,
+        augmentation=[{"type": "flip"}, {"type": "contrast", "factor": 0.1}],
+    )
+    raw["model"]["weights"] = str(root / "pre.weights.h5")
+    raw["experiment"]["tensorboard"] = True
+    buf = io.StringIO()
+    result = trainer.finetune(config_lib.validate(raw), Output(file=buf))
+    done = {"run": str(result.run_dir), "raw": raw, "output": buf.getvalue()}
+    (root / "done.json").write_text(json.dumps(done))
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run folder, for tests that write into one."""
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+# The longest modules first: xdist hands a worker a whole module at a time
+# (--dist loadfile), so a long one started last makes the other worker idle.
+LONGEST_FIRST = (
+    "test_promotion",
+    "test_features",
+    "test_evaluation",
+    "test_trainer",
+    "test_split",
+    "test_rundir",
+    "test_export",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))

@@ -7,6 +7,7 @@ from PIL import Image
 
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli.errors import DataError
 
 
@@ -132,14 +133,14 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode, ext):
     img = Image.fromarray(rgb).convert(mode)
     path = tmp_path / f"img.{ext}"
     img.save(path)
-    out = np.asarray(data_lib.load_image(str(path), (16, 12)))
+    out = np.asarray(pipeline.load_image(str(path), (16, 12)))
     assert out.shape == (16, 12, 3) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 255
 
 
 def test_dataset_batches_one_hot(shapes_dir):
     index = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=0)
-    ds = data_lib.make_dataset(index.splits["train"], 4, (32, 32), 5)
+    ds = pipeline.make_dataset(index.splits["train"], 4, (32, 32), 5)
     batches = list(ds)
     assert [int(x.shape[0]) for x, _ in batches] == [5, 5, 5, 1]
     labels = np.concatenate([np.asarray(y) for _, y in batches])

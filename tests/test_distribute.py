@@ -4,10 +4,7 @@ one device; a worker that dies stops the others, and --resume completes."""
 
 import csv
 import json
-import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +17,10 @@ from finetune_cli import config as config_lib
 from finetune_cli import distribute
 from finetune_cli.errors import ConfigError
 
+import cli_process
 from conftest import lively_weights
 from conftest import tiny_config
 
-CLI = [sys.executable, "-m", "finetune_cli"]
 PHASES = [
     {"name": "head", "epochs": 2, "learning_rate": 1e-2},
     # Batch statistics train here: equal to one device only if the two
@@ -49,17 +46,7 @@ def write_config(shapes_dir, tmp_path, name, **runtime):
 
 
 def launch(args, env=None, fault=None):
-    env = dict(os.environ, **(env or {}))
-    env.pop("FINETUNE_CLI_FAULT", None)
-    if fault:
-        env["FINETUNE_CLI_FAULT"] = fault
-    return subprocess.Popen(
-        CLI + args + ["--plain"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return cli_process.launch(args + ["--plain"], env=env, fault=fault)
 
 
 def finish(proc, timeout=240):
@@ -109,6 +96,7 @@ def single(shapes_dir, tmp_path_factory):
     return run
 
 
+@pytest.mark.heavy
 def test_mirrored_on_two_logical_cpus_matches_one_device(single, shapes_dir, tmp_path):
     import keras
 
@@ -135,6 +123,7 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(single, shapes_dir, tmp
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.heavy
 def test_two_workers_write_one_run_with_the_losses_of_one_device(
     single, shapes_dir, tmp_path
 ):
@@ -166,6 +155,7 @@ def test_two_workers_write_one_run_with_the_losses_of_one_device(
     assert model.predict(np.zeros((1, 32, 32, 3)), verbose=0).shape == (1, 4)
 
 
+@pytest.mark.heavy
 def test_a_dead_worker_stops_the_other_and_resume_completes(
     single, shapes_dir, tmp_path
 ):

@@ -74,6 +74,7 @@ def same_weights(a, b) -> bool:
     )
 
 
+@pytest.mark.heavy
 def test_same_seed_gives_bit_identical_runs_even_across_a_kill_and_resume(
     shapes_dir, tmp_path
 ):

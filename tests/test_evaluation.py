@@ -12,38 +12,21 @@ from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 
-from finetune_cli import trainer
 from finetune_cli.cli import app
-from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
 
 from conftest import constant_model
-from conftest import tiny_config
+from conftest import copy_run
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def run_dir(shapes_dir, tmp_path_factory):
-    """A small finished run with a test split (finetune writes eval/test)."""
-    tmp = tmp_path_factory.mktemp("evalrun")
-    raw = tiny_config(
-        shapes_dir,
-        tmp,
-        phases=[
-            {"name": "head", "epochs": 3, "learning_rate": 3e-2},
-            {
-                "name": "top",
-                "epochs": 1,
-                "trainable": {"top": 5},
-                "learning_rate": 1e-3,
-            },
-        ],
-    )
-    return trainer.finetune(
-        config_lib.validate(raw), Output(file=open("/dev/null", "w"))
-    ).run_dir
+def run_dir(finished_run, tmp_path_factory):
+    """A copy of the shared finished run (evaluate writes into it)."""
+    return copy_run(finished_run.run, tmp_path_factory.mktemp("evalrun") / "run")
 
 
 def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
@@ -56,7 +39,7 @@ def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     model = keras.saving.load_model(run_dir / "best.keras", safe_mode=True)
     x = np.stack(
-        [np.asarray(data_lib.load_image(f, (32, 32))) for f in index.files("test")]
+        [np.asarray(pipeline.load_image(f, (32, 32))) for f in index.files("test")]
     )
     probs = model.predict(x, verbose=0)
     y = np.array(index.labels("test"))

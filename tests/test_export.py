@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import export as export_lib
 from finetune_cli import model as model_lib
 from finetune_cli.cli import app
@@ -36,7 +36,7 @@ def model_dir(shapes_dir, tmp_path_factory):
     model, base = model_lib.build_model(cfg, 4)
     images = np.stack(
         [
-            np.asarray(data_lib.load_image(str(p), (32, 32)))
+            np.asarray(pipeline.load_image(str(p), (32, 32)))
             for p in sorted(shapes_dir.glob("*/*"))
         ]
     )
@@ -60,6 +60,7 @@ def model_dir(shapes_dir, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.heavy
 def test_round_trip_all_formats(model_dir, shapes_dir, tmp_path):
     formats = "keras,saved_model,tflite" + (",onnx" if HAS_ONNX else "")
     out = tmp_path / "export"
@@ -119,7 +120,7 @@ def test_round_trip_all_formats(model_dir, shapes_dir, tmp_path):
     # Each artifact in its own runtime, without importing finetune_cli.
     x = np.stack(
         [
-            np.asarray(data_lib.load_image(str(p), (32, 32)))
+            np.asarray(pipeline.load_image(str(p), (32, 32)))
             for p in sorted(shapes_dir.glob("*/*"))[:6]
         ]
     )
@@ -184,7 +185,7 @@ def test_broken_artifact_fails_the_parity_check(model_dir, shapes_dir, tmp_path)
     broken.save(path)
     x = np.stack(
         [
-            np.asarray(data_lib.load_image(str(p), (32, 32)))
+            np.asarray(pipeline.load_image(str(p), (32, 32)))
             for p in sorted(shapes_dir.glob("*/*"))[:8]
         ]
     )
@@ -353,6 +354,7 @@ def test_quantized_gate_is_on_accuracy_not_agreement(monkeypatch, n):
     assert "--min-agreement" in report["failures"][0]
 
 
+@pytest.mark.heavy
 def test_export_in_a_process_writes_only_its_own_lines_to_stderr(
     model_dir, shapes_dir, tmp_path
 ):

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import features
 from finetune_cli import model as model_lib
 from finetune_cli import feature_training
@@ -130,7 +131,7 @@ def test_changes_invalidate_the_cache_and_say_why(setup, tmp_path):
 def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     raw, _, _ = setup
     raw["phases"] = [
-        {"name": "head", "epochs": 2, "learning_rate": 1e-2},
+        {"name": "head", "epochs": 1, "learning_rate": 1e-2},
         {"name": "top", "epochs": 1, "trainable": {"top": 6}, "learning_rate": 1e-3},
     ]
     cfg = config_lib.validate(raw)
@@ -170,7 +171,7 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     assert paths == index.files("val")
     head = feature_training.head_model(model, base)
     from_features = head.predict(vf[0], verbose=0)
-    x = np.stack([np.asarray(data_lib.load_image(p, (32, 32))) for p in paths])
+    x = np.stack([np.asarray(pipeline.load_image(p, (32, 32))) for p in paths])
     from_images = model.predict(x, verbose=0)
     np.testing.assert_allclose(from_images, from_features, atol=1e-5, rtol=1e-4)
 
@@ -210,6 +211,7 @@ def test_augmented_views_are_cached_per_view(setup, tmp_path):
     # faithful (the default) runs the base every epoch instead.
     raw["feature_cache"]["augmented"] = "faithful"
     raw["experiment"]["name"] = "faithful"
+    raw["phases"][0]["epochs"] = 1  # the plan is what is checked
     buf = __import__("io").StringIO()
     trainer.finetune(config_lib.validate(raw), Output(file=buf))
     assert "phase 1/1: head (base every epoch)" in buf.getvalue()

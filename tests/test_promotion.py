@@ -4,8 +4,6 @@ promoted folder is never half-written."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
 from finetune_cli.errors import GateError
 
+import cli_process
 from conftest import lively_weights
 from conftest import tiny_config
 
@@ -171,26 +170,11 @@ def test_promote_to_problems_are_found_before_training(setup, tmp_path):
 
 
 def launch_promote(run, link, *, fault=None, pause=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    if fault:
-        env["FINETUNE_CLI_FAULT"] = fault
-    if pause:
-        env["FINETUNE_CLI_PAUSE"] = pause
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "finetune_cli",
-            "promote",
-            str(run),
-            "--to",
-            str(link),
-            "--plain",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return cli_process.launch(
+        ["promote", run, "--to", link, "--plain"],
+        fault=fault,
+        pause=pause,
+        stderr_to_stdout=True,
     )
 
 
@@ -254,12 +238,8 @@ def test_two_promoters_are_serialised(setup, tmp_path):
         time.sleep(0.05)
     assert waiting.exists(), a.communicate()[0][-2000:]
     b = launch_promote(worse, link)
-    lines = []
-    for line in b.stdout:  # the second one says it waits, and does
-        lines.append(line)
-        if "waiting for the promotion lock" in line:
-            break
-    assert any("waiting for the promotion lock" in line for line in lines), lines
+    # The second one says it waits, and does.
+    assert b.wait_for_output("waiting for the promotion lock"), b.communicate()[0]
     assert not link.exists()
     release.write_text("go")
     assert a.wait(timeout=300) == 0, a.communicate()[0][-2000:]

@@ -16,9 +16,8 @@ from finetune_cli.rundir import Lock
 from finetune_cli.rundir import RunDir
 from finetune_cli.rundir import atomic_write
 
+import cli_process
 from conftest import tiny_config
-
-CLI = [sys.executable, "-m", "finetune_cli"]
 
 
 def test_lock_excludes_live_and_takes_over_dead(tmp_path):
@@ -87,17 +86,10 @@ def wait_for(predicate, proc, timeout=240):
 
 
 def start_finetune(cfg, pause=None):
-    """The CLI in a child process (so it can be killed), plain output."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if pause:
-        env["FINETUNE_CLI_PAUSE"] = pause
-    proc = subprocess.Popen(
-        CLI + ["finetune", str(cfg), "--plain"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    """The CLI in a child process (so it can be signalled), plain output."""
+    return cli_process.launch(
+        ["finetune", cfg, "--plain"], pause=pause, stderr_to_stdout=True
     )
-    return proc, env
 
 
 def run_dirs(root):
@@ -112,11 +104,11 @@ def test_sigterm_stops_with_exit_5_and_leaves_a_resumable_run(shapes_dir, tmp_pa
     cfg = write_config(tmp_path, shapes_dir, phases, name="term")
     release = tmp_path / "release"
     # Held right after epoch 1's state is saved; SIGTERM arrives there.
-    proc, _ = start_finetune(cfg, pause=f"epoch_saved={release}")
+    proc = start_finetune(cfg, pause=f"epoch_saved={release}")
     waiting = tmp_path / "release.waiting"
-    assert wait_for(waiting.exists, proc), proc.stdout.read().decode()[-2000:]
+    assert wait_for(waiting.exists, proc), proc.communicate()[0][-2000:]
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode()
+    output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 5, output[-2000:]
     (run,) = run_dirs(tmp_path / "runs" / "term")
     assert (
@@ -183,14 +175,19 @@ def test_remove_temporaries_deletes_hidden_leftovers_only(tmp_path):
 
 
 def test_two_runs_on_one_output_exactly_one_trains(shapes_dir, tmp_path):
-    phases = [{"name": "top", "epochs": 3, "trainable": {"top": 4}}]
+    phases = [{"name": "top", "epochs": 1, "trainable": {"top": 4}}]
     cfg = write_config(tmp_path, shapes_dir, phases, name="twin")
-    procs = [start_finetune(cfg)[0] for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, EXIT_LOCKED], outs
-    loser = outs[[p.returncode for p in procs].index(EXIT_LOCKED)]
-    assert "locked: experiment 'twin'" in loser and "in use by process" in loser
+    release = tmp_path / "release"
+    # The first is held with the experiment locked and its run folder made.
+    first = start_finetune(cfg, pause=f"run_created={release}")
+    waiting = tmp_path / "release.waiting"
+    assert wait_for(waiting.exists, first), first.communicate()[0][-2000:]
+    second = cli_process.run(["finetune", cfg, "--plain"], stderr_to_stdout=True)
+    assert second.returncode == EXIT_LOCKED, second.stdout[-2000:]
+    assert "locked: experiment 'twin'" in second.stdout
+    assert f"in use by process {first.pid}" in second.stdout
+    release.write_text("go")
+    assert first.wait(timeout=300) == 0, first.communicate()[0][-2000:]
     assert len(run_dirs(tmp_path / "runs" / "twin")) == 1
 
 

@@ -5,8 +5,6 @@ uninterrupted run."""
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,10 +18,10 @@ from finetune_cli.cli import app
 from finetune_cli.console import Output
 from finetune_cli.errors import ConfigError
 
+import cli_process
 from conftest import lively_weights
 from conftest import tiny_config
 
-CLI = [sys.executable, "-m", "finetune_cli"]
 PHASES = [
     {
         "name": "head",
@@ -66,13 +64,7 @@ def write_config(tmp_path, data_dir, name):
 
 
 def launch(args, fault=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("FINETUNE_CLI_FAULT", None)
-    if fault:
-        env["FINETUNE_CLI_FAULT"] = fault
-    return subprocess.run(
-        CLI + args + ["--plain"], env=env, capture_output=True, text=True
-    )
+    return cli_process.run(args + ["--plain"], fault=fault)
 
 
 def history(run):
@@ -87,6 +79,7 @@ def weights(path):
     return [np.asarray(w) for w in model.weights]
 
 
+@pytest.mark.heavy
 def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
     shapes_dir, tmp_path
 ):

@@ -27,7 +27,8 @@ def quiet():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished one-epoch run on a data folder of its own."""
+    """A finished one-epoch run on a data folder of its own (the tests
+    using it add, change and remove images: not the shared run's)."""
     tmp = tmp_path_factory.mktemp("split")
     data = tmp / "data"
     synthetic.generate(data, "source", per_class=8, size=32, seed=4)
@@ -44,8 +45,8 @@ def evaluate(run, *args):
     return CliRunner().invoke(app, ["evaluate", str(run), "--json", *args])
 
 
-def test_split_json_lists_every_file_with_label_and_hash(trained):
-    data, run = trained
+def test_split_json_lists_every_file_with_label_and_hash(finished_run):
+    data, run = finished_run.data, finished_run.run
     rec = json.loads((run / "split.json").read_text())
     files = [f for split in rec["files"].values() for f in split]
     on_disk = sorted(str(p) for p in data.rglob("*.*"))

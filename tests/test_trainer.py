@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
+from finetune_cli import pipeline
 from finetune_cli import model as model_lib
 from finetune_cli import runmodel
 from finetune_cli import trainer
@@ -21,43 +22,12 @@ from conftest import make_config
 from conftest import tiny_config
 
 
-def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
+def test_two_phase_run_end_to_end(finished_run):
     """The schedule switches, epochs continue, the run folder is complete."""
-    import io
-
     import keras
 
-    # Weights written by a test: the "pretrained" base.
-    keras.utils.set_random_seed(0)
-    base = model_lib.build_base(
-        config_lib.Model(name="MobileNetV2", weights="none", options={"alpha": 0.35}),
-        (32, 32),
-    )
-    weights = tmp_path / "pre.weights.h5"
-    base.save_weights(str(weights))
-    raw = tiny_config(
-        shapes_dir,
-        tmp_path,
-        phases=[
-            {"name": "head", "epochs": 2, "learning_rate": 1e-2},
-            {
-                "name": "top",
-                "epochs": 2,
-                "trainable": {"top": 8},
-                "optimizer": {"name": "sgd", "momentum": 0.9},
-                "learning_rate": 3e-4,
-                "class_weight": "auto",
-                "label_smoothing": 0.1,
-            },
-        ],
-        augmentation=[{"type": "flip"}, {"type": "contrast", "factor": 0.1}],
-    )
-    raw["model"]["weights"] = str(weights)
-    raw["experiment"]["tensorboard"] = True
-    cfg = config_lib.validate(raw)
-    buf = io.StringIO()
-    result = trainer.finetune(cfg, Output(file=buf))
-    run = result.run_dir
+    run = finished_run.run
+    cfg = config_lib.validate(finished_run.raw)
 
     # The schedule really switched: phase 2's optimizer and LR.
     history = list(csv.DictReader(open(run / "history.csv")))
@@ -101,7 +71,7 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)
     x = np.stack(
         [
-            np.asarray(data_lib.load_image(p, (32, 32)))
+            np.asarray(pipeline.load_image(p, (32, 32)))
             for p in data_lib.index_data(cfg.data, 3).files("val")
         ]
     )
@@ -112,6 +82,14 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
         config_lib.Model(
             name="MobileNetV2",
             weights=str(run / "base.weights.h5"),
+            options={"alpha": 0.35},
+        ),
+        (32, 32),
+    )
+    base = model_lib.build_base(
+        config_lib.Model(
+            name="MobileNetV2",
+            weights=str(finished_run.weights),
             options={"alpha": 0.35},
         ),
         (32, 32),
@@ -128,7 +106,7 @@ def test_two_phase_run_end_to_end(shapes_dir, tmp_path):
     meta = export.metadata(target, model, [])
     assert meta["source"]["run"] == str(run.resolve())
     assert meta["source"]["model"] == str((run / "best.keras").resolve())
-    text = buf.getvalue()
+    text = finished_run.output
     assert "phase head: val_accuracy" in text and "phase top: val_accuracy" in text
     assert "\x1b[" not in text  # plain output when not a terminal
 
@@ -193,7 +171,7 @@ def test_val_loss_monitor_xla_and_no_feature_cache(shapes_dir, tmp_path, monkeyp
     raw = tiny_config(
         shapes_dir,
         tmp_path,
-        phases=[{"name": "head", "epochs": 3, "learning_rate": 3e-2}],
+        phases=[{"name": "head", "epochs": 2, "learning_rate": 3e-2}],
     )
     raw["experiment"]["monitor"] = "val_loss"
     raw["runtime"] = {"xla": True}
