@@ -771,6 +771,65 @@ def predict(
 
 
 @app.command(cls=Command)
+def explain(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder or a .keras file with labels.txt beside it.",
+            show_default=False,
+        ),
+    ],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files and/or folders (searched recursively).",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            metavar="PATH",
+            help="A new folder for the overlays [default: RUN/explain/N].",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Grad-CAM heat maps: where the model looked for its prediction.
+
+    Writes one overlay PNG per image (the heat map of the predicted class
+    at the base's last feature map) and explanations.csv (file, predicted,
+    confidence, overlay) into a new folder; an existing --out is refused.
+    """
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        _quiet_tensorflow()
+        from finetune_cli import explain as explain_lib
+        from finetune_cli.prediction import collect_images
+
+        total = len(collect_images(images))
+        with out.counter(total, "explain") as progress:
+            done = [0]
+
+            def step(n):
+                done[0] += n
+                progress(done[0])
+
+            folder, rows = explain_lib.explain(
+                target, images, out_dir, batch_size, progress=step
+            )
+        out.info(f"explained {len(rows)} images; wrote {folder}")
+
+    _run(out, debug, job)
+
+
+@app.command(cls=Command)
 def promote(
     run_dir: Annotated[
         Path, typer.Argument(help="A completed run folder.", show_default=False)
