@@ -685,10 +685,10 @@ class Trainer:
         st.history.append(row)
         weights = runstate.values(self.model.variables)
         value = logs.get(monitor)
-        if _improved(monitor, value, st.best_phase):
+        if _improved(monitor, row, st.history, st.best_phase_epoch):
             st.best_phase, st.best_phase_epoch = float(value), epoch + 1
             st.best_phase_weights = weights
-        run_improved = _improved(monitor, value, st.best_run)
+        run_improved = _improved(monitor, row, st.history, st.best_run_epoch)
         if run_improved:
             st.best_run, st.best_run_epoch = float(value), epoch + 1
             st.best_run_weights = weights
@@ -845,14 +845,40 @@ class Trainer:
         atomic_write(self.run / "history.csv", buf.getvalue())
 
 
-def _improved(monitor: str, value, best) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _improved(monitor: str, row: dict, history: list, best_epoch) -> bool:
+    """Is epoch `row` better than `best_epoch` (a row of `history`)?
+
+    Better on the monitor, or equal on it and better on the other metric
+    (`val_accuracy` ties go to the lower `val_loss`, `val_loss` ties to the
+    higher `val_accuracy`): with few validation images accuracy ties are
+    common, and the first of them is not the best model.
+    """
+    value = row.get(monitor)
+    if value is None or math.isnan(value):
         return False
-    if best is None:
+    if best_epoch is None:
         return True
-    if phases_lib.lower_is_better(monitor):
-        return value < best
-    return value > best
+    best = next(r for r in history if r["epoch"] == best_epoch)
+    if value != best[monitor]:
+        return _better(monitor, value, best[monitor])
+    other = _TIE_BREAK.get(monitor)
+    if other is None or row.get(other) is None or best.get(other) is None:
+        return False
+    return _better(other, row[other], best[other])
+
+
+def _better(metric: str, value: float, than: float) -> bool:
+    if phases_lib.lower_is_better(metric):
+        return value < than
+    return value > than
+
+
+_TIE_BREAK = {
+    "val_accuracy": "val_loss",
+    "val_loss": "val_accuracy",
+    "accuracy": "loss",
+    "loss": "accuracy",
+}
 
 
 class _EpochHook(keras.callbacks.Callback):

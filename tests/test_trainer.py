@@ -36,6 +36,11 @@ def test_two_phase_run_end_to_end(finished_run):
     assert [float(r["lr"]) for r in history] == pytest.approx([1e-2, 1e-2, 3e-4, 3e-4])
     metrics = json.loads((run / "metrics.json").read_text())
     assert [p["optimizer"] for p in metrics["phases"]] == ["Adam", "SGD"]
+    # The best epoch: highest val_accuracy, ties to the lowest val_loss.
+    ranked = sorted(
+        history, key=lambda r: (-float(r["val_accuracy"]), float(r["val_loss"]))
+    )
+    assert metrics["best_epoch"] == int(ranked[0]["epoch"])
     assert [p["last_epoch"] for p in metrics["phases"]] == [2, 4]
     # Keras' test accuracy at the end of the run is the share of rows of
     # the report's predictions.csv (our NumPy path) whose label is right.
@@ -212,3 +217,27 @@ def test_out_of_memory_is_a_config_error_naming_the_batch(
     (run,) = [p for p in (tmp_path / "runs" / "t").iterdir() if p.name[0].isdigit()]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and status["resumable"] is True
+
+
+def test_best_epoch_ties_go_to_the_better_other_metric():
+    rows = [
+        {"epoch": 1, "val_accuracy": 0.5, "val_loss": 0.9},
+        {"epoch": 2, "val_accuracy": 0.75, "val_loss": 0.7},
+        {"epoch": 3, "val_accuracy": 0.75, "val_loss": 0.6},  # tie, lower loss
+        {"epoch": 4, "val_accuracy": 0.75, "val_loss": 0.65},  # tie, higher
+        {"epoch": 5, "val_accuracy": 0.7, "val_loss": 0.1},
+    ]
+
+    def best_of(monitor):
+        best = None
+        for i, row in enumerate(rows):
+            if trainer._improved(monitor, row, rows[: i + 1], best):
+                best = row["epoch"]
+        return best
+
+    assert best_of("val_accuracy") == 3
+    assert best_of("val_loss") == 5
+    rows[4]["val_loss"] = 0.6  # ties epoch 3 on loss; epoch 3 is more accurate
+    assert best_of("val_loss") == 3
+    rows[2]["val_accuracy"] = float("nan")
+    assert trainer._improved("val_accuracy", rows[2], rows, 2) is False
