@@ -110,6 +110,20 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+RunOrModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A run folder or a .keras file with labels.txt beside it.",
+        show_default=False,
+    ),
+]
+ImagesArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Image files and/or folders (searched recursively).",
+        show_default=False,
+    ),
+]
 PlainOpt = Annotated[
     Optional[bool],
     typer.Option(
@@ -673,20 +687,8 @@ def _prediction_format(out_file: Optional[str], fmt: Optional[Format]):
 
 @app.command(cls=Command)
 def predict(
-    target: Annotated[
-        Path,
-        typer.Argument(
-            help="A run folder or a .keras file with labels.txt beside it.",
-            show_default=False,
-        ),
-    ],
-    images: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Image files and/or folders (searched recursively).",
-            show_default=False,
-        ),
-    ],
+    target: RunOrModelArg,
+    images: ImagesArg,
     top_k: Annotated[int, typer.Option(min=1, help="How many labels per image.")] = 3,
     out_file: Annotated[
         Optional[str],
@@ -772,20 +774,8 @@ def predict(
 
 @app.command(cls=Command)
 def explain(
-    target: Annotated[
-        Path,
-        typer.Argument(
-            help="A run folder or a .keras file with labels.txt beside it.",
-            show_default=False,
-        ),
-    ],
-    images: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Image files and/or folders (searched recursively).",
-            show_default=False,
-        ),
-    ],
+    target: RunOrModelArg,
+    images: ImagesArg,
     out_dir: Annotated[
         Optional[Path],
         typer.Option(
@@ -813,16 +803,10 @@ def explain(
         from finetune_cli import explain as explain_lib
         from finetune_cli.prediction import collect_images
 
-        total = len(collect_images(images))
-        with out.counter(total, "explain") as progress:
-            done = [0]
-
-            def step(n):
-                done[0] += n
-                progress(done[0])
-
+        files = collect_images(images)
+        with out.counter(len(files), "explain") as progress:
             folder, rows = explain_lib.explain(
-                target, images, out_dir, batch_size, progress=step
+                target, files, out_dir, batch_size, progress=progress
             )
         out.info(f"explained {len(rows)} images; wrote {folder}")
 

@@ -122,21 +122,25 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def load_images(paths, image_size) -> np.ndarray:
     """The images as the model sees them; a DataError names unreadable ones."""
-    bad = pipeline.find_unreadable(paths, limit=5)
+    images, bad = [], []
+    for path in paths:
+        try:
+            images.append(np.asarray(pipeline.load_image(path, image_size)))
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+            bad.append((path, pipeline.decode_failure(path, e)))
     if bad:
-        lines = "\n".join(f"  {p}: {why}" for p, why in bad)
+        lines = "\n".join(f"  {p}: {why}" for p, why in bad[:5])
         raise DataError(f"cannot explain unreadable images:\n{lines}")
-    return np.stack(
-        [np.asarray(pipeline.load_image(p, image_size)) for p in paths]
-    ).astype("float32")
+    return np.stack(images).astype("float32")
 
 
-def explain_files(model, labels, paths, out, batch_size: int = 16, progress=None):
+def explain_files(cam, labels, paths, out, batch_size: int = 16, progress=None):
     """Write `<out>/<nnnn>-<name>.png` overlays and `<out>/explanations.csv`.
 
-    The folder appears complete or not at all; an existing `out` is
-    refused. Returns the rows written (file, predicted, confidence,
-    overlay).
+    `cam` is the model's `GradCam`; `progress(done)` is called with the
+    number of images done after each batch. The folder appears complete or
+    not at all; an existing `out` is refused. Returns the rows written
+    (file, predicted, confidence, overlay).
     """
     out = Path(out)
     if out.exists():
@@ -144,7 +148,6 @@ def explain_files(model, labels, paths, out, batch_size: int = 16, progress=None
             f"--out {out} already exists; explain does not overwrite. "
             "Choose another folder or remove it."
         )
-    cam = GradCam(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     rows = []
@@ -158,7 +161,7 @@ def explain_files(model, labels, paths, out, batch_size: int = 16, progress=None
                 top = int(p.argmax())
                 rows.append([path, labels[top], f"{p[top]:.6f}", name])
             if progress is not None:
-                progress(len(batch))
+                progress(start + len(batch))
         with open(tmp / "explanations.csv", "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["file", "predicted", "confidence", "overlay"])
@@ -170,33 +173,32 @@ def explain_files(model, labels, paths, out, batch_size: int = 16, progress=None
     return rows
 
 
-def explain(target_path, images, out=None, batch_size: int = 16, progress=None):
+def explain(target_path, files, out=None, batch_size: int = 16, progress=None):
     """`finetune-cli explain`: Grad-CAM overlays for image files.
 
     `target_path` is a run folder or a .keras model with labels.txt;
-    `images` files and folders. `out` defaults to `<run>/explain/<n>`,
-    the first number not taken. Returns (out folder, rows).
+    `files` the image files (`prediction.collect_images`). `out` defaults
+    to `<run>/explain/<n>`, the first number not taken. Returns
+    (out folder, rows).
     """
-    from finetune_cli.prediction import collect_images
     from finetune_cli.runmodel import load_model
     from finetune_cli.runmodel import resolve_target
 
     target = resolve_target(target_path)
-    files = collect_images(images)
     model = load_model(target)
-    if out is None:
-        root = Path(target.run_dir or target.model_path.parent) / "explain"
-        n = 1
-        while (root / str(n)).exists():
-            n += 1
-        out = root / str(n)
     try:
-        GradCam(model)
+        cam = GradCam(model)
     except ValueError as e:
         raise ConfigError(
             f"{target.model_path} was not built by finetune-cli (a "
             f"keras.applications base inside), so it has no feature map to "
             f"explain: {e}"
         ) from None
-    rows = explain_files(model, target.labels, files, out, batch_size, progress)
+    if out is None:
+        root = Path(target.run_dir or target.model_path.parent) / "explain"
+        n = 1
+        while (root / str(n)).exists():
+            n += 1
+        out = root / str(n)
+    rows = explain_files(cam, target.labels, files, out, batch_size, progress)
     return Path(out), rows
