@@ -17,6 +17,7 @@ import numpy as np
 from finetune_cli import data as data_lib
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
+from finetune_cli.explain import report_overlays
 from finetune_cli.metrics import compute_metrics
 from finetune_cli.prediction import predict_files
 from finetune_cli.report import write_report
@@ -138,6 +139,7 @@ class Evaluation:
     probs: np.ndarray
     labels: np.ndarray
     files: list[str]
+    overlays: list = dataclasses.field(default_factory=list)
 
 
 def evaluate(
@@ -190,5 +192,6 @@ def evaluate(
     out = Path(out)
     result = Evaluation(metrics, out, probs, labels, files)
     if write:
+        result.overlays = report_overlays(model, files, labels, probs)
         write_report(result, target)
     return result

@@ -17,6 +17,7 @@ correct images per class.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import shutil
@@ -171,6 +172,59 @@ def explain_files(cam, labels, paths, out, batch_size: int = 16, progress=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rows
+
+
+@dataclasses.dataclass
+class Overlay:
+    """One explained image of an evaluation report."""
+
+    file: str
+    true: int
+    predicted: int
+    confidence: float
+    kind: str  # "mistake" or "correct"
+    png: bytes
+
+
+def report_overlays(
+    model, files, labels, probs, mistakes: int = 12, per_class: int = 2
+) -> list[Overlay]:
+    """Grad-CAM overlays for an evaluation report.
+
+    The `mistakes` most confident misclassifications first, then up to
+    `per_class` correctly classified images per class (most confident
+    first). Empty when `model` has no base to explain (not ours).
+    """
+    try:
+        cam = GradCam(model)
+    except ValueError:
+        return []
+    pred = probs.argmax(axis=1)
+    conf = probs[np.arange(len(pred)), pred]
+    wrong = np.flatnonzero(pred != labels)
+    chosen = [(i, "mistake") for i in wrong[np.argsort(-conf[wrong], kind="stable")]]
+    chosen = chosen[:mistakes]
+    for c in range(probs.shape[1]):
+        right = np.flatnonzero((pred == labels) & (labels == c))
+        best = right[np.argsort(-conf[right], kind="stable")][:per_class]
+        chosen += [(i, "correct") for i in best]
+    out = []
+    for start in range(0, len(chosen), 16):
+        batch = chosen[start : start + 16]
+        paths = [files[i] for i, _ in batch]
+        heat, _ = cam(load_images(paths, cam.image_size))
+        for (i, kind), h in zip(batch, heat, strict=True):
+            out.append(
+                Overlay(
+                    files[i],
+                    int(labels[i]),
+                    int(pred[i]),
+                    float(conf[i]),
+                    kind,
+                    png_bytes(overlay(files[i], h)),
+                )
+            )
+    return out
 
 
 def explain(target_path, files, out=None, batch_size: int = 16, progress=None):

@@ -8,6 +8,7 @@ plots and one self-contained `report.html`.
 | `predictions.csv` | file, true, predicted, confidence, top_k (label:prob;...) |
 | `confusion_matrix.png` | counts and row-normalised, side by side |
 | `curves.png` | loss and accuracy per epoch with phase boundaries (runs) |
+| `gradcam/` | Grad-CAM overlays: the worst mistakes, a few correct per class |
 | `report.html` | all of the above and the worst misclassified images |
 """
 
@@ -80,7 +81,39 @@ def write_report(ev: Evaluation, target: Target) -> None:
     if history is not None and history.is_file():
         curves = out / "curves.png"
         plots.curves_png(history, curves)
+    written = set()
+    for i, ov in enumerate(ev.overlays):
+        written.add(atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png).name)
+    # A re-evaluation into the same folder must not leave the last one's.
+    for old in (out / "gradcam").glob("*.png"):
+        if old.name not in written:
+            old.unlink()
     atomic_write(out / "report.html", render_html(ev, curves))
+
+
+def overlay_name(i: int, ov) -> str:
+    return f"{i:03d}-{ov.kind}-{Path(ov.file).stem}.png"
+
+
+def _gradcam_html(ev: Evaluation) -> str:
+    if not ev.overlays:
+        return "<p>No Grad-CAM overlays (no images, or not a finetune-cli model).</p>"
+    classes = ev.metrics["classes"]
+    e = html.escape
+    parts = []
+    for kind, title in (("mistake", "Worst mistakes"), ("correct", "Correct")):
+        figs = "".join(
+            f'<figure><img width="160" alt="{e(Path(o.file).name)}" '
+            f'src="data:image/png;base64,{base64.b64encode(o.png).decode()}">'
+            f"<figcaption>{e(Path(o.file).name)}<br>true <b>{e(classes[o.true])}"
+            f"</b><br>pred <b>{e(classes[o.predicted])}</b> ({o.confidence:.2f})"
+            "</figcaption></figure>"
+            for o in ev.overlays
+            if o.kind == kind
+        )
+        if figs:
+            parts.append(f"<h3>{title}</h3><div>{figs}</div>")
+    return "".join(parts)
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -178,5 +211,8 @@ img {{ max-width: 100%; }}
 {curves_html}
 <h2 id="mistakes">Worst misclassified images</h2>
 <div>{mistakes}</div>
+<h2 id="gradcam">Grad-CAM: where the model looked</h2>
+<p>Heat of the predicted class at the base's last feature map (red: most).</p>
+{_gradcam_html(ev)}
 </body></html>
 """

@@ -4,6 +4,7 @@ gates exit with their own code."""
 import csv
 import html.parser
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
         f1
     )
     assert metrics["summary"]["log_loss"] == pytest.approx(
-        sk.log_loss(y, probs.astype("float64"), labels=range(4)), rel=1e-5
+        sk.log_loss(y, _normalised(probs), labels=range(4)), rel=1e-5
     )
     # Keras' accuracy from model.evaluate at the end of the run (its own
     # pipeline and metric) equals the report's, from predictions + NumPy.
@@ -67,6 +68,12 @@ def test_run_evaluation_matches_independent_computation(run_dir, shapes_dir):
     assert [r["predicted"] for r in rows] == [metrics["classes"][i] for i in pred]
     per_class = list(csv.DictReader(open(out / "per_class.csv")))
     assert [r["class"] for r in per_class] == metrics["classes"]
+
+
+def _normalised(probs):
+    # float32 softmax rows sum to 1 within ~1e-7; sklearn warns beyond 1e-8.
+    p = probs.astype("float64")
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def test_pngs_are_real_images_and_report_has_every_section(run_dir):
@@ -96,6 +103,7 @@ def test_pngs_are_real_images_and_report_has_every_section(run_dir):
         "most-confused",
         "curves",
         "mistakes",
+        "gradcam",
     } <= parser.ids
     # Self-contained: every picture is inline and decodes.
     import base64
@@ -104,6 +112,36 @@ def test_pngs_are_real_images_and_report_has_every_section(run_dir):
     assert parser.images and all(s.startswith("data:image/") for s in parser.images)
     for src in parser.images:
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+
+
+def test_report_explains_the_worst_mistakes_and_a_few_correct_per_class(run_dir):
+    out = run_dir / "eval" / "test"
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    wrong = sorted(
+        (r for r in rows if r["true"] != r["predicted"]),
+        key=lambda r: -float(r["confidence"]),
+    )
+    right = [r for r in rows if r["true"] == r["predicted"]]
+    expected = [("mistake", r["file"]) for r in wrong[:12]]
+    for c in (run_dir / "labels.txt").read_text().split():
+        mine = sorted(
+            (r for r in right if r["true"] == c), key=lambda r: -float(r["confidence"])
+        )
+        expected += [("correct", r["file"]) for r in mine[:2]]
+    assert expected
+    names = sorted(p.name for p in (out / "gradcam").iterdir())
+    assert names == [
+        f"{i:03d}-{kind}-{Path(f).stem}.png" for i, (kind, f) in enumerate(expected)
+    ]
+    for name in names:
+        with Image.open(out / "gradcam" / name) as im:
+            assert im.format == "PNG" and len(im.convert("RGB").getcolors(1 << 20)) > 50
+    # Re-evaluating into the same folder leaves no overlay of the last one.
+    stale = out / "gradcam" / "999-mistake-gone.png"
+    stale.write_bytes(b"")
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--plain"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "gradcam").iterdir()) == names
 
 
 def test_cli_json_and_gates(run_dir):

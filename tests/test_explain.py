@@ -81,3 +81,71 @@ def test_feature_layer_is_the_last_spatial_map_of_each_application(name, layer):
     cfg = config_lib.Model(name=name, weights="none")
     base = model_lib.build_base(cfg, (32, 32))
     assert explain.feature_layer(base) == layer
+
+
+def _shapes(rng, n, size=32, r=5):
+    """Images of one coloured shape on grey noise, and the shape's mask.
+
+    Class 0 is a red filled square, 1 a green cross, 2 a blue ring: each
+    class has evidence of its own at one place in the image.
+    """
+    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 230]], "float32")
+    images = rng.uniform(60, 140, (n, size, size, 3)).astype("float32")
+    labels = rng.integers(0, 3, n)
+    masks = np.zeros((n, size, size), bool)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cx, cy = rng.integers(r + 1, size - r - 1, 2)
+        dx, dy = abs(xx - cx), abs(yy - cy)
+        masks[i] = [
+            (dx < r) & (dy < r),
+            ((dx <= 1) & (dy <= r)) | ((dy <= 1) & (dx <= r)),
+            (np.maximum(dx, dy) <= r) & (np.maximum(dx, dy) >= r - 1),
+        ][labels[i]]
+        images[i][masks[i]] = colours[labels[i]]
+    return images, labels, masks
+
+
+def test_heat_map_of_a_trained_model_covers_the_shape_not_the_background():
+    # A model shaped like ours (preprocessing, a functional base, pooling,
+    # the output layer) small enough to learn the shapes in seconds; the
+    # heat is then measured against where the shape really is.
+    import keras
+
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    images, labels, _ = _shapes(rng, 900)
+    test_images, test_labels, masks = _shapes(rng, 60)
+    base_in = keras.Input((32, 32, 3))
+    x = base_in
+    for layer in [
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+    ]:
+        x = layer(x)
+    base = keras.Model(base_in, x, name="base")
+    inputs = keras.Input((32, 32, 3))
+    x = base(keras.layers.Rescaling(1 / 255)(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name=model_lib.OUTPUT_NAME)(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.Adam(2e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(images, labels, epochs=10, batch_size=32, verbose=0)
+    cam = explain.GradCam(model)
+    assert cam.layer == base.layers[-1].name  # the 8x8 map
+    heat, probs = cam(test_images)
+    assert (probs.argmax(1) == test_labels).mean() >= 0.95
+    inside = np.array([h[m].mean() for h, m in zip(heat, masks, strict=True)])
+    outside = np.array([h[~m].mean() for h, m in zip(heat, masks, strict=True)])
+    assert (inside > outside).mean() >= 0.95
+    for c in range(3):
+        # Every class, not only the easiest: the shape is where it looked.
+        sel = test_labels == c
+        assert inside[sel].mean() > 2 * outside[sel].mean(), c
