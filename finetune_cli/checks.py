@@ -57,6 +57,7 @@ def scan_images(index, cfg, out):
 def check(cfg) -> None:
     """Raise ConfigError or DataError for the first problem found."""
     check_output_dir(cfg.experiment.output_dir, "experiment.output_dir")
+    check_tracking(cfg)
     if cfg.feature_cache.enabled:
         check_output_dir(cfg.feature_cache.dir, "feature_cache.dir")
     if cfg.data.dir is not None:
@@ -70,6 +71,14 @@ def check(cfg) -> None:
 
         distribute.cluster()  # TF_CONFIG set and well formed
     check_memory(cfg)
+
+
+def check_tracking(cfg) -> None:
+    """The tracker a config asks for is installed."""
+    if cfg.experiment.tracking.mlflow is not None:
+        from finetune_cli import tracking
+
+        tracking.require_mlflow()
 
 
 def _kind(path: Path) -> str:

@@ -194,6 +194,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class MLflowTracking(_Strict):
+    """Where an MLflow-tracked run is logged (README: tracking)."""
+
+    # None: a local file store beside the runs, file:<output_dir>/mlruns.
+    tracking_uri: Optional[str] = Field(None, min_length=1)
+    # None: experiment.name.
+    experiment: Optional[str] = Field(None, min_length=1)
+
+
+class Tracking(_Strict):
+    """Experiment trackers that a run also logs to."""
+
+    mlflow: Optional[MLflowTracking] = None
+
+
 class Experiment(_Strict):
     """Names the run and where it is written."""
 
@@ -206,6 +221,7 @@ class Experiment(_Strict):
     # Same config, seed, data and machine -> bit-identical weights, at some
     # cost in speed (README: reproducible runs).
     deterministic: Bool = False
+    tracking: Tracking = Tracking()
 
 
 class Split(_Strict):
@@ -624,6 +640,8 @@ class Config(_Strict):
     phases: list[Phase] = Field(min_length=1)
     feature_cache: FeatureCache = FeatureCache()
     runtime: Runtime = Runtime()
+    # finetune-cli tune: key path -> space (search.py); finetune ignores it.
+    search: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _cross_field(self):
@@ -710,9 +728,17 @@ def load_config(path, overrides=()) -> Config:
 def validate(raw: dict, source: str = "config") -> Config:
     """Validate a raw mapping into a `Config`, or raise one `ConfigError`."""
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_errors(e, source)) from None
+    if cfg.search:
+        from finetune_cli import search
+
+        try:
+            search.check(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"invalid config {source}: {e}") from None
+    return cfg
 
 
 def apply_overrides(raw: dict, overrides) -> dict:

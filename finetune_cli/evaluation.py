@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from finetune_cli import data as data_lib
+from finetune_cli import tracking
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.explain import report_overlays
@@ -155,12 +156,15 @@ def evaluate(
     batch_size=32,
     allow_missing=False,
     warn=None,
+    track=True,
 ) -> Evaluation:
     """Evaluate a run or model on held-out images and write the report.
 
     A run folder is evaluated on its recorded split (see `resolve_data`);
     `allow_missing` leaves out recorded files that vanished or changed
-    (reported through `warn`) instead of stopping.
+    (reported through `warn`) instead of stopping. With `track`, a run
+    tracked in MLflow gets the evaluation's metrics (`eval.<name>.<metric>`)
+    and folder (artifacts under `eval/<name>`).
     """
     target = resolve_target(target_path)
     pairs, source, split = resolve_data(
@@ -194,4 +198,18 @@ def evaluate(
     if write:
         result.overlays = report_overlays(model, files, labels, probs)
         write_report(result, target)
+        if track and target.run_dir is not None:
+            _track(result, target.run_dir, warn)
     return result
+
+
+def _track(ev: Evaluation, run_dir, warn) -> None:
+    tracker = tracking.Tracker.reopen(
+        run_dir, warn or tracking.warn_stderr, status=None
+    )
+    if tracker is not None:
+        name = ev.out_dir.name
+        tracker.log_metrics(
+            {f"eval.{name}.{k}": v for k, v in ev.metrics["summary"].items()}
+        )
+        tracker.log_path(ev.out_dir, f"eval/{name}")

@@ -55,6 +55,7 @@ from finetune_cli import data as data_lib
 from finetune_cli import pipeline
 from finetune_cli import evaluation
 from finetune_cli import runmodel
+from finetune_cli import tracking
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.errors import GateError
@@ -410,6 +411,7 @@ def export(
     min_agreement=None,
     check=True,
     progress=None,
+    warn=None,
 ) -> ExportResult:
     """Export a run (its best.keras) or a .keras model; see the module doc."""
     target = runmodel.resolve_target(target_path)
@@ -499,7 +501,19 @@ def export(
         for row in report["artifacts"]:
             row["path"] = str(out / row["path"])
     result = ExportResult(out, arts, report)
+    if target.run_dir is not None:
+        _track(result, target.run_dir, warn)
     return result
+
+
+def _track(result: ExportResult, run_dir, warn) -> None:
+    """Attach the export folder to the run's MLflow run, if it has one."""
+    tracker = tracking.Tracker.reopen(
+        run_dir, warn or tracking.warn_stderr, status=None
+    )
+    if tracker is not None:
+        tracker.log_path(result.out_dir, f"export/{result.out_dir.name}")
+        tracker.set_tags({"finetune.export": str(result.out_dir)})
 
 
 def _data_for(target, data):

@@ -57,6 +57,7 @@ from finetune_cli import phases as phases_lib
 from finetune_cli import plots
 from finetune_cli import runstate
 from finetune_cli import split as split_lib
+from finetune_cli import tracking
 from finetune_cli.console import Output
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
@@ -97,6 +98,7 @@ def finetune(
         checks.check(cfg)
     else:  # the data is the recorded split, checked when it is read
         checks.check_output_dir(exp.output_dir, "experiment.output_dir")
+        checks.check_tracking(cfg)
         if cfg.model.weights not in ("imagenet", "none"):
             checks.check_weights(cfg.model.weights)
     # Before any TensorFlow op: devices and the cluster are set up first.
@@ -228,6 +230,7 @@ class Trainer:
         )
         self._cached: dict[str, feature_training.CachedData] = {}
         self._val_ds = None
+        self.tracker: Optional[tracking.Tracker] = None
 
     # -- construction -----------------------------------------------------
 
@@ -341,9 +344,13 @@ class Trainer:
             run.remove_temporaries()
         run.set_status("running", resumed=self.resumed)
         self.out.attach_log(run / "log.txt")
+        ended = "FAILED"
         try:
+            self._start_tracking()
             try:
-                return self.run_all()
+                result = self.run_all()
+                ended = "FINISHED"
+                return result
             except tf.errors.UnimplementedError as e:
                 raise self._not_deterministic(e) from None
             except distribute.peer_errors() as e:
@@ -351,9 +358,11 @@ class Trainer:
                     raise
                 raise InterruptedRun(self._lost_worker(e)) from None
         except InterruptedRun as e:
+            ended = "KILLED"
             run.set_status("interrupted", reason=str(e), resumable=True)
             raise
         except KeyboardInterrupt:
+            ended = "KILLED"
             run.set_status(
                 "interrupted",
                 reason="stopped by a signal (Ctrl-C or SIGTERM)",
@@ -370,7 +379,47 @@ class Trainer:
             run.set_status("failed", reason=f"{type(e).__name__}: {e}", resumable=True)
             raise
         finally:
+            if self.tracker is not None:
+                self.tracker.finish(ended)
             self.out.close()
+
+    def _start_tracking(self) -> None:
+        """Open the run's MLflow run (chief only), and send what the run
+        has done that MLflow has not seen (after a resume)."""
+        if not self.topo.chief:
+            return
+        run = self.run
+        if self.resumed and (run / tracking.FILE).is_file():
+            self.tracker = tracking.Tracker.reopen(run.path, self.out.warn)
+        elif self.cfg.experiment.tracking.mlflow is not None:
+            env = self.env
+            tags = {
+                "finetune.run_dir": str(run.path),
+                "finetune.version": __version__,
+                "finetune.devices": ", ".join(
+                    f"{d['name']} ({d.get('model') or d['type']})"
+                    for d in env["devices"]
+                ),
+                **{f"phase.{p.index + 1}": p.phase.name for p in self.plans},
+            }
+            if env.get("git_commit"):
+                tags["mlflow.source.git.commit"] = env["git_commit"]
+            self.tracker = tracking.Tracker.start(
+                self.cfg,
+                run.path,
+                tags=tags,
+                params=tracking.run_params(self.config_dict),
+                warn=self.out.warn,
+            )
+        if self.tracker is not None:
+            self.out.info(f"MLflow: run {self.tracker.run_id} at {self.tracker.uri}")
+            self._log_epochs()
+
+    def _log_epochs(self) -> None:
+        if self.tracker is not None:
+            self.tracker.log_epochs(
+                self.run.path, self.state.history, [p.name for p in self.cfg.phases]
+            )
 
     def _not_deterministic(self, e) -> Exception:
         """What op determinism raises for an op without a deterministic
@@ -703,6 +752,7 @@ class Trainer:
             self._save_model("best.keras")
         self._save_model("last.keras")
         self._write_history()
+        self._log_epochs()
         shown = "  ".join(
             f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate"
         )
@@ -786,7 +836,7 @@ class Trainer:
             if self.topo.chief:
                 # The held-out report, exactly as `finetune-cli evaluate
                 # RUN` writes it: on the recorded test files.
-                ev = evaluation.evaluate(run.path, split="test")
+                ev = evaluation.evaluate(run.path, split="test", track=False)
                 # Keras' own loss and accuracy stay; the report adds the rest.
                 for key, value in ev.metrics["summary"].items():
                     metrics["test"].setdefault(key, value)
@@ -796,6 +846,11 @@ class Trainer:
             self.out.success(f"{self.topo.task}: done; the chief wrote the run folder")
             return FinetuneResult(run.path, metrics, st.history)
         run.write_json("metrics.json", metrics)
+        if self.tracker is not None:
+            self.tracker.log_metrics(tracking.run_metrics(metrics))
+            for name, where in tracking.RUN_ARTIFACTS:
+                self.tracker.log_path(run / name, where)
+            self.tracker.log_path(run / "eval" / "test", "eval/test")
         run.mark_latest()
         run.set_status("completed")
         with contextlib.suppress(FileNotFoundError):

@@ -186,6 +186,7 @@ def _train_finished_run(root: Path) -> None:
     )
     raw["model"]["weights"] = str(root / "pre.weights.h5")
     raw["experiment"]["tensorboard"] = True
+    raw["experiment"]["tracking"] = {"mlflow": {}}  # file:<output_dir>/mlruns
     buf = io.StringIO()
     result = trainer.finetune(config_lib.validate(raw), Output(file=buf))
     done = {"run": str(result.run_dir), "raw": raw, "output": buf.getvalue()}
@@ -193,8 +194,14 @@ def _train_finished_run(root: Path) -> None:
 
 
 def copy_run(run: Path, dest: Path) -> Path:
-    """A copy of a run folder, for tests that write into one."""
-    shutil.copytree(run, dest, symlinks=True)
+    """A copy of a run folder, for tests that write into one.
+
+    The copy is not tracked in MLflow (its mlflow.json is left out): what
+    it does must not reach the shared run's MLflow run.
+    """
+    shutil.copytree(
+        run, dest, symlinks=True, ignore=shutil.ignore_patterns("mlflow.json")
+    )
     return dest
 
 

@@ -242,9 +242,10 @@ def test_cli_and_config_do_not_import_tensorflow():
     code = (
         "import sys, finetune_cli.cli, finetune_cli.config, "
         "finetune_cli.split, finetune_cli.runstate, finetune_cli.promotion, "
-        "finetune_cli.data, finetune_cli.checks, finetune_cli.distribute; "
+        "finetune_cli.data, finetune_cli.checks, finetune_cli.distribute, "
+        "finetune_cli.tracking; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in "
-        "sys.modules, 'imported'"
+        "sys.modules and 'mlflow' not in sys.modules, 'imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

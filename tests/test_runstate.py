@@ -58,6 +58,7 @@ def write_config(tmp_path, data_dir, name):
     raw = tiny_config(data_dir, tmp_path, phases=PHASES)
     raw["model"]["weights"] = lively_weights(tmp_path / "pre.weights.h5")
     raw["experiment"]["name"] = name
+    raw["experiment"]["tracking"] = {"mlflow": {}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return raw, path
@@ -149,6 +150,18 @@ def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
 
     again = launch(["finetune", "--resume", str(run)])
     assert again.returncode == 2 and "already completed" in again.stderr
+
+    # MLflow saw the same run: each epoch once, across nine kills.
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((run / "mlflow.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    assert client.get_run(info["run_id"]).info.status == "FINISHED"
+    for key in ("loss", "val_loss", "lr", "iterations"):
+        logged = client.get_metric_history(info["run_id"], key)
+        assert sorted((m.step, m.value) for m in logged) == [
+            (int(r["epoch"]), pytest.approx(float(r[key]))) for r in rows
+        ], key
 
 
 def test_resume_refuses_a_changed_config_and_names_the_key(tmp_path):

@@ -1,0 +1,290 @@
+"""Experiment tracking with MLflow (`pip install 'finetune-cli[mlflow]'`).
+
+With `experiment.tracking.mlflow` set, a run is also an MLflow run:
+
+- parameters: the resolved config, one per key path (`phases.0.learning_rate`);
+- metrics: every numeric column of history.csv at step = epoch, plus
+  `phase` (the phase number; tags `phase.N` name them), then the final,
+  per-phase and test metrics of metrics.json;
+- tags: the run folder, the git commit, finetune-cli's version, devices;
+- artifacts: config, labels, history, curves, metrics, the environment,
+  `best.keras` (under `model/`) and the test report (under `eval/test/`).
+
+`evaluate` and `export` attach their output to the same MLflow run, found
+through `mlflow.json` in the run folder, which also lets a resumed run
+continue its MLflow run and log each epoch once.
+
+Tracking never costs a training run: the first MLflow call that fails is
+one warning, and tracking is off for the rest of the command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+from typing import Optional
+
+from finetune_cli.errors import ConfigError
+from finetune_cli.rundir import write_json
+
+FILE = "mlflow.json"  # in the run folder: where its MLflow run is
+
+# What the run folder sends as artifacts, and under which artifact path.
+RUN_ARTIFACTS = [
+    ("config.yaml", ""),
+    ("labels.txt", ""),
+    ("history.csv", ""),
+    ("curves.png", ""),
+    ("metrics.json", ""),
+    ("environment.json", ""),
+    ("best.keras", "model"),
+]
+_MAX_PARAM = 6000  # MLflow's limit on a parameter's value
+
+
+def default_uri(cfg) -> str:
+    """A local file store beside the runs: `<output_dir>/mlruns`."""
+    return (Path(cfg.experiment.output_dir).resolve() / "mlruns").as_uri()
+
+
+def require_mlflow(key: str = "experiment.tracking.mlflow") -> None:
+    """A config error when tracking is asked for and MLflow is missing."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            f"{key} is set, but MLflow is not installed; install it with "
+            "pip install 'finetune-cli[mlflow]' (or mlflow-skinny), or remove "
+            f"{key}"
+        )
+
+
+def _quiet_network_defaults(uri: str) -> None:
+    # MLflow retries an unreachable server for minutes by default; a run
+    # should warn and go on within seconds. The user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses its file store unless told; a local file store
+        # is still what the default asks for.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """{"a.b.0.c": leaf} for nested dicts and lists."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value:
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    out = {}
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _numbers(flat: dict) -> dict:
+    return {
+        k: float(v)
+        for k, v in flat.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+class Tracker:
+    """One MLflow run, and what of the run folder it has been sent.
+
+    Every method is best effort: a failing call warns once (through
+    `warn`) and turns the tracker off.
+    """
+
+    def __init__(self, uri: str, run_id: str, warn: Callable[[str], None]):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id, self.warn = uri, run_id, warn
+        self.client = MlflowClient(uri)
+        self.on = True
+
+    # -- opening ------------------------------------------------------------
+
+    @classmethod
+    def start(cls, cfg, run_dir, *, tags: dict, params: dict, warn):
+        """Create the MLflow run of a new run folder (None: tracking failed,
+        warned). Writes `mlflow.json` into the run folder."""
+        spec = cfg.experiment.tracking.mlflow
+        uri = spec.tracking_uri or default_uri(cfg)
+        name = spec.experiment or cfg.experiment.name
+        _quiet_network_defaults(uri)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp else client.create_experiment(name)
+            run = client.create_run(
+                exp_id,
+                run_name=Path(run_dir).name,
+                tags={k: str(v) for k, v in tags.items()},
+            )
+            tracker = cls(uri, run.info.run_id, warn)
+            items = [(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                tracker.client.log_batch(
+                    tracker.run_id,
+                    params=[_param(k, v) for k, v in items[i : i + 100]],
+                )
+        except Exception as e:  # noqa: BLE001 - tracking never stops a run
+            warn(_off(uri, e))
+            return None
+        write_json(
+            Path(run_dir) / FILE,
+            {
+                "tracking_uri": uri,
+                "experiment_id": exp_id,
+                "run_id": tracker.run_id,
+                "logged_epochs": 0,
+            },
+        )
+        return tracker
+
+    @classmethod
+    def reopen(cls, run_dir, warn, status: Optional[str] = "RUNNING"):
+        """The MLflow run of an existing run folder (None: not tracked, or
+        MLflow unreachable, warned)."""
+        path = Path(run_dir) / FILE
+        if not path.is_file():
+            return None
+        info = json.loads(path.read_text())
+        if importlib.util.find_spec("mlflow") is None:
+            warn(
+                f"{run_dir} is tracked in MLflow ({info['tracking_uri']}), but "
+                "MLflow is not installed here; nothing was sent"
+            )
+            return None
+        _quiet_network_defaults(info["tracking_uri"])
+        try:
+            tracker = cls(info["tracking_uri"], info["run_id"], warn)
+            if status is not None:
+                tracker.client.update_run(tracker.run_id, status=status)
+        except Exception as e:  # noqa: BLE001 - tracking never stops a run
+            warn(_off(info["tracking_uri"], e))
+            return None
+        return tracker
+
+    # -- logging ------------------------------------------------------------
+
+    def _call(self, fn, *args, **kwargs) -> bool:
+        if not self.on:
+            return False
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001 - tracking never stops a run
+            self.on = False
+            self.warn(_off(self.uri, e))
+            return False
+
+    def log_epochs(self, run_dir, history: list, phase_names: list) -> None:
+        """Send the history rows not sent yet (each epoch once, also across
+        a crash and resume: `mlflow.json` counts what was sent)."""
+        from mlflow.entities import Metric
+
+        path = Path(run_dir) / FILE
+        info = json.loads(path.read_text())
+        rows = [r for r in history if r["epoch"] > info.get("logged_epochs", 0)]
+        if not rows or not self.on:
+            return
+        now = int(time.time() * 1000)
+        metrics = []
+        for row in rows:
+            step = int(row["epoch"])
+            values = {k: v for k, v in _numbers(row).items() if k != "epoch"}
+            if row.get("phase") in phase_names:
+                values["phase"] = float(phase_names.index(row["phase"]) + 1)
+            metrics += [Metric(k, v, now, step) for k, v in values.items()]
+        if not self._send(metrics):
+            return
+        info["logged_epochs"] = int(rows[-1]["epoch"])
+        write_json(path, info)
+
+    def log_metrics(self, values: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._send([Metric(k, v, now, step) for k, v in _numbers(values).items()])
+
+    def _send(self, metrics: list) -> bool:
+        # MLflow takes at most 1000 metrics per batch.
+        return all(
+            self._call(
+                self.client.log_batch, self.run_id, metrics=metrics[i : i + 1000]
+            )
+            for i in range(0, len(metrics), 1000)
+        )
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self._call(
+            self.client.log_batch,
+            self.run_id,
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+
+    def log_path(self, path, artifact_path: str = "") -> None:
+        """A file or a whole folder as artifacts (missing: skipped)."""
+        path = Path(path)
+        if path.is_dir():
+            self._call(
+                self.client.log_artifacts, self.run_id, str(path), artifact_path or None
+            )
+        elif path.is_file():
+            self._call(
+                self.client.log_artifact, self.run_id, str(path), artifact_path or None
+            )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call(self.client.set_terminated, self.run_id, status)
+
+
+def warn_stderr(message: str) -> None:
+    """The warning channel of library calls that were given none."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _param(key, value):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def _off(uri: str, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (
+        f"MLflow tracking at {uri} failed ({type(e).__name__}: {first[:200]}); "
+        "tracking is off for the rest of this command, the run goes on"
+    )
+
+
+def run_params(config_dict: dict) -> dict:
+    """The resolved config as MLflow parameters, one per key path."""
+    return {k: ("null" if v is None else v) for k, v in flatten(config_dict).items()}
+
+
+def run_metrics(metrics: dict) -> dict:
+    """metrics.json as MLflow metrics: `val.accuracy`, `test.macro_f1`,
+    `phase.<name>.val_accuracy`, `best_value`, `best_epoch`."""
+    flat = {}
+    for k, v in metrics.items():
+        if k == "phases":
+            for entry in v:
+                for mk, mv in _numbers(entry).items():
+                    flat[f"phase.{entry['phase']}.{mk}"] = mv
+        elif k != "classes":
+            flat.update(_numbers(flatten(v, k)))
+    return flat
