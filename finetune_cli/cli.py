@@ -26,6 +26,11 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.metrics import METRIC_KEYS
 
 
+class Algorithm(str, Enum):
+    bayesian = "bayesian"
+    random = "random"
+
+
 class ExtractSplit(str, Enum):
     train = "train"
     val = "val"
@@ -307,6 +312,70 @@ def _render_evaluation(out: Output, ev) -> None:
             [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"][:5]],
         )
     out.info(f"report: {ev.out_dir / 'report.html'}")
+
+
+@app.command(cls=Command)
+def tune(
+    config: ConfigArg,
+    trials: Annotated[
+        int, typer.Option(min=1, help="Trials in all (a rerun continues the search).")
+    ] = 20,
+    algorithm: Annotated[
+        Algorithm, typer.Option(help="KerasTuner's search algorithm.")
+    ] = Algorithm.bayesian,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="The tune folder. Default: <output_dir>/<experiment.name>/tune.",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Search the config's `search:` spaces with KerasTuner.
+
+    Trials that only change the head phases train on cached features
+    (seconds each); others are whole runs. Writes trials.csv (ranked) and
+    best.yaml (a config finetune accepts); rerun to continue a search.
+    """
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        cfg = _load(config, set_)
+        _quiet_tensorflow()
+        from finetune_cli import tune as tune_lib
+        from finetune_cli.tune import fmt_value
+
+        result = tune_lib.tune(cfg, out, trials, algorithm.value, out_dir)
+        monitor = cfg.experiment.monitor
+        keys = list(cfg.search)
+        out.table(
+            f"trials ({result.mode}), best first",
+            ["rank", "trial", monitor, *keys],
+            [
+                [
+                    str(i),
+                    r["trial"],
+                    "-" if r["score"] is None else f"{r['score']:.4f}",
+                    *[fmt_value(r["values"][k]) for k in keys],
+                ]
+                for i, r in enumerate(result.rows[:10], 1)
+            ],
+        )
+        if result.best_config is None:
+            out.warn("no trial completed; nothing to recommend")
+        else:
+            out.success(
+                f"best {monitor} {result.rows[0]['score']:.4f} (trial "
+                f"{result.rows[0]['trial']}) in {result.seconds:.1f}s; config: "
+                f"{result.best_config}; all trials: "
+                f"{result.tune_dir / 'trials.csv'}"
+            )
+
+    _run(out, debug, job)
 
 
 @app.command(cls=Command)
@@ -613,6 +682,7 @@ def export_(
             min_agreement=min_agreement,
             check=check,
             progress=out.info,
+            warn=out.warn,
         )
         report = result.report
         if report is not None:
