@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     tune_s = cli("tune", "tune.yaml", "--trials", str(args.trials), cwd=work)
     tune_dir = work / "runs" / "tuned-head" / "tune"
     meta = json.loads((tune_dir / "tune.json").read_text())
-    print(f"tune: {meta['trials']} trials ({meta['mode']}) in {tune_s:.0f}s", flush=True)
+    trials = f"{meta['trials']} trials ({meta['mode']})"
+    print(f"tune: {trials} in {tune_s:.0f}s", flush=True)
     best_s = cli("finetune", str(tune_dir / "best.yaml"), cwd=work)
     best = test_accuracy(work / "runs" / "tuned-head" / "latest")
 

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,8 @@ from finetune_cli import phases as phases_lib
 from finetune_cli import search as search_lib
 from finetune_cli.console import Output
 from finetune_cli.errors import ConfigError
+from finetune_cli.errors import FinetuneError
+from finetune_cli.errors import short
 from finetune_cli.rundir import Lock
 from finetune_cli.rundir import atomic_write
 from finetune_cli.rundir import write_json
@@ -91,6 +94,23 @@ def trial_mode(spaces, plans) -> str:
     return "cached" if cached else "full"
 
 
+def _check_on_model(cfg, spaces, model, base) -> None:
+    """Each candidate value also makes sense for the built model (a
+    `trainable.top` beyond the base's layers, a regex matching none)."""
+    tree = cfg.model_dump(mode="json", exclude={"search"})
+    for space in spaces:
+        if ".trainable" not in f".{space.key}":
+            continue
+        for value in space.candidates():
+            candidate = config_lib.validate(search_lib.apply(tree, {space.key: value}))
+            try:
+                phases_lib.plan_phases(model, base, candidate)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"search.{space.key}: with {space.key}={short(value)}: {e}"
+                ) from None
+
+
 def _fingerprint(cfg, algorithm: str) -> str:
     text = json.dumps([cfg.model_dump(mode="json"), algorithm], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -131,16 +151,24 @@ def tune(
         if meta.get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{tune_dir} holds a search of another config or algorithm "
-                f"({meta.get('config_file', '?')}); choose another --out or "
+                f"(--algorithm {meta.get('algorithm')}, search "
+                f"{short(meta.get('search'))}); choose another --out or "
                 "remove it"
             )
     elif tune_dir.exists() and any(tune_dir.iterdir()):
         raise ConfigError(
             f"--out {tune_dir} exists and is not a tune folder; choose another folder"
         )
+    made = [p for p in (tune_dir, *tune_dir.parents) if not p.exists()]
     tune_dir.mkdir(parents=True, exist_ok=True)
-    with Lock(tune_dir / ".lock", f"the search in {tune_dir}"):
-        return _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint)
+    try:
+        with Lock(tune_dir / ".lock", f"the search in {tune_dir}"):
+            return _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint)
+    except BaseException:
+        # A search that never started leaves no folder behind.
+        if made and not meta_path.exists():
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
 
 
 def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
@@ -150,6 +178,7 @@ def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     index, _skipped, save_verdicts = checks.scan_images(index, cfg, out)
     model, base = model_lib.build_model(cfg, len(index.class_names))
+    _check_on_model(cfg, spaces, model, base)
     plans = phases_lib.plan_phases(model, base, cfg)
     mode = trial_mode(spaces, plans)
     monitor = cfg.experiment.monitor
@@ -201,9 +230,15 @@ def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
     done = sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values())
     if done:
         out.info(f"continuing: {done} trial(s) already done")
-    with contextlib.redirect_stdout(io.StringIO()):
-        tuner.search(verbose=0)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            tuner.search(verbose=0)
+    except keras_tuner.errors.FatalError:
+        raise tuner.fatal from None
     rows = _rows(tuner.oracle, spaces, monitor)
+    for r in rows:
+        if r["status"] not in ("COMPLETED", "RUNNING"):
+            out.warn(f"trial {r['trial']} {r['status'].lower()}: {r['message']}")
     _write_trials(tune_dir / "trials.csv", rows, spaces, monitor)
     best = None
     if rows and rows[0]["status"] == "COMPLETED":
@@ -229,12 +264,19 @@ class _Tuner(keras_tuner.engine.base_tuner.BaseTuner):
     def __init__(self, score, out, monitor, **kwargs):
         super().__init__(**kwargs)
         self.score, self.out, self.monitor = score, out, monitor
+        self.fatal: Optional[FinetuneError] = None
 
     def run_trial(self, trial, *args, **kwargs):
         values = dict(trial.hyperparameters.values)
         faults.point("trial")
         t0 = time.monotonic()
-        value = self.score(values, trial.trial_id)
+        try:
+            value = self.score(values, trial.trial_id)
+        except FinetuneError as e:
+            # The user's to fix (data, config): stop the search and say so,
+            # rather than let KerasTuner count it as a failed trial.
+            self.fatal = e
+            raise keras_tuner.errors.FatalError(str(e)) from None
         shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in values.items())
         self.out.info(
             f"trial {trial.trial_id}: {self.monitor} {value:.4f}  ({shown}; "
@@ -367,6 +409,7 @@ def _rows(oracle, spaces, monitor) -> list[dict]:
                 "values": {
                     s.key: trial.hyperparameters.values.get(s.key) for s in spaces
                 },
+                "message": ((trial.message or "").strip().splitlines() or [""])[-1],
             }
         )
     lower = phases_lib.lower_is_better(monitor)

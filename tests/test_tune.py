@@ -159,6 +159,19 @@ def test_a_bad_search_space_is_a_config_error_naming_the_key(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_layer_count_beyond_the_base_is_refused_before_any_trial(
+    shapes_dir, tmp_path
+):
+    search = {"phases.1.trainable.top": {"int": [2, 5000, 2]}}
+    _, path = write_config(tmp_path, shapes_dir, search=search, lively=False)
+    result = runner.invoke(app, ["tune", str(path), "--plain"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "search.phases.1.trainable.top: with phases.1.trainable.top=5000" in text
+    assert "Received: top=5000" in text
+    assert not (tmp_path / "runs").exists()
+
+
 def test_tune_without_a_search_section_says_what_to_add(shapes_dir, tmp_path):
     _, path = write_config(tmp_path, shapes_dir, search={}, lively=False)
     result = runner.invoke(app, ["tune", str(path)])
