@@ -191,3 +191,43 @@ def test_flatten_names_every_leaf_by_its_key_path():
             "test": {"accuracy": 0.75, "report": "r.html"},
         }
     ) == {"best_epoch": 3.0, "phase.head.val_accuracy": 0.5, "test.accuracy": 0.75}
+
+
+def test_a_failing_tracker_warns_once_and_stops_calling():
+    calls, warnings = [], []
+
+    class Down:
+        def log_batch(self, *a, **k):
+            calls.append("log_batch")
+            raise ConnectionError("connection refused")
+
+        def log_artifact(self, *a, **k):
+            calls.append("log_artifact")
+
+    tracker = tracking.Tracker.__new__(tracking.Tracker)
+    tracker.uri, tracker.run_id, tracker.warn = "http://x", "r", warnings.append
+    tracker.client, tracker.on = Down(), True
+    tracker.log_metrics({"a": 1.0})
+    tracker.log_metrics({"b": 2.0})
+    tracker.log_path(__file__)
+    assert calls == ["log_batch"] and len(warnings) == 1
+    assert "connection refused" in warnings[0] and "the run goes on" in warnings[0]
+
+
+@pytest.mark.heavy
+def test_a_run_with_an_unreachable_server_completes(shapes_dir, tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    raw = tiny_config(shapes_dir, tmp_path)
+    raw["experiment"]["tracking"] = {"mlflow": {"tracking_uri": "http://127.0.0.1:9"}}
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["finetune", str(path), "--plain"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("MLflow tracking at http://127.0.0.1:9 failed") == 1
+    run = tmp_path / "runs" / "t" / "latest"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert not (run / tracking.FILE).exists()
