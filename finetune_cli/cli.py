@@ -314,6 +314,60 @@ def _render_evaluation(out: Output, ev) -> None:
     out.info(f"report: {ev.out_dir / 'report.html'}")
 
 
+@app.command("lr-find", cls=Command)
+def lr_find(
+    config: ConfigArg,
+    phase: Annotated[
+        int, typer.Option(min=1, help="Which phase (1 = the first), as in the plan.")
+    ] = 1,
+    steps: Annotated[int, typer.Option(min=10, help="Batches at most.")] = 200,
+    min_lr: Annotated[
+        float, typer.Option(help="Learning rate of the first batch.")
+    ] = 1e-7,
+    max_lr: Annotated[
+        float, typer.Option(help="Learning rate of the last batch.")
+    ] = 10.0,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Folder for lr_find.csv/.png/.json. Default: "
+            "<output_dir>/<experiment.name>/lr-find/<phase name>.",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """The learning-rate range test for one phase: loss against an
+    exponentially growing LR, a plot and a suggested learning rate."""
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        cfg = _load(config, set_)
+        _quiet_tensorflow()
+        from finetune_cli import lr_find as lr_find_lib
+
+        r = lr_find_lib.lr_find(cfg, out, phase, steps, min_lr, max_lr, out_dir)
+        end = "diverged" if r.diverged else "reached the last step"
+        out.info(f"{len(r.lrs)} steps in {r.seconds:.1f}s ({end})")
+        if r.suggested is None:
+            out.warn(
+                "no suggestion: the loss did not fall over the range; try a "
+                f"wider range or more steps. Plot: {r.out_dir / 'lr_find.png'}"
+            )
+            return
+        out.success(
+            f"suggested learning rate {r.suggested:.2g} (steepest descent; "
+            f"lowest loss at {r.min_loss_lr:.2g}); use it with --set "
+            f"phases.{phase - 1}.learning_rate={r.suggested:.2g}. Plot: "
+            f"{r.out_dir / 'lr_find.png'}"
+        )
+
+    _run(out, debug, job)
+
+
 @app.command(cls=Command)
 def tune(
     config: ConfigArg,

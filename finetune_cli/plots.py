@@ -105,6 +105,30 @@ def curves_png(history_csv, path) -> Path:
     return _save(fig, path, plt)
 
 
+def lr_find_png(lrs, smoothed, suggested, path) -> Path:
+    """Smoothed loss against learning rate (log scale), the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(lrs, smoothed, color="tab:blue", label="loss (smoothed)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    if smoothed:
+        # The divergence at the end would squash the useful part.
+        top = min(
+            max(smoothed), 2.0 * smoothed[0] if smoothed[0] > 0 else max(smoothed)
+        )
+        ax.set_ylim(min(smoothed) * 0.95, top * 1.05)
+    if suggested is not None:
+        ax.axvline(
+            suggested, color="tab:red", ls="--", label=f"suggested {suggested:.2g}"
+        )
+    ax.legend()
+    ax.set_title("learning-rate range test")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
 def _save(fig, path, plt) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
