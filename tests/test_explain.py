@@ -83,6 +83,45 @@ def test_feature_layer_is_the_last_spatial_map_of_each_application(name, layer):
     assert explain.feature_layer(base) == layer
 
 
+def _one_per_family():
+    from finetune_cli import applications
+
+    first = {}
+    for name, spec in applications.APPLICATIONS.items():
+        first.setdefault(spec.module, name)
+    return sorted(first.values())
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", _one_per_family())
+def test_grad_cam_runs_through_every_family_of_the_registry(name):
+    # The feature layer is found per architecture, and the gradient has to
+    # pass each family's own layers (preprocessing inside the base,
+    # squeeze-excite, layer scale, ...): one model of each family, built
+    # as finetune builds it, explained like `explain` does.
+    import keras
+
+    from finetune_cli import applications
+
+    size = max(applications.get(name).min_size, 32)
+    cfg = config_lib.validate(
+        {
+            "data": {"dir": "x", "image_size": size},
+            "model": {"name": name, "weights": "none"},
+            "phases": [{"name": "head", "epochs": 1}],
+        }
+    )
+    model, base = model_lib.build_model(cfg, 3)
+    cam = explain.GradCam(model)
+    shape = base.get_layer(cam.layer).output.shape
+    assert len(shape) == 4 and shape[1] >= 1 and shape[2] >= 1
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    heat, probs = cam(x)
+    assert heat.shape == (2, size, size) and np.isfinite(heat).all()
+    np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-5)
+    keras.backend.clear_session()
+
+
 def _shapes(rng, n, size=32, r=5):
     """Images of one coloured shape on grey noise, and the shape's mask.
 

@@ -230,3 +230,31 @@ def test_cli_extract(setup, tmp_path):
     assert "images/s" in result.output
     result = runner.invoke(app, ["extract", str(path), "--split", "nope"])
     assert result.exit_code == 2 and "--split" in result.output
+
+
+def test_extract_then_finetune_reuse_one_cache_with_skipped_images(setup, tmp_path):
+    # A held-out duplicate of a training image and an unreadable file:
+    # `extract` and `finetune` must leave out the same images, or their
+    # splits (and so their caches) differ.
+    import shutil
+
+    raw, data, _ = setup
+    star = sorted((data / "star").iterdir())
+    shutil.copy(star[0], data / "star" / ("zz-copy" + star[0].suffix))
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    raw["data"]["on_bad_image"] = "skip"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["extract", str(path), "--plain"])
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "features" / "t"
+    manifests = {s: (root / s / "manifest.json").read_bytes() for s in ("train", "val")}
+    result = runner.invoke(app, ["finetune", str(path), "--plain"])
+    assert result.exit_code == 0, result.output
+    assert "features [train]: reusing" in result.output
+    assert "features [val]: reusing" in result.output
+    assert "recomputing" not in result.output
+    for s, before in manifests.items():
+        assert (root / s / "manifest.json").read_bytes() == before, s
+    skipped = (tmp_path / "runs" / "t" / "latest" / "skipped_images.txt").read_text()
+    assert "broken.png" in skipped
