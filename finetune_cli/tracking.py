@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,8 +90,10 @@ def flatten(value, prefix: str = "") -> dict:
 
 
 def _numbers(flat: dict) -> dict:
+    # MLflow refuses a whole batch for one name outside [\w\-. /]; phase
+    # and evaluation names are the user's, so other characters become "_".
     return {
-        k: float(v)
+        re.sub(r"[^\w\-. /]", "_", str(k)): float(v)
         for k, v in flat.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
@@ -287,4 +290,4 @@ def run_metrics(metrics: dict) -> dict:
                     flat[f"phase.{entry['phase']}.{mk}"] = mv
         elif k != "classes":
             flat.update(_numbers(flatten(v, k)))
-    return flat
+    return _numbers(flat)

@@ -191,6 +191,9 @@ def test_flatten_names_every_leaf_by_its_key_path():
             "test": {"accuracy": 0.75, "report": "r.html"},
         }
     ) == {"best_epoch": 3.0, "phase.head.val_accuracy": 0.5, "test.accuracy": 0.75}
+    # A phase named by the user can hold what MLflow refuses in a name.
+    named = tracking.run_metrics({"phases": [{"phase": "fine:tune!", "x": 1}]})
+    assert named == {"phase.fine_tune_.x": 1.0}
 
 
 def test_a_failing_tracker_warns_once_and_stops_calling():
