@@ -601,6 +601,10 @@ class FeatureCache(_Strict):
     augmented: Literal["faithful", "views"] = "faithful"
     views: Int = Field(4, ge=2)
     shard_size: Int = Field(1024, ge=1)
+    # A phase that trains the top of the base under frozen BN trains on the
+    # bottom's outputs, computed once (activations.py).
+    activations: Bool = True
+    activation_dtype: Literal["float16", "float32"] = "float16"
 
 
 class Runtime(_Strict):

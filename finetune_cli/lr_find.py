@@ -30,6 +30,7 @@ from typing import Optional
 import keras
 import numpy as np
 
+from finetune_cli import activations
 from finetune_cli import checks
 from finetune_cli import data as data_lib
 from finetune_cli import environment
@@ -185,6 +186,13 @@ def lr_find(
             epochs=(0, epochs),
             per_epoch=steps_per_epoch * batch,
         )
+    elif plan.path == "activations":
+        model_lib.apply_trainable(model, base, plan.layer_names, spec.batchnorm)
+        cached = activations.activation_datasets(
+            cfg, out, model, base, index, plan.layer_names
+        )
+        fit_model = cached.head
+        train = cached.train_dataset(0, epochs, per_epoch=steps_per_epoch * batch)
     else:
         cached = feature_training.cached_datasets(
             cfg, out, model, base, index, plan.path
@@ -193,7 +201,7 @@ def lr_find(
         train = cached.train_dataset(0, epochs, per_epoch=steps_per_epoch * batch)
     out.step(
         f"lr-find: phase {phase} ({spec.name}, "
-        f"{phases_lib.describe_path(plan.path, cfg)}), {spec.optimizer.name}, "
+        f"{phases_lib.describe_path(plan.path, cfg, plan)}), {spec.optimizer.name}, "
         f"{min_lr:g} to {max_lr:g} over up to {steps} steps"
     )
     optimizer = keras.optimizers.get(

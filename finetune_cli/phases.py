@@ -16,6 +16,7 @@ from typing import Optional
 
 import keras
 
+from finetune_cli import activations
 from finetune_cli import config as config_lib
 from finetune_cli import model as model_lib
 from finetune_cli.errors import ConfigError
@@ -35,39 +36,58 @@ class PhasePlan:
     trainable_params: int
     frozen_params: int
     path: str = "base"
+    # Where the base would be cut for cached activations (None: no cut,
+    # `no_cut` says why).
+    cut: Optional[str] = None
+    no_cut: str = ""
 
 
-def plan_phases(model, base, cfg) -> list[PhasePlan]:
+def plan_phases(model, base, cfg, distributed: bool = False) -> list[PhasePlan]:
     """Resolve each phase's layer selection, count what it trains, and
     choose its data path (see `feature_paths`)."""
     plans = []
     for i, phase in enumerate(cfg.phases):
         names = model_lib.select_layers(base, phase.trainable, f"phases.{i}.trainable")
         model_lib.apply_trainable(model, base, names, phase.batchnorm)
-        plans.append(
-            PhasePlan(
-                index=i,
-                phase=phase,
-                layer_names=names,
-                trainable_params=model_lib.count_params(model.trainable_weights),
-                frozen_params=model_lib.count_params(model.non_trainable_weights),
-            )
+        plan = PhasePlan(
+            index=i,
+            phase=phase,
+            layer_names=names,
+            trainable_params=model_lib.count_params(model.trainable_weights),
+            frozen_params=model_lib.count_params(model.non_trainable_weights),
         )
-    for plan, path in zip(plans, feature_paths(cfg, plans), strict=True):
+        if names and phase.batchnorm == "frozen":
+            plan.cut, plan.no_cut = activations.plan_cut(
+                base, names, cfg.data.image_size
+            )
+        plans.append(plan)
+    for plan, path in zip(plans, feature_paths(cfg, plans, distributed), strict=True):
         plan.path = path
     return plans
 
 
-def feature_paths(cfg, plans) -> list[str]:
-    """How each phase gets its base outputs: "features", "views" or "base".
+def feature_paths(cfg, plans, distributed: bool = False) -> list[str]:
+    """How each phase gets its base outputs: "features", "views",
+    "activations" or "base".
 
     Cached features serve a phase whose base is frozen and that comes
     before any phase that trains the base (after that they are stale).
+    Cached activations serve a phase that trains the top of the base under
+    frozen BN (a cut was found), without augmentation or with augmented
+    views, outside tf.distribute.
     """
     paths, base_trained = [], False
     fc = cfg.feature_cache
     for p in plans:
-        if not fc.enabled or p.layer_names or base_trained:
+        if (
+            fc.enabled
+            and fc.activations
+            and p.cut is not None
+            and not distributed
+            and (not cfg.augmentation or fc.augmented == "views")
+        ):
+            paths.append("activations")
+        elif not fc.enabled or p.layer_names or base_trained:
             paths.append("base")
         elif cfg.augmentation and fc.augmented == "faithful":
             paths.append("base")
@@ -79,11 +99,14 @@ def feature_paths(cfg, plans) -> list[str]:
     return paths
 
 
-def describe_path(path: str, cfg) -> str:
+def describe_path(path: str, cfg, plan=None) -> str:
+    views = f", {cfg.feature_cache.views} augmented views" if cfg.augmentation else ""
     if path == "features":
         return "cached features"
     if path == "views":
-        return f"cached features, {cfg.feature_cache.views} augmented views"
+        return f"cached features{views}"
+    if path == "activations":
+        return f"cached activations at {plan.cut if plan else 'the cut'}{views}"
     return "base every epoch"
 
 
@@ -143,7 +166,7 @@ def plan_rows(plans, cfg, replicas: int) -> list[list[str]]:
                 sched,
                 str(ph.epochs),
                 batch,
-                describe_path(p.path, cfg),
+                describe_path(p.path, cfg, p),
             ]
         )
     return rows

@@ -44,6 +44,7 @@ import keras
 import tensorflow as tf
 
 from finetune_cli import __version__
+from finetune_cli import activations
 from finetune_cli import checks
 from finetune_cli import config as config_lib
 from finetune_cli import data as data_lib
@@ -228,7 +229,7 @@ class Trainer:
         self._augmenter = pipeline.build_augmenter(
             cfg.augmentation, cfg.experiment.seed
         )
-        self._cached: dict[str, feature_training.CachedData] = {}
+        self._cached: dict = {}  # CachedData or ActivationData, by path
         self._val_ds = None
         self.tracker: Optional[tracking.Tracker] = None
 
@@ -281,7 +282,7 @@ class Trainer:
         with topo.strategy.scope():
             model, base = model_lib.build_model(cfg, len(index.class_names))
         distribute.adopt(model, topo)
-        plans = phases_lib.plan_phases(model, base, cfg)
+        plans = phases_lib.plan_phases(model, base, cfg, topo.distributed)
         trainer = cls(
             cfg,
             out,
@@ -536,9 +537,16 @@ class Trainer:
     def _run_phase(self, plan: phases_lib.PhasePlan) -> None:
         self.out.step(
             f"phase {plan.index + 1}/{len(self.plans)}: {plan.phase.name} "
-            f"({phases_lib.describe_path(plan.path, self.cfg)})"
+            f"({phases_lib.describe_path(plan.path, self.cfg, plan)})"
         )
-        if plan.path != "base" and plan.path not in self._cached:
+        if plan.path == "activations":
+            # The bottom's weights are those at this phase's start (an
+            # earlier phase may have trained them): a cache per phase.
+            runstate.assign(self.model.variables, self.state.model, "model")
+            self._cached[_cache_key(plan)] = activations.activation_datasets(
+                self.cfg, self.out, self.model, self.base, self.index, plan.layer_names
+            )
+        elif plan.path != "base" and plan.path not in self._cached:
             # Outside the scope: extraction is each worker's local pass.
             runstate.assign(self.model.variables, self.state.model, "model")
             self._cached[plan.path] = feature_training.cached_datasets(
@@ -613,7 +621,7 @@ class Trainer:
 
             fit_model, val = self.model, self._val_dataset()
         else:
-            cached = self._cached[plan.path]
+            cached = self._cached[_cache_key(plan)]
 
             def train(**distributed):
                 return cached.train_dataset(first, end, **distributed)
@@ -898,6 +906,10 @@ class Trainer:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.run / "history.csv", buf.getvalue())
+
+
+def _cache_key(plan) -> str:
+    return f"activations-{plan.index}" if plan.path == "activations" else plan.path
 
 
 def _improved(monitor: str, row: dict, history: list, best_epoch) -> bool:

@@ -77,7 +77,7 @@ def trial_mode(spaces, plans) -> str:
     """ "cached" when every searched key can be scored on cached features."""
     cached = set()
     for p in plans:
-        if p.path == "base":
+        if p.path not in ("features", "views"):
             break
         cached.add(p.index)
     for s in spaces:
@@ -307,7 +307,7 @@ class _CachedTrials:
         self.cfg, self.index = cfg, index
         self.phases = []
         for p in plans:
-            if p.path == "base":
+            if p.path not in ("features", "views"):
                 break
             self.phases.append(p)
         self.cached = {}

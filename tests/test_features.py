@@ -143,9 +143,10 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     text = buf.getvalue()
     assert "features [train]: reusing" in text
     assert "phase 1/2: head (cached features)" in text
-    assert "phase 2/2: top (base every epoch)" in text
+    # The top phase trains on the frozen bottom's cached activations.
+    assert "phase 2/2: top (cached activations at " in text
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert [p["path"] for p in metrics["phases"]] == ["features", "base"]
+    assert [p["path"] for p in metrics["phases"]] == ["features", "activations"]
 
     # The graft is exact: the full model on validation images equals the head
     # on their cached features. Checked on the head phase's model, rebuilt

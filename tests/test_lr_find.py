@@ -72,7 +72,7 @@ def test_range_test_on_cached_features_suggests_a_rate_where_the_loss_falls(
         assert im.format == "PNG" and len(im.convert("RGB").getcolors(1 << 20)) > 20
 
 
-def test_a_partly_unfrozen_phase_runs_the_base_with_its_own_optimizer(
+def test_a_partly_unfrozen_phase_runs_on_cached_activations_with_its_optimizer(
     shapes_dir, tmp_path
 ):
     path = write_config(tmp_path, shapes_dir)
@@ -82,9 +82,11 @@ def test_a_partly_unfrozen_phase_runs_the_base_with_its_own_optimizer(
         + [str(tmp_path / "lr2"), "--plain"],
     )
     assert result.exit_code == 0, result.output
-    assert "phase 2 (top, base every epoch), sgd" in result.output
+    assert "phase 2 (top, cached activations at " in result.output
+    assert "), sgd" in result.output
     meta = json.loads((tmp_path / "lr2" / "lr_find.json").read_text())
-    assert meta["phase"] == "top" and meta["path"] == "base" and meta["steps"] == 12
+    assert meta["phase"] == "top" and meta["path"] == "activations"
+    assert meta["steps"] == 12
 
 
 def test_a_phase_that_does_not_exist_is_a_config_error(shapes_dir, tmp_path):
