@@ -99,6 +99,28 @@ def feature_paths(cfg, plans, distributed: bool = False) -> list[str]:
     return paths
 
 
+def path_notes(plans, cfg) -> list[str]:
+    """Why a partly unfrozen phase under frozen BN runs the base anyway."""
+    notes = []
+    fc = cfg.feature_cache
+    for p in plans:
+        if not p.layer_names or p.phase.batchnorm != "frozen" or p.path != "base":
+            continue
+        if p.cut is None:
+            why = p.no_cut
+        elif not fc.enabled or not fc.activations:
+            continue  # the user's choice
+        elif cfg.augmentation and fc.augmented == "faithful":
+            why = (
+                "augmentation is declared with feature_cache.augmented: "
+                "faithful (views would cache augmented copies)"
+            )
+        else:
+            why = "tf.distribute runs the whole model"
+        notes.append(f"phase {p.index + 1} ({p.phase.name}) runs the base: {why}")
+    return notes
+
+
 def describe_path(path: str, cfg, plan=None) -> str:
     views = f", {cfg.feature_cache.views} augmented views" if cfg.augmentation else ""
     if path == "features":

@@ -519,6 +519,8 @@ class Trainer:
             phases_lib.PLAN_COLUMNS,
             phases_lib.plan_rows(self.plans, cfg, self.topo.replicas),
         )
+        for note in phases_lib.path_notes(self.plans, cfg):
+            out.info(note)
 
     def _materialize(self) -> None:
         """Rewrite the files that are views of the state (a crash may have

@@ -167,3 +167,38 @@ def test_training_on_cached_activations_trains_what_the_full_model_trains(
     np.testing.assert_allclose(
         head.predict(val_rows, verbose=0), b.predict(images, verbose=0), atol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    "augmented, path, note",
+    [
+        ("views", "activations", None),
+        ("faithful", "base", "augmentation is declared with feature_cache.augmented"),
+    ],
+)
+def test_the_plan_says_which_phases_take_the_cache_and_why_not(
+    shapes_dir, tmp_path, augmented, path, note
+):
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path,
+        phases=[{"name": "head", "epochs": 1}, *PHASES],
+        augmentation=[{"type": "flip"}],
+    )
+    raw["feature_cache"]["augmented"] = augmented
+    cfg = config_lib.validate(raw)
+    model, base = model_lib.build_model(cfg, 4)
+    plans = phases_lib.plan_phases(model, base, cfg)
+    assert [p.path for p in plans] == ["views", path]
+    rows = phases_lib.plan_rows(plans, cfg, 1)
+    if path == "activations":
+        assert rows[1][-1].startswith("cached activations at block_")
+        assert rows[1][-1].endswith(", 4 augmented views")
+    notes = phases_lib.path_notes(plans, cfg)
+    if note is None:
+        assert notes == []
+    else:
+        (only,) = notes
+        assert only.startswith("phase 2 (top) runs the base: ") and note in only
+    # Under tf.distribute the whole model runs.
+    assert phases_lib.plan_phases(model, base, cfg, distributed=True)[1].path == "base"
