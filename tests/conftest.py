@@ -211,6 +211,8 @@ LONGEST_FIRST = (
     "test_promotion",
     "test_features",
     "test_evaluation",
+    "test_activations",
+    "test_lr_find",
     "test_trainer",
     "test_split",
     "test_rundir",

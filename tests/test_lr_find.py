@@ -72,6 +72,7 @@ def test_range_test_on_cached_features_suggests_a_rate_where_the_loss_falls(
         assert im.format == "PNG" and len(im.convert("RGB").getcolors(1 << 20)) > 20
 
 
+@pytest.mark.heavy
 def test_a_partly_unfrozen_phase_runs_on_cached_activations_with_its_optimizer(
     shapes_dir, tmp_path
 ):

@@ -3,6 +3,7 @@ attach to the same MLflow run; a tracking failure never costs the run."""
 
 import csv
 import json
+import os
 import shutil
 
 import pytest
@@ -14,6 +15,10 @@ from finetune_cli.cli import app
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+# The runs were tracked in another process (an xdist worker, a CLI child):
+# reading their file store here needs what finetune-cli set there.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 runner = CliRunner()
 
