@@ -141,6 +141,7 @@ class Evaluation:
     labels: np.ndarray
     files: list[str]
     overlays: list = dataclasses.field(default_factory=list)
+    run_dir: Optional[Path] = None  # the run evaluated, if a run folder
 
 
 def evaluate(
@@ -194,7 +195,7 @@ def evaluate(
         base = target.run_dir or target.model_path.parent
         out = Path(base) / "eval" / (name or split)
     out = Path(out)
-    result = Evaluation(metrics, out, probs, labels, files)
+    result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
     if write:
         result.overlays = report_overlays(model, files, labels, probs)
         write_report(result, target)
@@ -204,12 +205,11 @@ def evaluate(
 
 
 def _track(ev: Evaluation, run_dir, warn) -> None:
-    tracker = tracking.Tracker.reopen(
-        run_dir, warn or tracking.warn_stderr, status=None
+    name = ev.out_dir.name
+    tracking.attach(
+        run_dir,
+        ev.out_dir,
+        f"eval/{name}",
+        warn=warn,
+        metrics={f"eval.{name}.{k}": v for k, v in ev.metrics["summary"].items()},
     )
-    if tracker is not None:
-        name = ev.out_dir.name
-        tracker.log_metrics(
-            {f"eval.{name}.{k}": v for k, v in ev.metrics["summary"].items()}
-        )
-        tracker.log_path(ev.out_dir, f"eval/{name}")

@@ -508,12 +508,13 @@ def export(
 
 def _track(result: ExportResult, run_dir, warn) -> None:
     """Attach the export folder to the run's MLflow run, if it has one."""
-    tracker = tracking.Tracker.reopen(
-        run_dir, warn or tracking.warn_stderr, status=None
+    tracking.attach(
+        run_dir,
+        result.out_dir,
+        f"export/{result.out_dir.name}",
+        warn=warn,
+        tags={"finetune.export": str(result.out_dir)},
     )
-    if tracker is not None:
-        tracker.log_path(result.out_dir, f"export/{result.out_dir.name}")
-        tracker.set_tags({"finetune.export": str(result.out_dir)})
 
 
 def _data_for(target, data):

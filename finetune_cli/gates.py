@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from finetune_cli import tracking
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.errors import GateError
@@ -153,6 +154,9 @@ def gate(
     record["passed"] = not failed
     if ev.out_dir.is_dir():
         write_json(ev.out_dir / "gates.json", record)
+        tracking.attach(
+            ev.run_dir, ev.out_dir / "gates.json", f"eval/{ev.out_dir.name}"
+        )
     if failed:
         raise GateError("; ".join(failed))
     return record

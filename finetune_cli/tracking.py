@@ -255,6 +255,22 @@ class Tracker:
         self._call(self.client.set_terminated, self.run_id, status)
 
 
+def attach(run_dir, path, artifact_path: str, *, warn=None, metrics=None, tags=None):
+    """Send a file or folder (and metrics, tags) to the MLflow run of
+    `run_dir`; nothing when the run is not tracked. What `evaluate`,
+    `export` and the gates use."""
+    if run_dir is None:
+        return
+    tracker = Tracker.reopen(run_dir, warn or warn_stderr, status=None)
+    if tracker is None:
+        return
+    if metrics:
+        tracker.log_metrics(metrics)
+    if tags:
+        tracker.set_tags(tags)
+    tracker.log_path(path, artifact_path)
+
+
 def warn_stderr(message: str) -> None:
     """The warning channel of library calls that were given none."""
     print(f"warning: {message}", file=sys.stderr)

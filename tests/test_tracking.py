@@ -105,7 +105,11 @@ def tracked_copy(finished_run, tmp_path):
 def test_evaluate_and_export_attach_to_the_same_mlflow_run(tracked_copy):
     run = tracked_copy
     client, run_id = _client(run)
-    result = runner.invoke(app, ["evaluate", str(run), "--name", "again", "--plain"])
+    result = runner.invoke(
+        app,
+        ["evaluate", str(run), "--name", "again", "--fail-under", "accuracy=0"]
+        + ["--plain"],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "eval" / "again" / "metrics.json").read_text())
     logged = client.get_run(run_id).data
@@ -121,6 +125,7 @@ def test_evaluate_and_export_attach_to_the_same_mlflow_run(tracked_copy):
     assert {
         "eval/again/report.html",
         "eval/again/metrics.json",
+        "eval/again/gates.json",
         "export/export/model.keras",
         "export/export/labels.txt",
     } <= artifacts
