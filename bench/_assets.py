@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "assets"
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -30,3 +36,25 @@ def missing(args) -> bool:
         return False
     print(f"skipped: need {args.data} and {args.weights}")
     return True
+
+
+def run_cli(*args, cwd) -> tuple[float, float]:
+    """Run `finetune-cli ARGS --plain` (this checkout) in a process of its
+    own; (wall seconds, its peak RSS in MiB). Exits when it fails."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune_cli", *map(str, args), "--plain"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"finetune-cli {' '.join(map(str, args))} failed: exit {code}")
+    return time.monotonic() - t0, usage.ru_maxrss / 1024
+
+
+def test_accuracy(run_dir) -> float:
+    """A finished run's test accuracy (metrics.json)."""
+    return json.loads((Path(run_dir) / "metrics.json").read_text())["test"]["accuracy"]

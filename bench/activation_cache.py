@@ -25,35 +25,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _assets  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cfg_path: Path, cwd: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one finetune process."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "finetune_cli", "finetune", str(cfg_path), "--plain"],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{cfg_path} failed with exit {proc.returncode}")
-    return time.monotonic() - t0, usage.ru_maxrss / 1024
 
 
 def phase_seconds(run_dir: Path, phase: str) -> float:
@@ -115,7 +94,7 @@ def main(argv=None) -> int:
         cfg["feature_cache"] = {"activations": activations}
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        wall, rss = run(path, work)
+        wall, rss = _assets.run_cli("finetune", path, cwd=work)
         run_dir = work / "runs" / name / "latest"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         runs[name] = {

@@ -20,11 +20,8 @@ the ratio against the baseline measured in the same session.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -32,25 +29,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _assets  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def finetune(cfg: dict, work: Path) -> tuple[float, float]:
     """(wall seconds, test accuracy) of one run."""
     name = cfg["experiment"]["name"]
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    t0 = time.monotonic()
-    subprocess.run(
-        [sys.executable, "-m", "finetune_cli", "finetune", str(path), "--plain"],
-        cwd=work,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-    )
-    wall = time.monotonic() - t0
-    metrics = json.loads((work / "runs" / name / "latest" / "metrics.json").read_text())
-    return wall, metrics["test"]["accuracy"]
+    wall, _ = _assets.run_cli("finetune", path, cwd=work)
+    return wall, _assets.test_accuracy(work / "runs" / name / "latest")
 
 
 def main(argv=None) -> int:
@@ -60,7 +46,7 @@ def main(argv=None) -> int:
     if _assets.missing(args):
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench-augmented-"))
-    raw = yaml.safe_load((ROOT / "configs" / "flowers.yaml").read_text())
+    raw = yaml.safe_load((_assets.ROOT / "configs" / "flowers.yaml").read_text())
     raw["data"]["dir"] = args.data
     raw["model"]["weights"] = args.weights
     raw["phases"] = raw["phases"][:1]

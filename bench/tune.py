@@ -22,11 +22,8 @@ sees it: trials are scored on validation accuracy.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -34,7 +31,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _assets  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 SEARCH = {
     "phases.0.learning_rate": {"log_uniform": [1e-4, 3e-2]},
@@ -45,19 +41,7 @@ SEARCH = {
 
 
 def cli(*args, cwd) -> float:
-    t0 = time.monotonic()
-    subprocess.run(
-        [sys.executable, "-m", "finetune_cli", *args, "--plain"],
-        cwd=cwd,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-    )
-    return time.monotonic() - t0
-
-
-def test_accuracy(run: Path) -> float:
-    return json.loads((run / "metrics.json").read_text())["test"]["accuracy"]
+    return _assets.run_cli(*args, cwd=cwd)[0]
 
 
 def main(argv=None) -> int:
@@ -68,7 +52,7 @@ def main(argv=None) -> int:
     if _assets.missing(args):
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
-    raw = yaml.safe_load((ROOT / "configs" / "flowers.yaml").read_text())
+    raw = yaml.safe_load((_assets.ROOT / "configs" / "flowers.yaml").read_text())
     raw["data"]["dir"] = args.data
     raw["model"]["weights"] = args.weights
     raw["phases"] = raw["phases"][:1]
@@ -80,7 +64,7 @@ def main(argv=None) -> int:
     (work / "tune.yaml").write_text(yaml.safe_dump(raw))
 
     shipped_s = cli("finetune", "shipped.yaml", cwd=work)
-    shipped = test_accuracy(work / "runs" / "shipped-head" / "latest")
+    shipped = _assets.test_accuracy(work / "runs" / "shipped-head" / "latest")
     print(f"shipped head phase: test {shipped:.4f} in {shipped_s:.0f}s", flush=True)
     tune_s = cli("tune", "tune.yaml", "--trials", str(args.trials), cwd=work)
     tune_dir = work / "runs" / "tuned-head" / "tune"
@@ -88,7 +72,7 @@ def main(argv=None) -> int:
     trials = f"{meta['trials']} trials ({meta['mode']})"
     print(f"tune: {trials} in {tune_s:.0f}s", flush=True)
     best_s = cli("finetune", str(tune_dir / "best.yaml"), cwd=work)
-    best = test_accuracy(work / "runs" / "tuned-head" / "latest")
+    best = _assets.test_accuracy(work / "runs" / "tuned-head" / "latest")
 
     rows = [
         ("shipped head phase (base every epoch)", shipped, shipped_s),

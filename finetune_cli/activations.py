@@ -50,6 +50,7 @@ from finetune_cli import faults
 from finetune_cli import features
 from finetune_cli import model as model_lib
 from finetune_cli import pipeline
+from finetune_cli.rundir import remove_dead_temporaries
 from finetune_cli.rundir import write_json
 
 FORMAT = "finetune-cli-activations/1"
@@ -207,17 +208,10 @@ def get_activations(
         if manifest.get("key") == key:
             out.info(f"activations at {', '.join(cut.names)}: reusing {folder}")
             return ActivationSet(folder, manifest)
-    preprocess = (
-        model.get_layer(model_lib.PREPROCESS_NAME)
-        if any(la.name == model_lib.PREPROCESS_NAME for la in model.layers)
-        else None
-    )
+    preprocess = model_lib.find_preprocessing(model)
     extractor = features.extractor_from(cut.bottom, preprocess, cfg.data.image_size)
     root.mkdir(parents=True, exist_ok=True)
-    for p in root.glob(".*.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+    remove_dead_temporaries(root, ".*.partial-*")
     tmp = root / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -270,12 +264,6 @@ def get_activations(
         shutil.rmtree(folder)
     tmp.rename(folder)
     return ActivationSet(folder, manifest)
-
-
-def _alive(pid: int) -> bool:
-    from finetune_cli.rundir import pid_alive
-
-    return pid_alive(pid)
 
 
 class _Rows:

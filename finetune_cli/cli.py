@@ -401,7 +401,6 @@ def tune(
         cfg = _load(config, set_)
         _quiet_tensorflow()
         from finetune_cli import tune as tune_lib
-        from finetune_cli.tune import fmt_value
 
         result = tune_lib.tune(cfg, out, trials, algorithm.value, out_dir)
         monitor = cfg.experiment.monitor
@@ -414,7 +413,7 @@ def tune(
                     str(i),
                     r["trial"],
                     "-" if r["score"] is None else f"{r['score']:.4f}",
-                    *[fmt_value(r["values"][k]) for k in keys],
+                    *[tune_lib.fmt_value(r["values"][k]) for k in keys],
                 ]
                 for i, r in enumerate(result.rows[:10], 1)
             ],

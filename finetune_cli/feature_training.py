@@ -118,11 +118,7 @@ def cached_datasets(
     each worker. The head model is grafted inside `strategy`'s scope, so
     that it trains under the strategy.
     """
-    preprocess = (
-        model.get_layer(model_lib.PREPROCESS_NAME)
-        if any(la.name == model_lib.PREPROCESS_NAME for la in model.layers)
-        else None
-    )
+    preprocess = model_lib.find_preprocessing(model)
     extractor = features.extractor_from(base, preprocess, cfg.data.image_size)
     root = features.cache_root(cfg)
     views = cfg.feature_cache.views if path == "views" else 1

@@ -217,7 +217,8 @@ def extract(
     """
 
     folder = Path(folder)
-    _remove_dead_partials(folder)
+    # Half-written caches of this folder left by killed processes.
+    rundir.remove_dead_temporaries(folder.parent, f".{folder.name}.*-*")
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -287,16 +288,6 @@ def extract(
     if old.exists():
         shutil.rmtree(old)
     return FeatureSet(folder, manifest)
-
-
-def _remove_dead_partials(folder: Path) -> None:
-    """Half-written caches left by killed processes (their pid is gone)."""
-    if not folder.parent.is_dir():
-        return
-    for p in folder.parent.glob(f".{folder.name}.*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not rundir.pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclasses.dataclass

@@ -93,13 +93,15 @@ def suggest(lrs, smoothed, skip: int = 3) -> tuple[Optional[float], Optional[flo
 
 class _RangeTest(keras.callbacks.Callback):
     """Sets each batch's LR and records its loss; stops at `steps` or on
-    divergence."""
+    divergence. `progress(done)` is called after each batch."""
 
-    def __init__(self, min_lr: float, max_lr: float, steps: int):
+    def __init__(self, min_lr: float, max_lr: float, steps: int, progress=None):
         super().__init__()
         self.min_lr, self.ratio, self.steps = min_lr, max_lr / min_lr, steps
+        self.progress = progress
         self.lrs, self.losses, self.smoothed = [], [], []
         self.diverged = False
+        self._avg = 0.0  # the moving average of `smooth`, kept as it goes
 
     def _lr(self, i: int) -> float:
         return self.min_lr * self.ratio ** (i / max(1, self.steps - 1))
@@ -116,13 +118,15 @@ class _RangeTest(keras.callbacks.Callback):
         self._epoch_sum = mean * n
         self.lrs.append(self._lr(len(self.lrs)))
         self.losses.append(loss)
-        self.smoothed = smooth(self.losses)
-        best = min(self.smoothed)
-        if not math.isfinite(loss) or self.smoothed[-1] > DIVERGED * best:
+        self._avg = BETA * self._avg + (1 - BETA) * loss
+        self.smoothed.append(self._avg / (1 - BETA ** len(self.losses)))
+        if not math.isfinite(loss) or self.smoothed[-1] > DIVERGED * min(self.smoothed):
             self.diverged = True
             self.model.stop_training = True
         if len(self.lrs) >= self.steps:
             self.model.stop_training = True
+        if self.progress is not None:
+            self.progress(len(self.lrs))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_sum = 0.0
@@ -157,8 +161,7 @@ def lr_find(
         )
     checks.check(cfg)
     start = time.monotonic()
-    gpu = any(d["type"] == "GPU" for d in environment.devices())
-    environment.configure_runtime(cfg, gpu)
+    environment.configure_runtime(cfg, environment.has_gpu())
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     index, _skipped, save_verdicts = checks.scan_images(index, cfg, out)
     num_classes = len(index.class_names)
@@ -214,19 +217,14 @@ def lr_find(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
     )
-    test = _RangeTest(min_lr, max_lr, steps)
     with out.counter(steps, "lr-find", unit="steps", final=False) as progress:
-
-        class _Progress(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                progress(len(test.lrs))
-
+        test = _RangeTest(min_lr, max_lr, steps, progress)
         fit_model.fit(
             train,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
             class_weight=class_weight,
-            callbacks=[test, _Progress()],
+            callbacks=[test],
             verbose=0,
             shuffle=False,
         )

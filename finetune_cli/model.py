@@ -238,6 +238,13 @@ def build_model(cfg, num_classes: int):
     return model, base
 
 
+def find_preprocessing(model):
+    """The preprocessing layer in front of the base (None if the
+    application needs none)."""
+    names = [la.name for la in model.layers]
+    return model.get_layer(PREPROCESS_NAME) if PREPROCESS_NAME in names else None
+
+
 def find_base(model):
     """The application sub-model inside a model built by `build_model`."""
 

@@ -81,10 +81,7 @@ class RunDir:
         """
         parent = Path(output_dir) / experiment
         parent.mkdir(parents=True, exist_ok=True)
-        for p in parent.glob(".new-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+        remove_dead_temporaries(parent, ".new-*")
         staging = parent / f".new-{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
@@ -198,6 +195,18 @@ def _owner_alive(record: dict) -> bool:
     if host not in (None, socket.gethostname()):
         return True  # another machine's process: we cannot tell
     return pid_alive(pid)
+
+
+def remove_dead_temporaries(parent, pattern: str) -> None:
+    """Remove what killed processes left in `parent`: entries matching
+    `pattern` whose name ends in `-<pid>` of a process that is gone."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in parent.glob(pattern):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

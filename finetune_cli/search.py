@@ -151,6 +151,11 @@ def apply(tree: dict, values: dict) -> dict:
     return tree
 
 
+def resolved_with(cfg, values: dict) -> dict:
+    """The resolved config (without `search:`) with `values` set."""
+    return apply(cfg.model_dump(mode="json", exclude={"search"}), values)
+
+
 def check(cfg) -> list[Space]:
     """Every key exists and every candidate value gives a valid config.
 
@@ -159,7 +164,7 @@ def check(cfg) -> list[Space]:
     from finetune_cli import config as config_lib
 
     spaces = parse(cfg.search)
-    base = cfg.model_dump(mode="json", exclude={"search"})
+    base = resolved_with(cfg, {})
     for space in spaces:
         try:
             lookup(base, space.key)

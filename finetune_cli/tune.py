@@ -97,12 +97,13 @@ def trial_mode(spaces, plans) -> str:
 def _check_on_model(cfg, spaces, model, base) -> None:
     """Each candidate value also makes sense for the built model (a
     `trainable.top` beyond the base's layers, a regex matching none)."""
-    tree = cfg.model_dump(mode="json", exclude={"search"})
     for space in spaces:
         if ".trainable" not in f".{space.key}":
             continue
         for value in space.candidates():
-            candidate = config_lib.validate(search_lib.apply(tree, {space.key: value}))
+            candidate = config_lib.validate(
+                search_lib.resolved_with(cfg, {space.key: value})
+            )
             try:
                 phases_lib.plan_phases(model, base, candidate)
             except ConfigError as e:
@@ -173,8 +174,7 @@ def tune(
 
 def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
     start = time.monotonic()
-    gpu = any(d["type"] == "GPU" for d in environment.devices())
-    environment.configure_runtime(cfg, gpu)  # seeds, precision
+    environment.configure_runtime(cfg, environment.has_gpu())  # seeds, precision
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     index, _skipped, save_verdicts = checks.scan_images(index, cfg, out)
     model, base = model_lib.build_model(cfg, len(index.class_names))
@@ -243,9 +243,7 @@ def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
     best = None
     if rows and rows[0]["status"] == "COMPLETED":
         best = tune_dir / "best.yaml"
-        tree = search_lib.apply(
-            cfg.model_dump(mode="json", exclude={"search"}), rows[0]["values"]
-        )
+        tree = search_lib.resolved_with(cfg, rows[0]["values"])
         atomic_write(best, config_lib.to_yaml(config_lib.validate(tree)))
         meta["best"] = {
             "trial": rows[0]["trial"],
@@ -320,9 +318,7 @@ class _CachedTrials:
         self.num_classes = len(index.class_names)
 
     def __call__(self, values: dict, trial_id: str) -> float:
-        tree = search_lib.apply(
-            self.cfg.model_dump(mode="json", exclude={"search"}), values
-        )
+        tree = search_lib.resolved_with(self.cfg, values)
         cfg = config_lib.validate(tree)
         keras.utils.set_random_seed(cfg.experiment.seed)
         inputs = keras.Input((self.dim,), name="features")
@@ -381,9 +377,7 @@ class _FullTrials:
     def __call__(self, values: dict, trial_id: str) -> float:
         from finetune_cli import trainer
 
-        tree = search_lib.apply(
-            self.cfg.model_dump(mode="json", exclude={"search"}), values
-        )
+        tree = search_lib.resolved_with(self.cfg, values)
         tree["experiment"].update(
             output_dir=str(self.root),
             name=f"trial-{trial_id}",
