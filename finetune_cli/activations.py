@@ -283,6 +283,19 @@ class _Rows:
         self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
         self.row_bytes = self.dtype.itemsize * shape[1]
 
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in one read."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            buf = os.pread(
+                fd,
+                (stop - start) * self.row_bytes,
+                self.offset + start * self.row_bytes,
+            )
+        finally:
+            os.close(fd)
+        return np.frombuffer(buf, self.dtype).reshape(stop - start, self.shape[1])
+
     def read(self, indices) -> np.ndarray:
         out = np.empty((len(indices), self.shape[1]), self.dtype)
         fd = os.open(self.path, os.O_RDONLY)
@@ -360,16 +373,83 @@ class ActivationData:
         return self._dataset("val", [0]).prefetch(2)
 
 
+@dataclasses.dataclass
+class DerivedFeatures:
+    """The base's features computed as the top of the cut over cached
+    activations, for `features.get_features(derived=...)`.
+
+    A head phase followed by a phase that trains the top of the base would
+    otherwise run the whole base once per image (and view) for the head's
+    features, then the bottom again for the activations. Computed this way,
+    the bottom runs once for both, and the top adds a forward pass over the
+    cached rows. The features equal the base's to the activation dtype's
+    precision (exactly, to float tolerance, with float32).
+    """
+
+    cache: ActivationSet
+    top: keras.Model  # rows [batch, D] -> the base's output
+    index: object
+    batch_size: int
+
+    @property
+    def source(self) -> str:
+        m = self.cache.manifest
+        return f"activations at {', '.join(m['cut'])} ({m['dtype']}, {m['key'][:12]})"
+
+    def batches(self, split: str, views: int):
+        """(features, labels, paths, view) batches, view-major in data order."""
+        if split not in self.cache.manifest["rows"]:
+            raise ValueError(f"no cached activations for the {split} split")
+        if split == "train" and views != self.cache.manifest["views"]:
+            raise ValueError(
+                f"{views} views asked, the activations hold "
+                f"{self.cache.manifest['views']}"
+            )
+        samples = self.index.splits[split]
+        labels = np.array([lb for _, lb in samples], "int64")
+        paths = [p for p, _ in samples]
+        n, step = len(samples), self.batch_size
+        for view in range(views if split == "train" else 1):
+            reader = _Rows(self.cache.file(split, view))
+            for at in range(0, n, step):
+                stop = min(at + step, n)
+                rows = reader.read_range(at, stop).astype("float32")
+                yield (
+                    self.top.predict_on_batch(rows),
+                    labels[at:stop],
+                    paths[at:stop],
+                    view,
+                )
+
+
+def _views_and_augmenter(cfg):
+    if not cfg.augmentation:
+        return 1, None
+    return cfg.feature_cache.views, pipeline.build_augmenter(
+        cfg.augmentation, cfg.experiment.seed
+    )
+
+
+def derived_features(cfg, out, model, base, index, layer_names) -> DerivedFeatures:
+    """Fill (or reuse) the cache a later phase training `layer_names` will
+    read, and return the base's features computed from it."""
+    cut, why = find_cut(base, layer_names)
+    if cut is None:
+        raise ValueError(why)
+    views, augmenter = _views_and_augmenter(cfg)
+    cache = get_activations(cfg, out, model, base, cut, index, views, augmenter)
+    rows = keras.Input((cut.row_size,), name="activations")
+    top = keras.Model(rows, cut.top(cut.split(rows)), name="top")
+    return DerivedFeatures(cache, top, index, cfg.data.batch_size)
+
+
 def activation_datasets(cfg, out, model, base, index, layer_names) -> ActivationData:
     """Cut the base for a phase training `layer_names`, fill (or reuse) the
     cache, and return its data and training model."""
     cut, why = find_cut(base, layer_names)
     if cut is None:
         raise ValueError(why)
-    views, augmenter = 1, None
-    if cfg.augmentation:
-        views = cfg.feature_cache.views
-        augmenter = pipeline.build_augmenter(cfg.augmentation, cfg.experiment.seed)
+    views, augmenter = _views_and_augmenter(cfg)
     cache = get_activations(cfg, out, model, base, cut, index, views, augmenter)
     labels = {
         s: np.array([lb for _, lb in index.splits[s]], "int64")

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune_cli import activations
 from finetune_cli import pipeline
 from finetune_cli import features
 from finetune_cli import model as model_lib
@@ -110,13 +111,19 @@ class CachedData:
 
 
 def cached_datasets(
-    cfg, out, model, base, index, path: str, strategy=None
+    cfg, out, model, base, index, path: str, strategy=None, cut_layers=None
 ) -> CachedData:
     """Extract (or reuse) the features a phase on `path` needs.
 
     Call outside any strategy scope: extraction is a local forward pass on
     each worker. The head model is grafted inside `strategy`'s scope, so
     that it trains under the strategy.
+
+    Args:
+        cut_layers: the trainable layers of a later phase on cached
+            activations, whose bottom weights are the current ones: the
+            features are then computed from that phase's activation cache
+            (one pass of the bottom serves both phases).
     """
     preprocess = model_lib.find_preprocessing(model)
     extractor = features.extractor_from(base, preprocess, cfg.data.image_size)
@@ -127,11 +134,24 @@ def cached_datasets(
         if views > 1
         else None
     )
+    derived = None
+    if cut_layers:
+        derived = activations.derived_features(cfg, out, model, base, index, cut_layers)
     train_dir = root / ("train" if views == 1 else f"train-{views}views")
     train_fs, _ = features.get_features(
-        cfg, extractor, index, "train", train_dir, out, views=views, augmenter=augmenter
+        cfg,
+        extractor,
+        index,
+        "train",
+        train_dir,
+        out,
+        views=views,
+        augmenter=augmenter,
+        derived=derived,
     )
-    val_fs, _ = features.get_features(cfg, extractor, index, "val", root / "val", out)
+    val_fs, _ = features.get_features(
+        cfg, extractor, index, "val", root / "val", out, derived=derived
+    )
     f, labels, _ = train_fs.load()
     vf, vlabels, _ = val_fs.load()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():

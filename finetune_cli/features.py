@@ -107,6 +107,7 @@ def explain_mismatch(old: dict, new: dict) -> str:
         "views",
         "augmentation",
         "seed",
+        "derived_from",
     ):
         if old.get(name) != new.get(name):
             reasons.append(f"{name} changed ({old.get(name)} -> {new.get(name)})")
@@ -216,6 +217,54 @@ def extract(
         progress: called as progress(done_images, total_images).
     """
 
+    def batches():
+        for view in range(views):
+            ds = pipeline.make_dataset(
+                samples, len(class_names), image_size, batch_size
+            )
+            paths_ds = tf.data.Dataset.from_tensor_slices(
+                [p for p, _ in samples]
+            ).batch(batch_size)
+            for b, ((images, onehot), paths) in enumerate(
+                zip(ds, paths_ds, strict=True)
+            ):
+                if augmenter is not None and views > 1:
+                    # View v of an image is the same whatever ran before.
+                    pipeline.reseed(augmenter, seed, view, b)
+                    images = augmenter(images, training=True)
+                yield (
+                    extractor.predict_on_batch(images),
+                    np.argmax(np.asarray(onehot), axis=1),
+                    [p.decode() for p in paths.numpy()],
+                    view,
+                )
+
+    return write_features(
+        batches(),
+        folder,
+        fields,
+        class_names=class_names,
+        num_images=len(samples),
+        views=views,
+        shard_size=shard_size,
+        progress=progress,
+    )
+
+
+def write_features(
+    batches,
+    folder,
+    fields,
+    *,
+    class_names,
+    num_images: int,
+    views: int,
+    shard_size: int = 1024,
+    progress=None,
+) -> FeatureSet:
+    """Stream (features, labels, paths, view) batches, view-major in data
+    order, into shards of a new cache folder `folder` (replaced atomically;
+    at most one shard is held in memory)."""
     folder = Path(folder)
     # Half-written caches of this folder left by killed processes.
     rundir.remove_dead_temporaries(folder.parent, f".{folder.name}.*-*")
@@ -223,8 +272,7 @@ def extract(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    n = len(samples)
-    total = n * views
+    total = num_images * views
     shards, buf_f, buf_l, buf_p, buf_v = [], [], [], [], []
     dim = None
     done = 0
@@ -246,32 +294,25 @@ def extract(
         shards.append(name)
         buf_f, buf_l, buf_p, buf_v = [], [], [], []
 
-    for view in range(views):
-        ds = pipeline.make_dataset(samples, len(class_names), image_size, batch_size)
-        paths_ds = tf.data.Dataset.from_tensor_slices([p for p, _ in samples]).batch(
-            batch_size
-        )
-        for b, ((images, onehot), paths) in enumerate(zip(ds, paths_ds, strict=True)):
-            if augmenter is not None and views > 1:
-                # View v of an image is the same whatever ran before.
-                pipeline.reseed(augmenter, seed, view, b)
-                images = augmenter(images, training=True)
-            feats = np.asarray(extractor.predict_on_batch(images), dtype="float32")
-            dim = feats.shape[1]
-            buf_f.append(feats)
-            buf_l.append(np.argmax(np.asarray(onehot), axis=1))
-            buf_p.append(np.array([p.decode() for p in paths.numpy()]))
-            buf_v.append(np.full(len(feats), view))
-            done += len(feats)
-            if sum(len(b) for b in buf_f) >= shard_size:
-                flush()
-            if progress is not None:
-                progress(done, total)
-            faults.point("extract")
+    for feats, labels, paths, view in batches:
+        feats = np.asarray(feats, dtype="float32")
+        dim = feats.shape[1]
+        buf_f.append(feats)
+        buf_l.append(np.asarray(labels))
+        buf_p.append(np.array(paths))
+        buf_v.append(np.full(len(feats), view))
+        done += len(feats)
+        if sum(len(b) for b in buf_f) >= shard_size:
+            flush()
+        if progress is not None:
+            progress(done, total)
+        faults.point("extract")
     flush()
+    if done != total:
+        raise RuntimeError(f"{folder}: wrote {done} rows, expected {total}")
     manifest = {
         "format": FORMAT,
-        "num_images": n,
+        "num_images": num_images,
         "views": views,
         "feature_dim": int(dim or 0),
         "dtype": "float32",
@@ -302,10 +343,27 @@ class ExtractResult:
 
 
 def get_features(
-    cfg, extractor, index, split, folder, out, *, views=1, augmenter=None
+    cfg,
+    extractor,
+    index,
+    split,
+    folder,
+    out,
+    *,
+    views=1,
+    augmenter=None,
+    derived=None,
 ) -> tuple[FeatureSet, ExtractResult]:
     """The cached features of a split: reused when the key matches, else
-    recomputed (saying why)."""
+    recomputed (saying why).
+
+    Args:
+        derived: None, or a source of the same features computed another
+            way (`activations.DerivedFeatures`: the top of the base over
+            cached activations). A cache of directly extracted features
+            (`extract`) is still reused first; else the features are
+            computed from `derived`, under a key that names it.
+    """
     samples = index.splits[split]
 
     dtype = keras.mixed_precision.global_policy().compute_dtype
@@ -318,6 +376,9 @@ def get_features(
     )
     t0 = time.monotonic()
     cached, why = open_cache(folder, fields)
+    if cached is None and derived is not None:
+        fields = {**fields, "derived_from": derived.source}
+        cached, why = open_cache(folder, fields)
     if cached is not None:
         out.info(
             f"features [{split}]: reusing {folder} ({cached.num_rows} rows, "
@@ -335,21 +396,35 @@ def get_features(
     if why != "no cache yet":
         out.info(f"features [{split}]: recomputing, cache out of date: {why}")
     total = len(samples) * views
-    with out.counter(total, f"extract [{split}]") as progress:
-        fs = extract(
-            extractor,
-            samples,
-            index.class_names,
-            folder,
-            fields,
-            image_size=cfg.data.image_size,
-            batch_size=cfg.data.batch_size,
-            shard_size=cfg.feature_cache.shard_size,
-            views=views,
-            augmenter=augmenter,
-            seed=cfg.experiment.seed,
-            progress=progress,
-        )
+    if derived is not None:
+        batches = derived.batches(split, views)
+        with out.counter(total, f"features [{split}] from {derived.source}") as p:
+            fs = write_features(
+                batches,
+                folder,
+                fields,
+                class_names=index.class_names,
+                num_images=len(samples),
+                views=views,
+                shard_size=cfg.feature_cache.shard_size,
+                progress=p,
+            )
+    else:
+        with out.counter(total, f"extract [{split}]") as progress:
+            fs = extract(
+                extractor,
+                samples,
+                index.class_names,
+                folder,
+                fields,
+                image_size=cfg.data.image_size,
+                batch_size=cfg.data.batch_size,
+                shard_size=cfg.feature_cache.shard_size,
+                views=views,
+                augmenter=augmenter,
+                seed=cfg.experiment.seed,
+                progress=progress,
+            )
     seconds = time.monotonic() - t0
     return fs, ExtractResult(
         split,

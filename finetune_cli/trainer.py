@@ -559,6 +559,7 @@ class Trainer:
                 self.index,
                 plan.path,
                 strategy=self.topo.strategy,
+                cut_layers=_derive_from(self.plans, plan),
             )
         # Models, compile, optimizer restore and head graft: in the scope.
         with self.topo.strategy.scope():
@@ -908,6 +909,16 @@ class Trainer:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.run / "history.csv", buf.getvalue())
+
+
+def _derive_from(plans, plan):
+    """The trainable layers of the first phase after `plan` that trains the
+    base, when that phase trains on cached activations: `plan`'s features
+    can be computed from that cache (the bottom's weights are the same)."""
+    later = next((p for p in plans[plan.index + 1 :] if p.layer_names), None)
+    if later is None or later.path != "activations":
+        return None
+    return later.layer_names
 
 
 def _cache_key(plan) -> str:

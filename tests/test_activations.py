@@ -1,8 +1,10 @@
 """The activation cache: the cut is exact, training on cached activations
 trains what the full model trains, and the cache is read from disk."""
 
+import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +172,79 @@ def test_training_on_cached_activations_trains_what_the_full_model_trains(
     )
 
 
+def test_head_features_computed_from_the_activation_cache_equal_the_base(
+    shapes_dir, tmp_path
+):
+    # A head phase before a phase on cached activations takes its features
+    # from that cache (the top over the rows): the bottom runs once for both.
+    from finetune_cli import feature_training
+    from finetune_cli import features
+    from finetune_cli import pipeline
+
+    weights = tmp_path / "pre.weights.h5"
+    lively_base().save_weights(str(weights))
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path,
+        phases=[{"name": "head", "epochs": 1}, *PHASES],
+        augmentation=[{"type": "flip"}, {"type": "contrast", "factor": 0.2}],
+    )
+    raw["model"]["weights"] = str(weights)
+    raw["feature_cache"].update(augmented="views", views=2, activation_dtype="float32")
+    cfg = config_lib.validate(raw)
+    model, base = model_lib.build_model(cfg, 4)
+    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    plans = phases_lib.plan_phases(model, base, cfg)
+    assert [p.path for p in plans] == ["views", "activations"]
+
+    extractor = features.extractor_from(
+        base, model_lib.find_preprocessing(model), cfg.data.image_size
+    )
+    augmenter = pipeline.build_augmenter(cfg.augmentation, cfg.experiment.seed)
+    direct = {
+        split: features.get_features(
+            cfg,
+            extractor,
+            index,
+            split,
+            tmp_path / "direct" / split,
+            quiet(),
+            views=views,
+            augmenter=augmenter if views > 1 else None,
+        )[0].load()[0]
+        for split, views in (("train", 2), ("val", 1))
+    }
+    assert np.abs(direct["train"]).mean() > 1e-3  # features carry signal
+
+    cached = feature_training.cached_datasets(
+        cfg, quiet(), model, base, index, "views", cut_layers=plans[1].layer_names
+    )
+    np.testing.assert_allclose(cached.train[0], direct["train"], atol=1e-5)
+    np.testing.assert_allclose(cached.val[0], direct["val"], atol=1e-5)
+    root = features.cache_root(cfg)
+    manifest = json.loads((root / "train-2views" / "manifest.json").read_text())
+    assert manifest["key_fields"]["derived_from"].startswith(
+        f"activations at {plans[1].cut}"
+    )
+    # The later phase reuses that cache instead of running the bottom again.
+    buf = io.StringIO()
+    activations.activation_datasets(
+        cfg, Output(file=buf), model, base, index, plans[1].layer_names
+    )
+    assert "reusing" in buf.getvalue()
+    assert len(list((root / "activations").iterdir())) == 1
+    # A cache of directly extracted features (extract) is preferred.
+    direct_root = tmp_path / "direct"
+    for split in ("train", "val"):
+        target = root / ("train-2views" if split == "train" else "val")
+        shutil.rmtree(target)
+        shutil.copytree(direct_root / split, target)
+    again = feature_training.cached_datasets(
+        cfg, quiet(), model, base, index, "views", cut_layers=plans[1].layer_names
+    )
+    np.testing.assert_array_equal(again.train[0], direct["train"])
+
+
 @pytest.mark.parametrize(
     "augmented, path, note",
     [
@@ -195,7 +270,7 @@ def test_the_plan_says_which_phases_take_the_cache_and_why_not(
     rows = phases_lib.plan_rows(plans, cfg, 1)
     if path == "activations":
         assert rows[1][-1].startswith("cached activations at block_")
-        assert rows[1][-1].endswith(", 4 augmented views")
+        assert rows[1][-1].endswith(", 2 augmented views")  # the default
     notes = phases_lib.path_notes(plans, cfg)
     if note is None:
         assert notes == []
@@ -204,3 +279,15 @@ def test_the_plan_says_which_phases_take_the_cache_and_why_not(
         assert only.startswith("phase 2 (top) runs the base: ") and note in only
     # Under tf.distribute the whole model runs.
     assert phases_lib.plan_phases(model, base, cfg, distributed=True)[1].path == "base"
+
+
+def test_the_shared_run_took_its_head_features_from_its_activation_cache(
+    finished_run,
+):
+    # Augmentation with the default views: the head phase trains on cached
+    # views computed from the top phase's activation cache (one bottom pass).
+    log = (finished_run.run / "log.txt").read_text()
+    assert "(cached features, 2 augmented views)" in log
+    assert "features [train] from activations at" in log
+    assert "extract [train]" not in log
+    assert "activations at" in log and "reusing" in log
