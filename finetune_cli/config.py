@@ -433,6 +433,7 @@ _UNION_EXPECTED = {
     "trainable": "'none', 'all' or a mapping {top: N}, {from_layer: NAME} "
     "or {regex: PATTERN}",
     "class_weight": "null, 'auto' or a mapping {class_name: weight}",
+    "xla": "'auto', true or false",
 }
 # Parts of a pydantic error location that name a union member, not a key:
 # our tags ("trainable:name") and pydantic's ("literal['auto']",
@@ -595,11 +596,13 @@ class FeatureCache(_Strict):
 
     enabled: Bool = True
     dir: PathStr = "features"
-    # With augmentation declared: "faithful" runs the base every epoch on
-    # freshly augmented images; "views" caches `views` augmented copies of
-    # each training image and cycles through them, one per epoch.
-    augmented: Literal["faithful", "views"] = "faithful"
-    views: Int = Field(4, ge=2)
+    # With augmentation declared: "views" (the default) caches `views`
+    # augmented copies of each training image and cycles through them, one
+    # per epoch; "faithful" runs the base every epoch on freshly augmented
+    # images. Two views: as accurate as faithful at a quarter of the time
+    # (bench/augmented_head.py, bench/recipe_candidates.py --views).
+    augmented: Literal["faithful", "views"] = "views"
+    views: Int = Field(2, ge=2)
     shard_size: Int = Field(1024, ge=1)
     # A phase that trains the top of the base under frozen BN trains on the
     # bottom's outputs, computed once (activations.py).
@@ -612,7 +615,9 @@ class Runtime(_Strict):
 
     # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
     mixed_precision: Literal["auto", "on", "off"] = "auto"
-    xla: Bool = False
+    # auto: XLA when TensorFlow finds a GPU (and runs are not deterministic),
+    # off on CPU, where it slowed training and inference (bench/throughput.py).
+    xla: Union[Literal["auto"], Bool] = "auto"
     # auto: mirrored when TensorFlow finds more than one GPU, else none.
     # multi_worker reads the cluster from the TF_CONFIG environment variable.
     distribute: Literal["auto", "none", "mirrored", "multi_worker", "tpu"] = "auto"
