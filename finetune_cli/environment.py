@@ -88,9 +88,12 @@ def configure_runtime(cfg, gpu: bool) -> dict:
     mp = cfg.runtime.mixed_precision
     mixed = mp == "on" or (mp == "auto" and gpu)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    xla = cfg.runtime.xla
+    if xla == "auto":
+        xla = gpu and not deterministic
     return {
         "mixed_precision": mixed,
-        "xla": cfg.runtime.xla,
+        "xla": xla,
         "deterministic": deterministic,
     }
 

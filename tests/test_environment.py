@@ -202,3 +202,33 @@ def test_mixed_precision_auto_follows_the_device(
         assert chosen["mixed_precision"] == (policy == "mixed_float16")
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize(
+    "setting, gpu, deterministic, xla",
+    [
+        ("auto", False, False, False),  # slower on CPU (bench/throughput.py)
+        ("auto", True, False, True),
+        ("auto", True, True, False),
+        (True, False, False, True),
+        (False, True, False, False),
+    ],
+)
+def test_xla_auto_follows_the_device(
+    shapes_dir, tmp_path, setting, gpu, deterministic, xla
+):
+    from finetune_cli import environment
+
+    raw = tiny_config(shapes_dir, tmp_path)
+    raw["runtime"] = {"xla": setting}
+    raw["experiment"]["deterministic"] = deterministic
+    try:
+        chosen = environment.configure_runtime(config_lib.validate(raw), gpu)
+        assert chosen["xla"] is xla
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+        environment.configure_runtime(
+            config_lib.validate(tiny_config(shapes_dir, tmp_path)), False
+        )
