@@ -1,0 +1,142 @@
+"""Benchmark: candidate default recipes on the flower photos, several seeds.
+
+Each candidate is `configs/flowers.yaml` with some keys changed; each runs
+as a `finetune-cli finetune` process per seed. The seed (experiment.seed)
+draws the split, the augmentation and the initial head, so candidates are
+compared on the same split seed by seed (paired). Candidates of one seed
+share the feature and activation caches (one experiment name per seed, an
+output folder per candidate), so a candidate's wall time includes a cache
+only when it is the first to need it: compare speed with bench/recipe.py.
+
+Prints, per candidate, test accuracy per seed, the mean and the spread
+(sample standard deviation), and the mean wall time.
+
+    python bench/recipe_candidates.py                       # all, seeds 1 2 3
+    python bench/recipe_candidates.py --only blocks11 --seeds 1 2 3 4 5
+    python bench/recipe_candidates.py --only head-only --views 4
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _assets  # noqa: E402
+
+AUG = [
+    {"type": "flip", "mode": "horizontal"},
+    {"type": "rotation", "factor": 0.1},
+    {"type": "zoom", "factor": 0.1},
+]
+
+
+def _phase(name, epochs, lr, **kw):
+    return {"name": name, "epochs": epochs, "learning_rate": lr, **kw}
+
+
+# name -> changes to configs/flowers.yaml (top-level sections replaced).
+# MobileNetV2's blocks 13-16 run at 7x7 (about 30% of its multiply-adds),
+# blocks 11-12 at 14x14 (another 15%).
+CANDIDATES = {
+    # Head only: the base's features as they are.
+    "head-only": {
+        "phases": [_phase("head", 10, 1e-3, label_smoothing=0.1)],
+    },
+    # Head, then blocks 13-16 at Adam 1e-4 with a cosine decay.
+    "blocks13": {
+        "phases": [
+            _phase("head", 6, 1e-3, label_smoothing=0.1),
+            _phase(
+                "fine-tune",
+                3,
+                1e-4,
+                trainable={"from_layer": "block_13_expand"},
+                batchnorm="frozen",
+                schedule="cosine",
+                label_smoothing=0.1,
+            ),
+        ],
+    },
+    # The same from block 11: the winner, shipped as configs/flowers.yaml.
+    "blocks11": {
+        "phases": [
+            _phase("head", 6, 1e-3, label_smoothing=0.1),
+            _phase(
+                "fine-tune",
+                3,
+                1e-4,
+                trainable={"from_layer": "block_11_expand"},
+                batchnorm="frozen",
+                schedule="cosine",
+                label_smoothing=0.1,
+            ),
+        ],
+    },
+}
+
+
+def main(argv=None) -> int:
+    p = _assets.parser(__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--only", nargs="+", choices=sorted(CANDIDATES))
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--work", help="Folder to run in (default: a new temporary one).")
+    args = p.parse_args(argv)
+    if _assets.missing(args):
+        return 0
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-recipes-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shipped = yaml.safe_load((_assets.ROOT / "configs" / "flowers.yaml").read_text())
+    names = args.only or list(CANDIDATES)
+    results = {name: [] for name in names}
+    for seed in args.seeds:
+        for name in names:
+            cfg = copy.deepcopy(shipped)
+            cfg.update(copy.deepcopy(CANDIDATES[name]))
+            cfg["experiment"].update(
+                name=f"seed-{seed}", seed=seed, output_dir=f"runs/{name}"
+            )
+            cfg["data"]["dir"] = args.data
+            cfg["model"]["weights"] = args.weights
+            cfg.setdefault("augmentation", AUG)
+            cfg["feature_cache"] = {
+                **cfg.get("feature_cache", {}),
+                "augmented": "views",
+                "views": args.views,
+            }
+            path = work / f"{name}-{seed}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            wall, _ = _assets.run_cli("finetune", path, cwd=work)
+            acc = _assets.test_accuracy(
+                work / "runs" / name / f"seed-{seed}" / "latest"
+            )
+            results[name].append((acc, wall))
+            print(f"{name} seed {seed}: test {acc:.4f}, {wall:.0f} s", flush=True)
+    print()
+    print(
+        "| candidate | "
+        + " | ".join(f"seed {s}" for s in args.seeds)
+        + " | mean | spread | mean wall |"
+    )
+    print("| --- " * (len(args.seeds) + 4) + "|")
+    for name, rows in results.items():
+        accs = [a for a, _ in rows]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(
+            f"| {name} | "
+            + " | ".join(f"{a:.4f}" for a in accs)
+            + f" | {statistics.mean(accs):.4f} | {sd:.4f} | "
+            f"{statistics.mean(w for _, w in rows):.0f} s |"
+        )
+    print(f"(work folder: {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
