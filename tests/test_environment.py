@@ -46,6 +46,9 @@ def raw_config(shapes_dir, tmp_path, name, seed=3):
     )
     raw["model"]["weights"] = lively_weights(tmp_path / "pre.weights.h5")
     raw["experiment"].update(name=name, seed=seed, deterministic=True)
+    # The base on freshly augmented images every epoch: the path whose
+    # randomness used to depend on thread timing (views are the default).
+    raw["feature_cache"]["augmented"] = "faithful"
     return raw
 
 

@@ -43,7 +43,7 @@ PHASES = [
 # is killed at the next one. (name, what must be true right after the kill)
 CHAIN = [
     "run_created",  # folder created, no epoch yet
-    "extract",  # inside feature extraction of the head phase
+    "extract",  # inside the activation cache the head's features come from
     "epoch_saved",  # epoch 1 committed, history.csv not yet written
     "phase_end",  # head phase done and committed
     "phase_first_batch",  # first batch of the top phase
@@ -110,7 +110,10 @@ def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
                 p.name.startswith(".") and p.suffix == ".keras" for p in run.iterdir()
             )
         if fault == "extract":
-            assert list((tmp_path / "features" / "chain").glob(".train.partial-*"))
+            # The head's features come from the top phase's activation
+            # cache: the kill fell while that cache was being written.
+            cache = tmp_path / "features" / "chain" / "activations"
+            assert list(cache.glob(".*.partial-*"))
     assert seen_temporary, "the model_save kill left no half-written file"
 
     final = launch(["finetune", "--resume", str(run)])
@@ -126,6 +129,7 @@ def test_killed_at_every_point_resumes_to_the_uninterrupted_result(
     assert not (run / runstate.FILE).exists()
     assert not [p for p in run.rglob(".*")]
     assert not list((tmp_path / "features" / "chain").glob(".*"))
+    assert not list((tmp_path / "features" / "chain" / "activations").glob(".*"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert [p["epochs_run"] for p in metrics["phases"]] == [2, 3]
     assert (run / "eval" / "test" / "report.html").is_file()
