@@ -40,6 +40,25 @@ def _phase(name, epochs, lr, **kw):
     return {"name": name, "epochs": epochs, "learning_rate": lr, **kw}
 
 
+def _head_then_blocks(first_layer: str) -> dict:
+    """Head 6 epochs, then the base from `first_layer` up (BN frozen) for 3
+    epochs at Adam 1e-4 with a cosine decay, label smoothing 0.1 in both."""
+    return {
+        "phases": [
+            _phase("head", 6, 1e-3, label_smoothing=0.1),
+            _phase(
+                "fine-tune",
+                3,
+                1e-4,
+                trainable={"from_layer": first_layer},
+                batchnorm="frozen",
+                schedule="cosine",
+                label_smoothing=0.1,
+            ),
+        ],
+    }
+
+
 # name -> changes to configs/flowers.yaml (top-level sections replaced).
 # MobileNetV2's blocks 13-16 run at 7x7 (about 30% of its multiply-adds),
 # blocks 11-12 at 14x14 (another 15%).
@@ -48,36 +67,9 @@ CANDIDATES = {
     "head-only": {
         "phases": [_phase("head", 10, 1e-3, label_smoothing=0.1)],
     },
-    # Head, then blocks 13-16 at Adam 1e-4 with a cosine decay.
-    "blocks13": {
-        "phases": [
-            _phase("head", 6, 1e-3, label_smoothing=0.1),
-            _phase(
-                "fine-tune",
-                3,
-                1e-4,
-                trainable={"from_layer": "block_13_expand"},
-                batchnorm="frozen",
-                schedule="cosine",
-                label_smoothing=0.1,
-            ),
-        ],
-    },
-    # The same from block 11: the winner, shipped as configs/flowers.yaml.
-    "blocks11": {
-        "phases": [
-            _phase("head", 6, 1e-3, label_smoothing=0.1),
-            _phase(
-                "fine-tune",
-                3,
-                1e-4,
-                trainable={"from_layer": "block_11_expand"},
-                batchnorm="frozen",
-                schedule="cosine",
-                label_smoothing=0.1,
-            ),
-        ],
-    },
+    "blocks13": _head_then_blocks("block_13_expand"),
+    # From block 11: the winner, shipped as configs/flowers.yaml.
+    "blocks11": _head_then_blocks("block_11_expand"),
 }
 
 
