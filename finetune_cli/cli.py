@@ -1124,6 +1124,68 @@ def config_schema(
 
 
 @app.command(cls=Command)
+def init(
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of class folders (or of train/, val/, test/ folders).",
+            show_default=False,
+        ),
+    ],
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Config file to write.")
+    ] = Path("finetune.yaml"),
+    model: Annotated[
+        str, typer.Option(help="A keras.applications model name.")
+    ] = "MobileNetV2",
+    weights: Annotated[
+        str, typer.Option(help="imagenet, none or a local .h5 weights file.")
+    ] = "imagenet",
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="Experiment name (default: the data folder's name)."),
+    ] = None,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(min=8, max=4096, help="Image side (default: the model's)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace the config file if it exists.")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Write a config with the default recipe for a data folder.
+
+    The recipe is the one measured best (README: "The default recipe,
+    measured"): a head phase, then whole blocks at the top of the base with
+    BN frozen, on cached augmented views. The folder's classes are listed
+    (no image is read) and the config is checked before it is written.
+
+    Exit codes: 0 written, 2 bad option or the file exists (without
+    --force), 3 the data folder is missing or has no class folders.
+    """
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        _quiet_tensorflow()
+        from finetune_cli import recipe
+
+        made = recipe.generate(
+            data_dir, model=model, weights=weights, name=name, image_size=image_size
+        )
+        recipe.write(out_file, made.text, force=force)
+        out.success(
+            f"wrote {out_file}: {sum(made.classes.values())} images in "
+            f"{len(made.classes)} classes; fine-tune {made.why}. "
+            f"Next: finetune-cli finetune {out_file}"
+        )
+
+    _run(out, debug, job)
+
+
+@app.command(cls=Command)
 def synth(
     out_dir: Annotated[
         Path, typer.Argument(help="Folder to create.", show_default=False)

@@ -19,6 +19,7 @@ COMMANDS = [
     ["export"],
     ["predict"],
     ["promote"],
+    ["init"],
     ["synth"],
     ["runs", "list"],
     ["config", "show"],
