@@ -1128,7 +1128,8 @@ def init(
     data_dir: Annotated[
         Path,
         typer.Argument(
-            help="Folder of class folders (or of train/, val/, test/ folders).",
+            help="Folder of class folders (or of train/, val/, test/ folders), "
+            "or a path,label CSV file.",
             show_default=False,
         ),
     ],
@@ -1164,7 +1165,7 @@ def init(
     (no image is read) and the config is checked before it is written.
 
     Exit codes: 0 written, 2 bad option or the file exists (without
-    --force), 3 the data folder is missing or has no class folders.
+    --force), 3 the data is missing or has fewer than 2 classes.
     """
     out = Output(quiet=quiet, plain=plain)
 

@@ -173,7 +173,8 @@ def generate(
     name: Optional[str] = None,
     image_size: Optional[int] = None,
 ) -> Generated:
-    """The recipe as a config for `data_dir`, checked by the config loader.
+    """The recipe as a config for `data_dir` (a folder, or a `path,label` CSV
+    file), checked by the config loader.
 
     Reads the folder's class folders (no image is decoded) and builds the
     base once, without weights, to find where the fine-tune phase starts.
@@ -194,11 +195,14 @@ def generate(
 
         checks.check_weights(weights)
     size = image_size or app.default_size
+    where = "csv" if Path(data_dir).suffix.lower() == ".csv" else "dir"
     if name is None:
-        name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(data_dir).resolve().name)
+        folder = Path(data_dir).resolve()
+        folder = folder.parent if where == "csv" else folder
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", folder.name)
         name = name if re.match(r"^[A-Za-z0-9]", name) else f"run-{name}"
     data = {
-        "dir": str(data_dir),
+        where: str(data_dir),
         "split": {"train": 0.8, "val": 0.1, "test": 0.1},
         "image_size": size,
         "batch_size": 32,
@@ -207,7 +211,7 @@ def generate(
     index = data_lib.index_data(config_lib.Data.model_validate(data), seed=42)
     if len(index.class_names) < 2:
         raise DataError(
-            f"data.dir: {data_dir} has one class folder ({index.class_names[0]}); "
+            f"data.{where}: {data_dir} has one class ({index.class_names[0]}); "
             "a classifier needs at least 2"
         )
     counts = {c: 0 for c in index.class_names}

@@ -37,6 +37,26 @@ def test_flowers_yaml_is_the_recipe_init_writes(shapes_dir, tmp_path):
     assert generated.model.weights == "imagenet"
 
 
+def test_init_takes_a_csv_manifest(shapes_dir, tmp_path):
+    import shutil
+
+    data = shutil.copytree(shapes_dir, tmp_path / "photos" / "images")
+    rows = ["path,label"] + [
+        f"images/{p.relative_to(data)},{p.parent.name}"
+        for p in sorted(data.glob("*/*"))
+    ]
+    csv = tmp_path / "photos" / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cfg.yaml"
+    argv = ["init", str(csv), "-o", str(out), "--image-size", "32"]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "32 images in 4 classes" in result.output
+    cfg = config_lib.load_config(out)
+    assert (cfg.data.csv, cfg.data.dir) == (str(csv), None)
+    assert cfg.experiment.name == "photos"
+
+
 def test_init_never_replaces_a_file_without_force(shapes_dir, tmp_path):
     out = tmp_path / "cfg.yaml"
     out.write_text("mine\n")
@@ -54,7 +74,7 @@ def test_init_never_replaces_a_file_without_force(shapes_dir, tmp_path):
     [
         (["missing"], 3, "folder not found"),
         (["empty"], 3, "no class folders"),
-        (["one"], 3, "one class folder (cats); a classifier needs at least 2"),
+        (["one"], 3, "one class (cats); a classifier needs at least 2"),
         (["data", "--model", "MobileNetV7"], 2, "did you mean 'MobileNetV2'"),
         (["data", "--weights", "nope.h5"], 2, "model.weights: file not found"),
         (["data", "--name", "-x"], 2, "experiment.name"),
