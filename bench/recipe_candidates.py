@@ -69,9 +69,9 @@ CANDIDATES = {
         "phases": [_phase("head", 10, 1e-3, label_smoothing=0.1)],
     },
     "blocks13": _head_then_blocks("block_13_expand"),
-    # From block 11: the winner, shipped as configs/flowers.yaml.
     "blocks11": _head_then_blocks("block_11_expand"),
     # A head phase on cached views costs about 0.2 s an epoch: train it longer.
+    # The winner, shipped as configs/flowers.yaml (and written by `init`).
     "blocks11-h20": _head_then_blocks("block_11_expand", head_epochs=20),
     # From block 7 the top is about 60% of the multiply-adds instead of 45%,
     # but the bottom is shorter and its activations (14x14x64) smaller than

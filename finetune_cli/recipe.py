@@ -46,7 +46,7 @@ def phases(trainable) -> list[dict]:
     return [
         {
             "name": "head",
-            "epochs": 6,
+            "epochs": 20,
             "trainable": "none",
             "optimizer": "adam",
             "learning_rate": 1e-3,
