@@ -103,6 +103,7 @@ def _base(name):
     return model_lib.build_base(cfg, (32, 32))
 
 
+@pytest.mark.heavy
 def test_block_starts_are_where_one_tensor_crosses_between_blocks():
     from finetune_cli import model as model_lib
 
@@ -116,6 +117,7 @@ def test_block_starts_are_where_one_tensor_crosses_between_blocks():
     ]
 
 
+@pytest.mark.heavy
 def test_block_starts_see_residuals_written_as_ops():
     # ConvNeXt adds its residual with `x + y`, an op that is not a layer.
     from finetune_cli import model as model_lib
@@ -130,6 +132,7 @@ def test_block_starts_see_residuals_written_as_ops():
     ]
 
 
+@pytest.mark.heavy
 def test_fine_tune_start_uses_top_n_where_keras_named_the_layer():
     from finetune_cli import model as model_lib
 
