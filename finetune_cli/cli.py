@@ -1178,8 +1178,8 @@ def init(
         )
         recipe.write(out_file, made.text, force=force)
         out.success(
-            f"wrote {out_file}: {sum(made.classes.values())} images in "
-            f"{len(made.classes)} classes; fine-tune {made.why}. "
+            f"wrote {out_file}: {made.images} images in "
+            f"{len(made.class_names)} classes; fine-tune {made.why}. "
             f"Next: finetune-cli finetune {out_file}"
         )
 
