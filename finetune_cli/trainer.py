@@ -836,23 +836,22 @@ class Trainer:
             # In the run folder too: a run without a test split has no
             # evaluation report to carry the curves.
             plots.curves_png(run / "history.csv", run / "curves.png")
-        if self.index.splits.get("test"):
-            test_ds = self._eval_dataset("test")
-            with self.topo.strategy.scope():
-                test = self.model.evaluate(test_ds, verbose=0, return_dict=True)
+        if self.index.splits.get("test") and self.topo.chief:
+            # The held-out report, exactly as `finetune-cli evaluate RUN`
+            # writes it: on the recorded test files. One pass of the model
+            # over them gives the report and Keras' loss (label smoothing as
+            # in the last phase, like val's).
+            ev = evaluation.evaluate(run.path, split="test", track=False)
+            loss = keras.losses.CategoricalCrossentropy(
+                label_smoothing=self.cfg.phases[-1].label_smoothing
+            )
+            onehot = keras.ops.one_hot(ev.labels, self.num_classes)
             metrics["test"] = {
-                "loss": float(test["loss"]),
-                "accuracy": float(test["accuracy"]),
+                "loss": float(keras.ops.convert_to_numpy(loss(onehot, ev.probs))),
+                **ev.metrics["summary"],
+                "report": str(ev.out_dir / "report.html"),
             }
-            if self.topo.chief:
-                # The held-out report, exactly as `finetune-cli evaluate
-                # RUN` writes it: on the recorded test files.
-                ev = evaluation.evaluate(run.path, split="test", track=False)
-                # Keras' own loss and accuracy stay; the report adds the rest.
-                for key, value in ev.metrics["summary"].items():
-                    metrics["test"].setdefault(key, value)
-                metrics["test"]["report"] = str(ev.out_dir / "report.html")
-                self.out.info(f"test report: {ev.out_dir / 'report.html'}")
+            self.out.info(f"test report: {ev.out_dir / 'report.html'}")
         if not self.topo.chief:
             self.out.success(f"{self.topo.task}: done; the chief wrote the run folder")
             return FinetuneResult(run.path, metrics, st.history)

@@ -42,8 +42,8 @@ def test_two_phase_run_end_to_end(finished_run):
     )
     assert metrics["best_epoch"] == int(ranked[0]["epoch"])
     assert [p["last_epoch"] for p in metrics["phases"]] == [2, 4]
-    # Keras' test accuracy at the end of the run is the share of rows of
-    # the report's predictions.csv (our NumPy path) whose label is right.
+    # The run's test accuracy is the share of rows of the report's
+    # predictions.csv whose label is right.
     rows = list(csv.DictReader(open(run / "eval" / "test" / "predictions.csv")))
     right = sum(r["true"] == r["predicted"] for r in rows) / len(rows)
     assert metrics["test"]["accuracy"] == pytest.approx(right, abs=1e-6)
