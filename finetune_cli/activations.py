@@ -227,11 +227,12 @@ def get_activations(
                 len(index.class_names),
                 cfg.data.image_size,
                 cfg.data.batch_size,
+                seed=cfg.experiment.seed,
+                augmenter=augmenter if split == "train" else None,
+                deterministic=True,
+                view=view,
             )
-            for b, (images, _) in enumerate(ds):
-                if split == "train" and augmenter is not None:
-                    pipeline.reseed(augmenter, cfg.experiment.seed, view, b)
-                    images = augmenter(images, training=True)
+            for images, _ in ds:
                 outs = extractor.predict_on_batch(images)
                 outs = outs if isinstance(outs, (list, tuple)) else [outs]
                 flat = np.concatenate(

@@ -219,19 +219,22 @@ def extract(
 
     def batches():
         for view in range(views):
+            # View v of an image is the same whatever ran before (see
+            # `pipeline.make_dataset`'s `view`).
             ds = pipeline.make_dataset(
-                samples, len(class_names), image_size, batch_size
+                samples,
+                len(class_names),
+                image_size,
+                batch_size,
+                seed=seed,
+                augmenter=augmenter if views > 1 else None,
+                deterministic=True,
+                view=view,
             )
             paths_ds = tf.data.Dataset.from_tensor_slices(
                 [p for p, _ in samples]
             ).batch(batch_size)
-            for b, ((images, onehot), paths) in enumerate(
-                zip(ds, paths_ds, strict=True)
-            ):
-                if augmenter is not None and views > 1:
-                    # View v of an image is the same whatever ran before.
-                    pipeline.reseed(augmenter, seed, view, b)
-                    images = augmenter(images, training=True)
+            for (images, onehot), paths in zip(ds, paths_ds, strict=True):
                 yield (
                     extractor.predict_on_batch(images),
                     np.argmax(np.asarray(onehot), axis=1),

@@ -64,6 +64,7 @@ def make_dataset(
     shard: tuple[int, int] = (0, 1),
     per_epoch: int | None = None,
     class_weight: dict | None = None,
+    view: int | None = None,
 ):
     """A batched `tf.data.Dataset` of (float32 pixels 0-255, one-hot labels).
 
@@ -88,6 +89,10 @@ def make_dataset(
             run the same steps).
         class_weight: {class index: weight}, added as sample weights (what
             Keras' `class_weight` does, which a distributed dataset lacks).
+        view: without `shuffle`, with `deterministic`: augment batch b as
+            view `view` of a feature cache, with randomness that is a
+            function of (seed, view, b) alone. The augmentation runs in the
+            input pipeline, overlapping the model's forward pass.
     """
     paths = [p for p, _ in samples]
     labels = [lb for _, lb in samples]
@@ -138,7 +143,7 @@ def make_dataset(
     elif shuffle:
         ds = pipeline(base.shuffle(n, seed=seed, reshuffle_each_iteration=True))
     else:
-        ds = pipeline(base)
+        ds = pipeline(base, epoch=view)
     if deterministic:
         options = tf.data.Options()
         options.deterministic = True

@@ -219,6 +219,50 @@ def test_augmented_views_are_cached_per_view(setup, tmp_path):
     assert "phase 1/1: head (base every epoch)" in buf.getvalue()
 
 
+def test_a_view_is_augmented_in_the_pipeline_as_if_alone(shapes_dir):
+    """View v's batch b is augmented with randomness from (seed, v, b) only:
+    inside the input pipeline (overlapping the model) it equals the layers
+    called eagerly on that batch after a reset, whatever ran before."""
+    cfg = config_lib.validate(
+        {
+            **tiny_config(shapes_dir, shapes_dir),
+            "augmentation": [
+                {"type": "flip"},
+                {"type": "rotation", "factor": 0.2},
+                {"type": "zoom", "factor": 0.2},
+            ],
+        }
+    )
+    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    samples = index.splits["train"]
+    augmenter = pipeline.build_augmenter(cfg.augmentation, 5)
+
+    def view(v):
+        return [
+            np.asarray(x)
+            for x, _ in pipeline.make_dataset(
+                samples,
+                4,
+                (32, 32),
+                4,
+                seed=5,
+                augmenter=augmenter,
+                deterministic=True,
+                view=v,
+            )
+        ]
+
+    second = view(1)  # before view 0: order must not matter
+    first = view(0)
+    plain = pipeline.make_dataset(samples, 4, (32, 32), 4)
+    for b, (x, _) in enumerate(plain):
+        pipeline.reseed(augmenter, 5, 0, b)
+        np.testing.assert_array_equal(first[b], augmenter(x, training=True))
+        pipeline.reseed(augmenter, 5, 1, b)
+        np.testing.assert_array_equal(second[b], augmenter(x, training=True))
+    assert not np.array_equal(first[0], second[0])
+
+
 def test_cli_extract(setup, tmp_path):
     raw, _, _ = setup
     path = tmp_path / "c.yaml"
