@@ -54,11 +54,11 @@ def phases(trainable) -> list[dict]:
         },
         {
             "name": "fine-tune",
-            "epochs": 3,
+            "epochs": 2,
             "trainable": trainable,
             "batchnorm": "frozen",
             "optimizer": "adam",
-            "learning_rate": 1e-4,
+            "learning_rate": 2e-4,
             "schedule": "cosine",
             "label_smoothing": 0.1,
         },
