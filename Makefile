@@ -45,7 +45,8 @@ test: lint
 
 # Whole runs in child processes: the kill-at-every-point resume chain, the
 # bit-identical kill-and-resume, the tf.distribute clusters, every export
-# format. CI (.ci/run) runs them after `make test`.
+# format, a kill at each promotion step. CI (.ci/run) runs them after
+# `make test`.
 test-heavy: $(STAMP)
 	$(PYTEST) -m "heavy and not slow" tests
 

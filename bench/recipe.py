@@ -20,6 +20,7 @@ Prints both test accuracies, both wall times and the ratio.
 
     python bench/recipe.py
     python bench/recipe.py --config my.yaml      # another shipped config
+    python bench/recipe.py --split-seed 1        # another split (both recipes)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def shipped(config: Path, args, work: Path) -> tuple[float, float, Path]:
     cfg["data"]["dir"] = args.data
     cfg["model"]["weights"] = args.weights
     cfg["experiment"]["output_dir"] = "runs"
+    if args.split_seed is not None:
+        cfg["experiment"]["seed"] = args.split_seed
     path = work / "shipped.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     wall, _ = _assets.run_cli("finetune", path, cwd=work)
@@ -106,6 +109,12 @@ def main(argv=None) -> int:
         help="The shipped config (default: configs/flowers.yaml).",
     )
     p.add_argument("--seed", type=int, default=42, help="The hand-written seed.")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        help="experiment.seed of the shipped run (it draws the split both "
+        "recipes use; default: the config's).",
+    )
     args = p.parse_args(argv)
     if _assets.missing(args):
         return 0

@@ -183,6 +183,7 @@ def versions_of(link):
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+@pytest.mark.heavy  # a child process per kill point (about 65 s of the suite)
 @pytest.mark.parametrize(
     "point", ["promotion_copy", "promotion_renamed", "promotion_swapped"]
 )
