@@ -839,15 +839,13 @@ class Trainer:
         if self.index.splits.get("test") and self.topo.chief:
             # The held-out report, exactly as `finetune-cli evaluate RUN`
             # writes it: on the recorded test files. One pass of the model
-            # over them gives the report and Keras' loss (label smoothing as
-            # in the last phase, like val's).
+            # over them gives the report and, through the loss compiled for
+            # val above, Keras' test loss.
             ev = evaluation.evaluate(run.path, split="test", track=False)
-            loss = keras.losses.CategoricalCrossentropy(
-                label_smoothing=self.cfg.phases[-1].label_smoothing
-            )
             onehot = keras.ops.one_hot(ev.labels, self.num_classes)
+            loss = self.model.loss(onehot, ev.probs)
             metrics["test"] = {
-                "loss": float(keras.ops.convert_to_numpy(loss(onehot, ev.probs))),
+                "loss": float(keras.ops.convert_to_numpy(loss)),
                 **ev.metrics["summary"],
                 "report": str(ev.out_dir / "report.html"),
             }
