@@ -241,3 +241,46 @@ def test_best_epoch_ties_go_to_the_better_other_metric():
     assert best_of("val_loss") == 3
     rows[2]["val_accuracy"] = float("nan")
     assert trainer._improved("val_accuracy", rows[2], rows, 2) is False
+
+
+def test_test_loss_is_the_last_phase_loss_on_the_report_probabilities(
+    shapes_dir, tmp_path, monkeypatch
+):
+    """metrics.json's test loss is the last phase's loss (its label smoothing
+    included) on the probabilities of the test report's one pass."""
+    import dataclasses
+
+    from finetune_cli import evaluation
+
+    real = evaluation.evaluate
+    seen = {}
+
+    def confident(*args, **kwargs):
+        # The tiny model's outputs are near-uniform, where every smoothing
+        # gives ln 4: put confident rows, some wrong, in the report's place.
+        ev = real(*args, **kwargs)
+        n = len(ev.labels)
+        probs = np.full((n, 4), 0.1 / 3, "float32")
+        guess = [(y + (i % 3 == 0)) % 4 for i, y in enumerate(ev.labels)]
+        probs[np.arange(n), guess] = 0.9
+        seen["probs"], seen["labels"] = probs, np.asarray(ev.labels)
+        return dataclasses.replace(ev, probs=probs)
+
+    monkeypatch.setattr(evaluation, "evaluate", confident)
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path,
+        phases=[
+            {"name": "head", "epochs": 1},
+            {"name": "again", "epochs": 1, "label_smoothing": 0.2},
+        ],
+    )
+    result = trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
+
+    def cross_entropy(smoothing):
+        y = np.eye(4)[seen["labels"]] * (1 - smoothing) + smoothing / 4
+        return float(np.mean(-(y * np.log(seen["probs"])).sum(1)))
+
+    loss = result.metrics["test"]["loss"]
+    assert loss == pytest.approx(cross_entropy(0.2), rel=1e-5)
+    assert abs(loss - cross_entropy(0.0)) > 0.05
