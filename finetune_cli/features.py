@@ -85,6 +85,9 @@ def key_fields(
             else None
         ),
         "seed": cfg.experiment.seed if views > 1 else None,
+        # A view's augmentation is drawn per batch (pipeline.reseed), so the
+        # batch size decides which copy of an image a view holds.
+        "augment_batch_size": cfg.data.batch_size if views > 1 else None,
         "files": files,
     }
 
@@ -107,6 +110,7 @@ def explain_mismatch(old: dict, new: dict) -> str:
         "views",
         "augmentation",
         "seed",
+        "augment_batch_size",
         "derived_from",
     ):
         if old.get(name) != new.get(name):

@@ -237,12 +237,12 @@ def test_a_view_is_augmented_in_the_pipeline_as_if_alone(shapes_dir):
     samples = index.splits["train"]
     augmenter = pipeline.build_augmenter(cfg.augmentation, 5)
 
-    def view(v):
+    def view(v, batch=4):
         return [
             np.asarray(x)
             for x, _ in pipeline.make_dataset(
                 samples,
-                4,
+                batch,
                 (32, 32),
                 4,
                 seed=5,
@@ -261,6 +261,19 @@ def test_a_view_is_augmented_in_the_pipeline_as_if_alone(shapes_dir):
         pipeline.reseed(augmenter, 5, 1, b)
         np.testing.assert_array_equal(second[b], augmenter(x, training=True))
     assert not np.array_equal(first[0], second[0])
+    # The randomness is per batch, so the batch size decides what a view
+    # holds, and a cache of views made at another batch size is stale.
+    assert not np.array_equal(view(0, batch=2)[0], first[0][:2])
+
+    def key(c, views):
+        return features.key_fields(c, samples, views=views, augmentation=c.augmentation)
+
+    other = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"batch_size": 2})}
+    )
+    why = features.explain_mismatch(key(cfg, 2), key(other, 2))
+    assert why == "augment_batch_size changed (8 -> 2)"
+    assert key(cfg, 1) == key(other, 1)  # unaugmented features do not care
 
 
 def test_cli_extract(setup, tmp_path):
