@@ -41,11 +41,16 @@ def _phase(name, epochs, lr, **kw):
 
 
 def _head_then_blocks(
-    first_layer: str, head_epochs: int = 6, epochs: int = 3, lr: float = 1e-4
+    first_layer: str,
+    head_epochs: int = 6,
+    epochs: int = 3,
+    lr: float = 1e-4,
+    warmup: float = 0.0,
 ) -> dict:
     """Head `head_epochs` epochs, then the base from `first_layer` up (BN
-    frozen) for `epochs` epochs at Adam `lr` with a cosine decay, label
-    smoothing 0.1 in both."""
+    frozen) for `epochs` epochs at Adam `lr` with a cosine decay (after a
+    linear warm-up of `warmup` epochs), label smoothing 0.1 in both."""
+    schedule = {"name": "cosine", "warmup_epochs": warmup} if warmup else "cosine"
     return {
         "phases": [
             _phase("head", head_epochs, 1e-3, label_smoothing=0.1),
@@ -55,14 +60,15 @@ def _head_then_blocks(
                 lr,
                 trainable={"from_layer": first_layer},
                 batchnorm="frozen",
-                schedule="cosine",
+                schedule=schedule,
                 label_smoothing=0.1,
             ),
         ],
     }
 
 
-# name -> changes to configs/flowers.yaml (top-level sections replaced).
+# name -> changes to configs/flowers.yaml (a list replaces the section, a
+# dict updates it).
 # MobileNetV2's blocks 13-16 run at 7x7 (about 30% of its multiply-adds),
 # blocks 11-12 at 14x14 (another 15%).
 CANDIDATES = {
@@ -86,6 +92,25 @@ CANDIDATES = {
     "blocks11-h20-e2-lr2": _head_then_blocks("block_11_expand", 20, 2, lr=2e-4),
     "blocks11-h20-e2-lr3": _head_then_blocks("block_11_expand", 20, 2, lr=3e-4),
     "blocks11-h20-e3-lr2": _head_then_blocks("block_11_expand", 20, 3, lr=2e-4),
+    # Adam's first steps on freshly unfrozen blocks are the largest; a
+    # warm-up (MediaPipe Model Maker's default) may let a higher peak rate
+    # through without the overshoot seen at 3e-4.
+    "blocks11-h20-e2-lr2-wu": _head_then_blocks(
+        "block_11_expand", 20, 2, lr=2e-4, warmup=0.25
+    ),
+    "blocks11-h20-e2-lr3-wu": _head_then_blocks(
+        "block_11_expand", 20, 2, lr=3e-4, warmup=0.25
+    ),
+    # Two fine-tune epochs are only 148 steps at batch 32: twice the steps
+    # for about the same compute.
+    "blocks11-h20-e2-lr1-b16": {
+        **_head_then_blocks("block_11_expand", 20, 2, lr=1e-4),
+        "data": {"batch_size": 16},
+    },
+    "blocks11-h20-e2-lr2-b16": {
+        **_head_then_blocks("block_11_expand", 20, 2, lr=2e-4),
+        "data": {"batch_size": 16},
+    },
 }
 
 
@@ -106,7 +131,11 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for name in names:
             cfg = copy.deepcopy(shipped)
-            cfg.update(copy.deepcopy(CANDIDATES[name]))
+            for section, change in copy.deepcopy(CANDIDATES[name]).items():
+                if isinstance(change, dict) and isinstance(cfg.get(section), dict):
+                    cfg[section].update(change)
+                else:
+                    cfg[section] = change
             cfg["experiment"].update(
                 name=f"seed-{seed}", seed=seed, output_dir=f"runs/{name}"
             )
