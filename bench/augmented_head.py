@@ -3,7 +3,7 @@ cached augmented views.
 
 On the shared flower photos and ImageNet MobileNetV2 weights, each a
 `finetune-cli finetune` process in a temporary folder, the head phase of
-`configs/flowers.yaml` (augmentation declared, 10 epochs, Adam 1e-3):
+`configs/flowers.yaml` (augmentation declared, its epochs, Adam 1e-3):
 
 - faithful: `feature_cache.augmented: faithful`, the base runs every epoch
   on freshly augmented images (the baseline);
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         print(f"{name}: {wall:.0f} s, test {acc:.4f}", flush=True)
     base_wall, base_acc = rows[0][1], rows[0][2]
     print()
-    print("| head phase, 10 epochs | wall | vs faithful | test accuracy |")
+    epochs = raw["phases"][0]["epochs"]
+    print(f"| head phase, {epochs} epochs | wall | vs faithful | test accuracy |")
     print("| --- | --- | --- | --- |")
     for name, wall, acc in rows:
         print(
