@@ -357,12 +357,19 @@ class ActivationData:
                     idx = order[at : at + batch]
                     yield reader.read(idx).astype("float32"), onehot[idx]
 
-        return tf.data.Dataset.from_generator(
+        per = rows_n if per_epoch is None else per_epoch - per_epoch % batch
+        ds = tf.data.Dataset.from_generator(
             gen,
             output_signature=(
                 tf.TensorSpec((None, dim), tf.float32),
                 tf.TensorSpec((None, self.num_classes), tf.float32),
             ),
+        )
+        # A generator's length is unknown to Keras, which then finds the
+        # end of every validation pass by running out, and warns that the
+        # input "ran out of data" (keras#23360). The length is known here.
+        return ds.apply(
+            tf.data.experimental.assert_cardinality(len(epochs) * -(-per // batch))
         )
 
     def train_dataset(self, first: int, end: int, per_epoch=None):

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -228,10 +229,24 @@ def test_head_features_computed_from_the_activation_cache_equal_the_base(
     )
     # The later phase reuses that cache instead of running the bottom again.
     buf = io.StringIO()
-    activations.activation_datasets(
+    data = activations.activation_datasets(
         cfg, Output(file=buf), model, base, index, plans[1].layer_names
     )
     assert "reusing" in buf.getvalue()
+    # The datasets declare the number of batches they yield, so Keras
+    # neither runs them out to find it nor warns that they "ran out of data".
+    for ds, n in (
+        (data.val_dataset(), len(index.splits["val"])),
+        (data.train_dataset(0, 3), 3 * len(index.splits["train"])),
+        (data.train_dataset(0, 2, per_epoch=10), 2 * 8),  # full batches only
+    ):
+        sizes = [len(x) for x, _ in ds]
+        assert sum(sizes) == n and int(ds.cardinality()) == len(sizes)
+    data.head.compile(loss="categorical_crossentropy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.head.evaluate(data.val_dataset(), verbose=0)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
     assert len(list((root / "activations").iterdir())) == 1
     # A cache of directly extracted features (extract) is preferred.
     direct_root = tmp_path / "direct"
