@@ -342,6 +342,8 @@ class ActivationData:
             for v in range(views if split == "train" else 1)
         ]
         batch = self.batch_size
+        # Rows an epoch yields: all, or only full batches of the first rows.
+        per = rows_n if per_epoch is None else per_epoch - per_epoch % batch
 
         def gen():
             for e in epochs:
@@ -349,15 +351,12 @@ class ActivationData:
                     epoch_order(rows_n, self.seed, e)
                     if split == "train"
                     else np.arange(rows_n)
-                )
+                )[:per]
                 reader = readers[e % len(readers)]
-                if per_epoch is not None:  # only full batches of the first rows
-                    order = order[: per_epoch - per_epoch % batch]
                 for at in range(0, len(order), batch):
                     idx = order[at : at + batch]
                     yield reader.read(idx).astype("float32"), onehot[idx]
 
-        per = rows_n if per_epoch is None else per_epoch - per_epoch % batch
         ds = tf.data.Dataset.from_generator(
             gen,
             output_signature=(
