@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         return 0
 
     from finetune_cli import config as config_lib
-    from finetune_cli import data as data_lib
+    from finetune_cli.data import index as data_lib
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-determinism-"))
     raw = yaml.safe_load(open(args.config))

@@ -31,8 +31,9 @@ def main(argv=None) -> int:
     if missing(args):
         return 0
     from finetune_cli import config as config_lib
-    from finetune_cli import export as export_lib
-    from finetune_cli import trainer
+    from finetune_cli.deploy import export as export_lib
+    from finetune_cli.deploy import formats as formats_lib
+    from finetune_cli.train import job as trainer
     from finetune_cli.console import Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
     )
     result = export_lib.export(
         run,
-        formats=export_lib.FORMATS,
-        quantize=export_lib.QUANTIZATIONS,
+        formats=formats_lib.FORMATS,
+        quantize=formats_lib.QUANTIZATIONS,
         parity_images=args.parity_images,
         calibration_images=args.calibration_images,
     )

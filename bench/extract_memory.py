@@ -28,7 +28,7 @@ import json, os, resource, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from finetune_cli.config import load_config
 from finetune_cli.console import Output
-from finetune_cli import features
+from finetune_cli.cache import features
 cfg = load_config(sys.argv[1])
 t0 = time.perf_counter()
 (r,) = features.extract_command(cfg, Output(file=open(os.devnull, "w")), "train")

@@ -43,11 +43,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from finetune_cli import config as config_lib
-    from finetune_cli import data as data_lib
-    from finetune_cli import pipeline
-    from finetune_cli import model as model_lib
-    from finetune_cli import feature_training
-    from finetune_cli import phases as phases_lib
+    from finetune_cli.data import index as data_lib
+    from finetune_cli.data import pipeline
+    from finetune_cli.model import build as model_lib
+    from finetune_cli.cache import heads as feature_training
+    from finetune_cli.train import phases as phases_lib
     from finetune_cli.console import Output
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))

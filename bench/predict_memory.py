@@ -31,7 +31,7 @@ mode, model, listing = sys.argv[1:4]
 files = open(listing).read().split()
 t0 = time.perf_counter()
 if mode == "stream":
-    from finetune_cli.cli import app
+    from finetune_cli.cli.main import app
     try:
         app(["predict", model, *files, "--out", listing + ".csv", "--quiet"],
             prog_name="finetune-cli")
@@ -40,8 +40,7 @@ if mode == "stream":
 else:
     import numpy as np
     import keras
-    from finetune_cli import data as data_lib
-    from finetune_cli import pipeline
+    from finetune_cli.data import pipeline
     m = keras.saving.load_model(model, compile=False)
     size = tuple(m.input_shape[1:3])
     x = np.stack([np.asarray(pipeline.load_image(f, size)) for f in files])

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     if missing(args):
         return 0
     from finetune_cli import config as config_lib
-    from finetune_cli import data as data_lib
+    from finetune_cli.data import index as data_lib
+    from finetune_cli.data import preflight as preflight_lib
 
     cfg = config_lib.Data(dir=args.data)
     index = data_lib.index_data(cfg, 42)
@@ -40,15 +41,15 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     for path in files:
-        if data_lib.check_image(path) is None:
-            data_lib.sha256_file(path)
+        if preflight_lib.check_image(path) is None:
+            preflight_lib.sha256_file(path)
     serial = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cold, save = data_lib.image_verdicts(files, cache)
+    cold, save = preflight_lib.image_verdicts(files, cache)
     save()
     parallel = time.perf_counter() - t0
     t0 = time.perf_counter()
-    warm, _ = data_lib.image_verdicts(files, cache)
+    warm, _ = preflight_lib.image_verdicts(files, cache)
     rerun = time.perf_counter() - t0
     assert warm == cold
     print(f"{len(files)} images in {args.data}")

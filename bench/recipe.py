@@ -57,8 +57,8 @@ def hand_written(run: Path, args) -> tuple[float, float]:
     """(wall seconds, test accuracy) of the tutorial recipe on `run`'s split."""
     import keras
 
-    from finetune_cli import pipeline
-    from finetune_cli import split as split_lib
+    from finetune_cli.data import pipeline
+    from finetune_cli.data import split as split_lib
 
     index = split_lib.load(run)
     k = len(index.class_names)

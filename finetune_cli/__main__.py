@@ -1,3 +1,3 @@
-from finetune_cli.cli import main
+from finetune_cli.cli.main import main
 
 main()

@@ -29,7 +29,7 @@ import time
 
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(
-    ["tensorflow", "keras", "finetune_cli.cli", "finetune_cli.trainer"]
+    ["tensorflow", "keras", "finetune_cli.cli.main", "finetune_cli.train.job"]
 )
 
 
@@ -45,7 +45,7 @@ def _child(argv, env, cwd, out, err):
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = ["finetune-cli", *argv]
-    from finetune_cli.cli import main
+    from finetune_cli.cli.main import main
 
     try:
         main()  # multiprocessing turns its SystemExit into the exit code

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 from finetune_cli import config as config_lib  # noqa: E402
-from finetune_cli import synthetic  # noqa: E402
+from finetune_cli.data import synthetic  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
 
@@ -56,7 +56,7 @@ def lively_base(gamma_scale: float = 3.0, seed: int = 0):
     """
     import keras
 
-    from finetune_cli import model as model_lib
+    from finetune_cli.model import build as model_lib
 
     keras.utils.set_random_seed(seed)
     base = model_lib.build_base(
@@ -81,7 +81,7 @@ def constant_model(tmp_path, name, cls, shapes_dir):
     import keras
     import numpy as np
 
-    from finetune_cli import model as model_lib
+    from finetune_cli.model import build as model_lib
 
     cfg = config_lib.validate(tiny_config(shapes_dir, tmp_path))
     model, _ = model_lib.build_model(cfg, 4)
@@ -166,8 +166,8 @@ def _train_finished_run(root: Path) -> None:
 
     import keras
 
-    from finetune_cli import model as model_lib
-    from finetune_cli import trainer
+    from finetune_cli.model import build as model_lib
+    from finetune_cli.train import job as trainer
     from finetune_cli.console import Output
 
     data = root / "shapes"

@@ -12,12 +12,13 @@ import pytest
 
 from conftest import lively_base
 from conftest import tiny_config
-from finetune_cli import activations
+from finetune_cli.cache import activations
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
-from finetune_cli import model as model_lib
-from finetune_cli import phases as phases_lib
-from finetune_cli import trainer
+from finetune_cli.data import index as data_lib
+from finetune_cli.model import build as model_lib
+from finetune_cli.train import phases as phases_lib
+from finetune_cli.train import summary as summary_lib
+from finetune_cli.train import job as trainer
 from finetune_cli.console import Output
 
 
@@ -163,7 +164,7 @@ def test_training_on_cached_activations_trains_what_the_full_model_trains(
     cut, _ = activations.find_cut(model_lib.find_base(b), sorted(trained))
     head = activations.training_model(b, model_lib.find_base(b), cut)
     val_rows = np.load(folder / "val.npy")
-    from finetune_cli import pipeline
+    from finetune_cli.data import pipeline
 
     images = np.stack(
         [np.asarray(pipeline.load_image(p, (32, 32))) for p in index.files("val")]
@@ -178,9 +179,9 @@ def test_head_features_computed_from_the_activation_cache_equal_the_base(
 ):
     # A head phase before a phase on cached activations takes its features
     # from that cache (the top over the rows): the bottom runs once for both.
-    from finetune_cli import feature_training
-    from finetune_cli import features
-    from finetune_cli import pipeline
+    from finetune_cli.cache import heads as feature_training
+    from finetune_cli.cache import features
+    from finetune_cli.data import pipeline
 
     weights = tmp_path / "pre.weights.h5"
     lively_base().save_weights(str(weights))
@@ -282,11 +283,11 @@ def test_the_plan_says_which_phases_take_the_cache_and_why_not(
     plans = phases_lib.plan_phases(model, base, cfg)
     head_path = "views" if augmented == "views" else "base"
     assert [p.path for p in plans] == [head_path, path]
-    rows = phases_lib.plan_rows(plans, cfg, 1)
+    rows = summary_lib.plan_rows(plans, cfg, 1)
     if path == "activations":
         assert rows[1][-1].startswith("cached activations at block_")
         assert rows[1][-1].endswith(", 2 augmented views")  # the default
-    notes = phases_lib.path_notes(plans, cfg)
+    notes = summary_lib.path_notes(plans, cfg)
     if note is None:
         assert notes == []
     else:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from finetune_cli import applications
-from finetune_cli.model import build_preprocessing
+from finetune_cli.model import applications
+from finetune_cli.model.build import build_preprocessing
 
 
 def test_lookup_is_case_insensitive_and_hints():

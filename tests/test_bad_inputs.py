@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from finetune_cli.cli import app
+from finetune_cli.cli.main import app
 from finetune_cli.errors import EXIT_CONFIG
 from finetune_cli.errors import EXIT_DATA
 
@@ -1215,7 +1215,7 @@ def test_bad_input(tmp_path, shapes_dir, group, name, code, culprits, setup):
 
 
 def test_unexpected_errors_exit_1_and_debug_shows_the_traceback(monkeypatch, tmp_path):
-    from finetune_cli import rundir
+    from finetune_cli.run import folder as rundir
 
     def broken(*a, **k):
         raise RuntimeError("boom")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from finetune_cli.cli import app
+from finetune_cli.cli.main import app
 
 runner = CliRunner()
 SNAPSHOT = Path(__file__).parent / "snapshots" / "help.txt"

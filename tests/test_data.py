@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
-from finetune_cli import pipeline
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import preflight as preflight_lib
+from finetune_cli.data import pipeline
 from finetune_cli.errors import DataError
 
 
@@ -158,15 +159,16 @@ def test_preflight_skip_drops_bad_and_duplicate_held_out_copies(tmp_path, shapes
         shutil.copy(data / "circle" / "circle_0000.jpg", data / "circle" / f"c{i}.jpg")
     index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
     with pytest.raises(DataError, match="empty.png: empty file"):
-        data_lib.preflight(index, "error")
-    cleaned, skipped = data_lib.preflight(index, "skip")
+        preflight_lib.preflight(index, "error")
+    cleaned, skipped = preflight_lib.preflight(index, "skip")
     reasons = dict(skipped)
     assert reasons[str(data / "star" / "empty.png")] == "empty file (0 bytes)"
     dups = [p for p, why in skipped if why.startswith("duplicate of")]
     assert dups, skipped
     # No file content is left in two splits, and train kept its copies.
     digests = {
-        s: {data_lib.sha256_file(p) for p in cleaned.files(s)} for s in cleaned.splits
+        s: {preflight_lib.sha256_file(p) for p in cleaned.files(s)}
+        for s in cleaned.splits
     }
     assert not digests["train"] & digests["val"]
     assert not digests["train"] & digests["test"]
@@ -232,30 +234,30 @@ def test_preflight_decodes_only_new_or_changed_files(tmp_path, shapes_dir, monke
     shutil.copytree(shapes_dir, data)
     broken = data / "star" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not a jpeg")
-    cache = tmp_path / "features" / data_lib.PREFLIGHT_CACHE
+    cache = tmp_path / "features" / preflight_lib.PREFLIGHT_CACHE
     decoded = []
-    check = data_lib.check_image
+    check = preflight_lib.check_image
     monkeypatch.setattr(
-        data_lib, "check_image", lambda p: decoded.append(p) or check(p)
+        preflight_lib, "check_image", lambda p: decoded.append(p) or check(p)
     )
     index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
-    first, skipped = data_lib.preflight(index, "skip", cache_file=cache)
+    first, skipped = preflight_lib.preflight(index, "skip", cache_file=cache)
     assert len(decoded) == 33 and cache.is_file()
     assert [p for p, _ in skipped] == [str(broken)]
     # A rerun decodes nothing and gives the same verdicts and hashes.
     decoded.clear()
-    again, skipped_again = data_lib.preflight(index, "skip", cache_file=cache)
+    again, skipped_again = preflight_lib.preflight(index, "skip", cache_file=cache)
     assert decoded == [] and skipped_again == skipped
     assert again.digests == first.digests
     # A bad verdict is remembered too: under "error" it is still an error,
     # and a failed check leaves the cache as it was.
     before = cache.read_bytes()
     with pytest.raises(DataError, match="broken.jpg"):
-        data_lib.preflight(index, "error", cache_file=cache)
+        preflight_lib.preflight(index, "error", cache_file=cache)
     assert decoded == [] and cache.read_bytes() == before
-    elsewhere = tmp_path / "other" / data_lib.PREFLIGHT_CACHE
+    elsewhere = tmp_path / "other" / preflight_lib.PREFLIGHT_CACHE
     with pytest.raises(DataError, match="broken.jpg"):
-        data_lib.preflight(index, "error", cache_file=elsewhere)
+        preflight_lib.preflight(index, "error", cache_file=elsewhere)
     assert not elsewhere.parent.exists()
     # Content changed, same size and mtime: the hash catches it.
     victim = next(p for p, _ in index.splits["train"] if p.endswith(".png"))
@@ -268,5 +270,5 @@ def test_preflight_decodes_only_new_or_changed_files(tmp_path, shapes_dir, monke
     shutil.copy(data / "circle" / "circle_0000.jpg", data / "circle" / "new.jpg")
     decoded.clear()
     index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
-    data_lib.preflight(index, "skip", cache_file=cache)
+    preflight_lib.preflight(index, "skip", cache_file=cache)
     assert sorted(decoded) == sorted([victim, str(data / "circle" / "new.jpg")])

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from finetune_cli import config as config_lib
-from finetune_cli import distribute
+from finetune_cli.runtime import distribute
 from finetune_cli.errors import ConfigError
 
 import cli_process
@@ -196,7 +196,7 @@ def test_config_validate_checks_tf_config_without_tensorflow(
 ):
     from typer.testing import CliRunner
 
-    from finetune_cli.cli import app
+    from finetune_cli.cli.main import app
 
     cfg = write_config(shapes_dir, tmp_path, "v", distribute="multi_worker")
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -240,7 +240,7 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
     cfg = config_lib.validate(
         {"data": {"dir": "d", "batch_size": 8}, "phases": [{"name": "a", "epochs": 1}]}
     )
-    from finetune_cli.trainer import _check_batch
+    from finetune_cli.train.setup import check_batch as _check_batch
 
     with pytest.raises(ConfigError, match="multiple of 3"):
         _check_batch(cfg, topo, 100)

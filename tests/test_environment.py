@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from finetune_cli import config as config_lib
-from finetune_cli import trainer
+from finetune_cli.train import job as trainer
 from finetune_cli.console import Output
-from finetune_cli.rundir import list_runs
+from finetune_cli.run.folder import list_runs
 
 from conftest import lively_weights
 from conftest import tiny_config
@@ -139,7 +139,7 @@ def test_same_seed_gives_bit_identical_runs_even_across_a_kill_and_resume(
 
 
 def test_op_determinism_is_switched_on_and_off_with_the_config(shapes_dir, tmp_path):
-    from finetune_cli import environment
+    from finetune_cli.runtime import environment
 
     raw = tiny_config(shapes_dir, tmp_path)
     raw["experiment"]["deterministic"] = True
@@ -171,14 +171,14 @@ def test_an_op_without_a_deterministic_kernel_is_named_as_a_config_error(
 
     monkeypatch.setattr(job, "run_all", unimplemented)
     with pytest.raises(ConfigError) as e:
-        job.run_guarded()
+        trainer.run_guarded(job)
     assert "experiment.deterministic" in str(e.value)
     assert "FooGrad" in str(e.value)
     status = json.loads((job.run.path / "status.json").read_text())
     assert status["state"] == "failed" and "FooGrad" in status["reason"]
     job.runtime["deterministic"] = False
     with pytest.raises(tf.errors.UnimplementedError):
-        job.run_guarded()
+        trainer.run_guarded(job)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_mixed_precision_auto_follows_the_device(
 ):
     import keras
 
-    from finetune_cli import environment
+    from finetune_cli.runtime import environment
 
     raw = tiny_config(shapes_dir, tmp_path)
     raw["runtime"] = {"mixed_precision": setting}
@@ -220,7 +220,7 @@ def test_mixed_precision_auto_follows_the_device(
 def test_xla_auto_follows_the_device(
     shapes_dir, tmp_path, setting, gpu, deterministic, xla
 ):
-    from finetune_cli import environment
+    from finetune_cli.runtime import environment
 
     raw = tiny_config(shapes_dir, tmp_path)
     raw["runtime"] = {"xla": setting}

@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
-from finetune_cli import pipeline
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import pipeline
 
-from finetune_cli.cli import app
+from finetune_cli.cli.main import app
 from finetune_cli.errors import EXIT_GATE
 
 from conftest import constant_model

@@ -8,10 +8,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import explain
-from finetune_cli import model as model_lib
-from finetune_cli import runmodel
-from finetune_cli.cli import app
+from finetune_cli.evaluate import explain
+from finetune_cli.model import build as model_lib
+from finetune_cli.model import saved as runmodel
+from finetune_cli.cli.main import app
 
 runner = CliRunner()
 
@@ -84,7 +84,7 @@ def test_feature_layer_is_the_last_spatial_map_of_each_application(name, layer):
 
 
 def _one_per_family():
-    from finetune_cli import applications
+    from finetune_cli.model import applications
 
     first = {}
     for name, spec in applications.APPLICATIONS.items():
@@ -101,7 +101,7 @@ def test_grad_cam_runs_through_every_family_of_the_registry(name):
     # as finetune builds it, explained like `explain` does.
     import keras
 
-    from finetune_cli import applications
+    from finetune_cli.model import applications
 
     size = max(applications.get(name).min_size, 32)
     cfg = config_lib.validate(

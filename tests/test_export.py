@@ -11,10 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import pipeline
-from finetune_cli import export as export_lib
-from finetune_cli import model as model_lib
-from finetune_cli.cli import app
+from finetune_cli.data import pipeline
+from finetune_cli.deploy import formats as formats_lib
+from finetune_cli.deploy import parity as parity_lib
+from finetune_cli.model import build as model_lib
+from finetune_cli.cli.main import app
 from finetune_cli.errors import EXIT_GATE
 
 from conftest import lively_weights
@@ -40,7 +41,7 @@ def model_dir(shapes_dir, tmp_path_factory):
             for p in sorted(shapes_dir.glob("*/*"))
         ]
     )
-    from finetune_cli import features
+    from finetune_cli.cache import features
 
     extractor = features.extractor_from(
         base, model.get_layer(model_lib.PREPROCESS_NAME), (32, 32)
@@ -189,20 +190,20 @@ def test_broken_artifact_fails_the_parity_check(model_dir, shapes_dir, tmp_path)
             for p in sorted(shapes_dir.glob("*/*"))[:8]
         ]
     )
-    ok = export_lib.check_parity(
+    ok = parity_lib.check_parity(
         model,
-        [export_lib.Artifact("keras", "keras", model_dir / "model.keras")],
+        [formats_lib.Artifact("keras", "keras", model_dir / "model.keras")],
         x,
         None,
     )
     assert ok["passed"]
-    bad = export_lib.check_parity(
-        model, [export_lib.Artifact("keras", "keras", path)], x, None
+    bad = parity_lib.check_parity(
+        model, [formats_lib.Artifact("keras", "keras", path)], x, None
     )
     assert not bad["passed"]
     assert "keras: max probability difference" in bad["failures"][0]
     with pytest.raises(Exception) as e:
-        export_lib.raise_on_failures(bad)
+        parity_lib.raise_on_failures(bad)
     assert getattr(e.value, "exit_code", None) == EXIT_GATE
 
 
@@ -251,7 +252,7 @@ def test_export_real_weights_int8(tmp_path):
     most 2 points of accuracy below the float model)."""
     import shutil
 
-    from finetune_cli import trainer
+    from finetune_cli.train import job as trainer
     from finetune_cli.console import Output
 
     data = tmp_path / "flowers"
@@ -330,12 +331,12 @@ def test_quantized_gate_is_on_accuracy_not_agreement(monkeypatch, n):
             return ref[int(x[0, 0])][None]
 
     monkeypatch.setattr(
-        export_lib, "runner_for", lambda art: lambda x: art.probs[int(x[0, 0])][None]
+        parity_lib, "runner_for", lambda art: lambda x: art.probs[int(x[0, 0])][None]
     )
-    monkeypatch.setattr(export_lib, "size_of", lambda path: 0)
+    monkeypatch.setattr(parity_lib, "size_of", lambda path: 0)
     images = np.arange(n, dtype=np.float32)[:, None]
     arts = [_Fake("int8_flips", True, flips), _Fake("int8_worse", True, worse)]
-    report = export_lib.check_parity(Ref(), arts, images, labels)
+    report = parity_lib.check_parity(Ref(), arts, images, labels)
     rows = {r["artifact"]: r for r in report["artifacts"]}
     assert rows["int8_flips"]["top1_agreement"] < 0.97
     assert rows["int8_flips"]["passed"] and rows["int8_flips"]["accuracy_drop"] == 0
@@ -345,10 +346,10 @@ def test_quantized_gate_is_on_accuracy_not_agreement(monkeypatch, n):
         failure
     )
     # Too few images for a 2-point gate to mean much: said, with the fix.
-    assert bool(report["notes"]) == (n < export_lib.MIN_GATE_IMAGES)
+    assert bool(report["notes"]) == (n < parity_lib.MIN_GATE_IMAGES)
     assert all("--parity-images 250" in note for note in report["notes"])
     # An agreement gate on top, when asked for, names its own option.
-    report = export_lib.check_parity(
+    report = parity_lib.check_parity(
         Ref(), arts[:1], images, labels, min_agreement=0.97
     )
     assert "--min-agreement" in report["failures"][0]

@@ -11,13 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
-from finetune_cli import pipeline
-from finetune_cli import features
-from finetune_cli import model as model_lib
-from finetune_cli import feature_training
-from finetune_cli import trainer
-from finetune_cli.cli import app
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import pipeline
+from finetune_cli.cache import features
+from finetune_cli.model import build as model_lib
+from finetune_cli.cache import heads as feature_training
+from finetune_cli.train import job as trainer
+from finetune_cli.cli.main import app
 from finetune_cli.console import Output
 
 from conftest import lively_weights

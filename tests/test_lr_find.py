@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from conftest import lively_weights
 from conftest import tiny_config
-from finetune_cli import lr_find
-from finetune_cli.cli import app
+from finetune_cli.search import lr_find
+from finetune_cli.cli.main import app
 
 runner = CliRunner()
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from finetune_cli import metrics
+from finetune_cli.evaluate import metrics
 
 
 def test_numpy_metrics_equal_sklearn():

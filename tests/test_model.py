@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from finetune_cli import config as config_lib
-from finetune_cli import model as model_lib
+from finetune_cli.model import build as model_lib
 from finetune_cli.errors import ConfigError
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
-from finetune_cli import model as model_lib
-from finetune_cli import phases as phases_lib
+from finetune_cli.data import index as data_lib
+from finetune_cli.model import build as model_lib
+from finetune_cli.train import phases as phases_lib
 
 from conftest import make_config
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from finetune_cli import prediction
-from finetune_cli import runmodel
-from finetune_cli.cli import app
+from finetune_cli.evaluate import prediction
+from finetune_cli.model import saved as runmodel
+from finetune_cli.cli.main import app
 
 from conftest import constant_model
 
@@ -96,7 +96,7 @@ def test_bad_out_is_refused_before_tensorflow_loads(tmp_path, args, message):
     # The model and images do not even exist: --out is checked first.
     code = (
         "import sys\n"
-        "from finetune_cli.cli import app\n"
+        "from finetune_cli.cli.main import app\n"
         "try:\n"
         "    app(sys.argv[1:], prog_name='finetune-cli')\n"
         "except SystemExit as e:\n"

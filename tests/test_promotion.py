@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import model as model_lib
-from finetune_cli import promotion
-from finetune_cli import trainer
-from finetune_cli.cli import app
+from finetune_cli.model import build as model_lib
+from finetune_cli.deploy import promotion
+from finetune_cli.train import job as trainer
+from finetune_cli.cli.main import app
 from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_GATE
 from finetune_cli.errors import GateError

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import recipe
-from finetune_cli.cli import app
+from finetune_cli.config import recipe
+from finetune_cli.cli.main import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_init_bad_input_writes_nothing(shapes_dir, tmp_path, args, code, expecte
 
 
 def _base(name):
-    from finetune_cli import model as model_lib
+    from finetune_cli.model import build as model_lib
 
     cfg = config_lib.Model(name=name, weights="none", pooling="avg")
     return model_lib.build_base(cfg, (32, 32))
@@ -105,7 +105,7 @@ def _base(name):
 
 @pytest.mark.heavy
 def test_block_starts_are_where_one_tensor_crosses_between_blocks():
-    from finetune_cli import model as model_lib
+    from finetune_cli.model import build as model_lib
 
     layers = model_lib.base_layers(_base("ResNet50"))
     names = [layers[i].name for i in recipe.block_starts(layers)]
@@ -120,7 +120,7 @@ def test_block_starts_are_where_one_tensor_crosses_between_blocks():
 @pytest.mark.heavy
 def test_block_starts_see_residuals_written_as_ops():
     # ConvNeXt adds its residual with `x + y`, an op that is not a layer.
-    from finetune_cli import model as model_lib
+    from finetune_cli.model import build as model_lib
 
     layers = model_lib.base_layers(_base("ConvNeXtTiny"))
     names = [layers[i].name for i in recipe.block_starts(layers)]
@@ -134,7 +134,7 @@ def test_block_starts_see_residuals_written_as_ops():
 
 @pytest.mark.heavy
 def test_fine_tune_start_uses_top_n_where_keras_named_the_layer():
-    from finetune_cli import model as model_lib
+    from finetune_cli.model import build as model_lib
 
     inception = model_lib.build_base(
         config_lib.Model(name="InceptionV3", weights="none", pooling="avg"), (75, 75)

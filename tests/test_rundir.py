@@ -12,9 +12,9 @@ import yaml
 
 from finetune_cli.errors import EXIT_LOCKED
 from finetune_cli.errors import LockedError
-from finetune_cli.rundir import Lock
-from finetune_cli.rundir import RunDir
-from finetune_cli.rundir import atomic_write
+from finetune_cli.run.lock import Lock
+from finetune_cli.run.folder import RunDir
+from finetune_cli.files import atomic_write
 
 import cli_process
 from conftest import tiny_config
@@ -134,7 +134,7 @@ def test_status_of_a_dead_run_reads_interrupted(tmp_path):
     (run / "resume.npz").write_bytes(b"state")
     assert run.live_status()["state"] == "interrupted"
     assert json.loads((run / "status.json").read_text())["state"] == "running"
-    from finetune_cli.rundir import list_runs
+    from finetune_cli.run.folder import list_runs
 
     (row,) = list_runs(tmp_path)
     assert row["state"] == "interrupted" and row["resumable"] is True
@@ -194,8 +194,8 @@ def test_two_runs_on_one_output_exactly_one_trains(shapes_dir, tmp_path):
 def test_runs_list_filters_by_experiment_and_limits_newest_first(tmp_path):
     from typer.testing import CliRunner
 
-    from finetune_cli.cli import app
-    from finetune_cli.rundir import RunDir
+    from finetune_cli.cli.main import app
+    from finetune_cli.run.folder import RunDir
 
     for exp, day in (("a", 1), ("a", 3), ("b", 4), ("a", 2)):
         run = RunDir.create(tmp_path, exp)

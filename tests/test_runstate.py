@@ -12,9 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import runstate
-from finetune_cli import trainer
-from finetune_cli.cli import app
+from finetune_cli.run import state as runstate
+from finetune_cli.train import job as trainer
+from finetune_cli.cli.main import app
 from finetune_cli.console import Output
 from finetune_cli.errors import ConfigError
 

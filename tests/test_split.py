@@ -11,10 +11,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import split as split_lib
-from finetune_cli import synthetic
-from finetune_cli import trainer
-from finetune_cli.cli import app
+from finetune_cli.data import split as split_lib
+from finetune_cli.data import synthetic
+from finetune_cli.train import job as trainer
+from finetune_cli.cli.main import app
 from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_DATA
 
@@ -53,7 +53,7 @@ def test_split_json_lists_every_file_with_label_and_hash(finished_run):
     assert sorted(f[0] for f in files) == on_disk
     for path, label, digest in files:
         assert os.path.basename(os.path.dirname(path)) == label
-        assert digest == split_lib.data_lib.sha256_file(path)
+        assert digest == split_lib.preflight_lib.sha256_file(path)
 
 
 def test_a_grown_folder_does_not_change_what_evaluate_scores(trained):

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import tracking
-from finetune_cli.cli import app
+from finetune_cli.run import tracking
+from finetune_cli.cli.main import app
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

@@ -10,12 +10,13 @@ import yaml
 from typer.testing import CliRunner
 
 from finetune_cli import config as config_lib
-from finetune_cli import data as data_lib
-from finetune_cli import pipeline
-from finetune_cli import model as model_lib
-from finetune_cli import runmodel
-from finetune_cli import trainer
-from finetune_cli.cli import app
+from finetune_cli.train import monitor as monitor_lib
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import pipeline
+from finetune_cli.model import build as model_lib
+from finetune_cli.model import saved as runmodel
+from finetune_cli.train import job as trainer
+from finetune_cli.cli.main import app
 from finetune_cli.console import Output
 
 from conftest import make_config
@@ -105,10 +106,10 @@ def test_two_phase_run_end_to_end(finished_run):
     events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert {p.parent.name for p in events} >= {"train", "validation"}, events
     # An export of `latest` records the run folder it came from.
-    from finetune_cli import export
+    from finetune_cli.deploy import export as export_lib
 
     target = runmodel.resolve_target(run.parent / "latest")
-    meta = export.metadata(target, model, [])
+    meta = export_lib.metadata(target, model, [])
     assert meta["source"]["run"] == str(run.resolve())
     assert meta["source"]["model"] == str((run / "best.keras").resolve())
     text = finished_run.output
@@ -128,7 +129,7 @@ def test_training_data_has_grayscale_rgba_gif_bmp(shapes_dir, tmp_path):
 
 
 def test_corrupt_image_is_caught_before_training_or_skipped(tmp_path):
-    from finetune_cli import synthetic
+    from finetune_cli.data import synthetic
 
     data = tmp_path / "data"
     synthetic.generate(data, "source", per_class=4, size=32)
@@ -231,7 +232,7 @@ def test_best_epoch_ties_go_to_the_better_other_metric():
     def best_of(monitor):
         best = None
         for i, row in enumerate(rows):
-            if trainer._improved(monitor, row, rows[: i + 1], best):
+            if monitor_lib.improved(monitor, row, rows[: i + 1], best):
                 best = row["epoch"]
         return best
 
@@ -240,7 +241,7 @@ def test_best_epoch_ties_go_to_the_better_other_metric():
     rows[4]["val_loss"] = 0.6  # ties epoch 3 on loss; epoch 3 is more accurate
     assert best_of("val_loss") == 3
     rows[2]["val_accuracy"] = float("nan")
-    assert trainer._improved("val_accuracy", rows[2], rows, 2) is False
+    assert monitor_lib.improved("val_accuracy", rows[2], rows, 2) is False
 
 
 def test_test_loss_is_the_last_phase_loss_on_the_report_probabilities(
@@ -250,7 +251,7 @@ def test_test_loss_is_the_last_phase_loss_on_the_report_probabilities(
     included) on the probabilities of the test report's one pass."""
     import dataclasses
 
-    from finetune_cli import evaluation
+    from finetune_cli.evaluate import evaluation
 
     real = evaluation.evaluate
     seen = {}

@@ -14,9 +14,9 @@ import cli_process
 from conftest import lively_weights
 from conftest import tiny_config
 from finetune_cli import config as config_lib
-from finetune_cli import search as search_lib
-from finetune_cli import tune as tune_lib
-from finetune_cli.cli import app
+from finetune_cli.config import spaces as search_lib
+from finetune_cli.search import tune as tune_lib
+from finetune_cli.cli.main import app
 
 runner = CliRunner()
 

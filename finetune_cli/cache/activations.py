@@ -1,0 +1,472 @@
+"""The activation cache: a partly unfrozen phase trains without running the
+frozen bottom of the base.
+
+When a phase trains only the top of the base (`trainable: {top: N}`, or
+any selection) under `batchnorm: frozen`, every layer below the first
+trainable one is a fixed function for the whole phase. The base is cut
+there:
+
+- `bottom`: image -> the tensors that cross the cut (one, or several when
+  a residual connection crosses it);
+- `top`: those tensors -> the base's output, sharing its layers (and so
+  its weights) with the full model.
+
+The bottom runs once per image (once per view with augmented views), its
+outputs are written as one `.npy` file per view (`feature_cache.
+activation_dtype`, float16 by default), and the phase trains
+`top + head` on them, reading rows from disk batch by batch (memory flat
+in the number of images). Batches come in the full path's order (the same
+shuffle of the same seed per epoch), so without augmentation the phase
+trains what the full model would; its weights are the full model's.
+
+A cut is refused (the phase runs the base) when the bottom has random
+layers (dropout, noise: they act in training and would be frozen into the
+cache), when nothing is below the cut, or when the crossing tensors are
+larger than the image itself (reading them back would not be cheaper).
+
+On disk, `<feature_cache.dir>/<experiment.name>/activations/<key>/`:
+`manifest.json` (crossing tensor names and shapes, views, rows, dtype, the
+content key and what it hashes, including the bottom's weights) and
+`train-view<k>.npy` [rows, D], `val.npy` [rows, D]: each row is the
+crossing tensors flattened and concatenated. `numpy.load` reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from finetune_cli import faults
+from finetune_cli.cache import features
+from finetune_cli.model import build as model_lib
+from finetune_cli.data import pipeline
+from finetune_cli.run.folder import remove_dead_temporaries
+from finetune_cli.files import write_json
+
+FORMAT = "finetune-cli-activations/1"
+STOCHASTIC = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+
+
+@dataclasses.dataclass
+class Cut:
+    """The base cut below its first trainable layer."""
+
+    bottom: keras.Model  # base input -> crossing tensors
+    top: keras.Model  # crossing tensors -> base output (shared layers)
+    names: list[str]  # the crossing tensors, "<layer>:<output index>"
+    shapes: list[tuple]  # their shapes, without the batch
+
+    @property
+    def row_size(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def split(self, rows):
+        """[batch, D] -> the crossing tensors (a list)."""
+        out, at = [], 0
+        for shape in self.shapes:
+            size = math.prod(shape)
+            out.append(keras.ops.reshape(rows[:, at : at + size], (-1, *shape)))
+            at += size
+        return out
+
+
+def find_cut(base, layer_names) -> tuple[Optional[Cut], str]:
+    """(the cut below the first of `layer_names`, "") or (None, why not)."""
+    layers = model_lib.base_layers(base)
+    chosen = set(layer_names)
+    first = next((i for i, la in enumerate(layers) if la.name in chosen), None)
+    if not first:
+        return None, "nothing is frozen below the trainable layers"
+    below = {id(la) for la in layers[:first]}
+    below |= {id(la) for la in base.layers if isinstance(la, keras.layers.InputLayer)}
+    random = [la.name for la in layers[:first] if isinstance(la, STOCHASTIC)]
+    if random:
+        return None, f"random layers below the cut ({random[0]})"
+    crossing, seen = [], set()
+    for la in layers[first:]:
+        for t in la._inbound_nodes[0].input_tensors:
+            op, _, index = t._keras_history
+            if id(op) in below and id(t) not in seen:
+                seen.add(id(t))
+                crossing.append((t, f"{op.name}:{index}"))
+    outputs = [t for t, _ in crossing]
+    bottom = keras.Model(base.inputs, outputs, name="bottom")
+    top = keras.Model(outputs, base.output, name="top")
+    shapes = [tuple(int(d) for d in t.shape[1:]) for t in outputs]
+    return Cut(bottom, top, [n for _, n in crossing], shapes), ""
+
+
+def plan_cut(base, layer_names, image_size) -> tuple[Optional[str], str]:
+    """(where the cut is, for the plan table) or (None, why there is none)."""
+    cut, why = find_cut(base, layer_names)
+    if cut is None:
+        return None, why
+    pixels = image_size[0] * image_size[1] * 3
+    if cut.row_size > pixels:
+        return None, (
+            f"the activations at the cut ({cut.row_size:,} values) are larger "
+            f"than the image ({pixels:,})"
+        )
+    return ", ".join(n.split(":")[0] for n in cut.names), ""
+
+
+def training_model(model, base, cut: Cut):
+    """Crossing tensors (flattened rows) -> top -> head: the phase's model.
+
+    It shares the top's and the head's layers with `model`, so training it
+    trains `model`.
+    """
+    rows = keras.Input((cut.row_size,), name="activations")
+    x = cut.top(cut.split(rows))
+    for layer in model.layers[model.layers.index(base) + 1 :]:
+        x = layer(x)
+    return keras.Model(rows, x, name="top_and_head")
+
+
+def _weights_sha(model) -> str:
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()
+
+
+def key_fields(cfg, cut: Cut, samples, views: int, dtype: str) -> dict:
+    fields = features.key_fields(
+        cfg, samples, views=views, augmentation=cfg.augmentation, dtype=dtype
+    )
+    # The bottom's weights, not the weights file: an earlier phase may have
+    # trained them.
+    fields.update(
+        weights=f"bottom sha256:{_weights_sha(cut.bottom)}",
+        cut=cut.names,
+        shapes=[list(s) for s in cut.shapes],
+    )
+    return fields
+
+
+@dataclasses.dataclass
+class ActivationSet:
+    """One cache folder: per-view training rows and validation rows."""
+
+    folder: Path
+    manifest: dict
+
+    def file(self, split: str, view: int = 0) -> Path:
+        return self.folder / (
+            f"train-view{view}.npy" if split == "train" else "val.npy"
+        )
+
+
+def _write_rows(path: Path, n: int, dim: int, dtype: str, batches) -> None:
+    """Stream [rows, dim] batches into a .npy file (no memory map)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n, dim)}
+        )
+        written = 0
+        for rows in batches:
+            f.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
+            written += len(rows)
+        if written != n:
+            raise RuntimeError(f"{path}: wrote {written} rows, expected {n}")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def get_activations(
+    cfg, out, model, base, cut: Cut, index, views: int, augmenter
+) -> ActivationSet:
+    """The cache for this cut, bottom weights and data: reused when its key
+    matches, else computed (one pass of the bottom per image and view)."""
+    dtype = cfg.feature_cache.activation_dtype
+    train, val = index.splits["train"], index.splits["val"]
+    fields = key_fields(cfg, cut, train + val, views, dtype)
+    key = features.content_key(fields)
+    root = features.cache_root(cfg) / "activations"
+    folder = root / key[:16]
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key:
+            out.info(f"activations at {', '.join(cut.names)}: reusing {folder}")
+            return ActivationSet(folder, manifest)
+    preprocess = model_lib.find_preprocessing(model)
+    extractor = features.extractor_from(cut.bottom, preprocess, cfg.data.image_size)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(root, ".*.partial-*")
+    tmp = root / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    names = [("train", v, train) for v in range(views)] + [("val", 0, val)]
+    total = len(train) * views + len(val)
+    done = 0
+    with out.counter(total, f"activations at {', '.join(cut.names)}") as progress:
+
+        def rows_of(samples, view, split):
+            nonlocal done
+            ds = pipeline.make_dataset(
+                samples,
+                len(index.class_names),
+                cfg.data.image_size,
+                cfg.data.batch_size,
+                seed=cfg.experiment.seed,
+                augmenter=augmenter if split == "train" else None,
+                deterministic=True,
+                view=view,
+            )
+            for images, _ in ds:
+                outs = extractor.predict_on_batch(images)
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                flat = np.concatenate(
+                    [np.reshape(o, (len(images), -1)) for o in outs], axis=1
+                )
+                done += len(flat)
+                progress(done)
+                faults.point("extract")
+                yield flat
+
+        for split, view, samples in names:
+            target = ActivationSet(tmp, {}).file(split, view)
+            _write_rows(
+                target, len(samples), cut.row_size, dtype, rows_of(samples, view, split)
+            )
+    manifest = {
+        "format": FORMAT,
+        "views": views,
+        "rows": {"train": len(train), "val": len(val)},
+        "dim": cut.row_size,
+        "dtype": dtype,
+        "cut": cut.names,
+        "shapes": [list(s) for s in cut.shapes],
+        "class_names": list(index.class_names),
+        "key": key,
+        "key_fields": fields,
+    }
+    write_json(tmp / "manifest.json", manifest)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return ActivationSet(folder, manifest)
+
+
+class _Rows:
+    """Reads rows of a .npy file by index with pread (no memory map, so
+    resident memory stays one batch)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(f)
+            self.offset = f.tell()
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.row_bytes = self.dtype.itemsize * shape[1]
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in one read."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            buf = os.pread(
+                fd,
+                (stop - start) * self.row_bytes,
+                self.offset + start * self.row_bytes,
+            )
+        finally:
+            os.close(fd)
+        return np.frombuffer(buf, self.dtype).reshape(stop - start, self.shape[1])
+
+    def read(self, indices) -> np.ndarray:
+        out = np.empty((len(indices), self.shape[1]), self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, i in enumerate(indices):
+                buf = os.pread(
+                    fd, self.row_bytes, self.offset + int(i) * self.row_bytes
+                )
+                out[j] = np.frombuffer(buf, self.dtype)
+        finally:
+            os.close(fd)
+        return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order `pipeline.make_dataset` reads files in epoch `epoch`."""
+    ds = tf.data.Dataset.range(n).shuffle(
+        n,
+        seed=tf.constant(seed, tf.int64) * 1_000_003 + epoch,
+        reshuffle_each_iteration=False,
+    )
+    return np.fromiter(ds.as_numpy_iterator(), np.int64, count=n)
+
+
+@dataclasses.dataclass
+class ActivationData:
+    """What `trainer` needs of a phase on cached activations."""
+
+    head: object  # the training model (top + head)
+    cache: ActivationSet
+    labels: dict  # split -> labels [n]
+    num_classes: int
+    batch_size: int
+    seed: int
+
+    def _dataset(self, split, epochs, per_epoch=None):
+        rows_n = self.cache.manifest["rows"][split]
+        dim = self.cache.manifest["dim"]
+        views = self.cache.manifest["views"]
+        onehot = np.eye(self.num_classes, dtype="float32")[self.labels[split]]
+        readers = [
+            _Rows(self.cache.file(split, v))
+            for v in range(views if split == "train" else 1)
+        ]
+        batch = self.batch_size
+        # Rows an epoch yields: all, or only full batches of the first rows.
+        per = rows_n if per_epoch is None else per_epoch - per_epoch % batch
+
+        def gen():
+            for e in epochs:
+                order = (
+                    epoch_order(rows_n, self.seed, e)
+                    if split == "train"
+                    else np.arange(rows_n)
+                )[:per]
+                reader = readers[e % len(readers)]
+                for at in range(0, len(order), batch):
+                    idx = order[at : at + batch]
+                    yield reader.read(idx).astype("float32"), onehot[idx]
+
+        ds = tf.data.Dataset.from_generator(
+            gen,
+            output_signature=(
+                tf.TensorSpec((None, dim), tf.float32),
+                tf.TensorSpec((None, self.num_classes), tf.float32),
+            ),
+        )
+        # A generator's length is unknown to Keras, which then finds the
+        # end of every validation pass by running out, and warns that the
+        # input "ran out of data" (keras#23360). The length is known here.
+        return ds.apply(
+            tf.data.experimental.assert_cardinality(len(epochs) * -(-per // batch))
+        )
+
+    def train_dataset(self, first: int, end: int, per_epoch=None):
+        """Batches of epochs first..end-1, in `pipeline.make_dataset`'s
+        order; epoch e reads view e mod views. Not under tf.distribute."""
+        return self._dataset("train", range(first, end), per_epoch).prefetch(2)
+
+    def val_dataset(self):
+        return self._dataset("val", [0]).prefetch(2)
+
+
+@dataclasses.dataclass
+class DerivedFeatures:
+    """The base's features computed as the top of the cut over cached
+    activations, for `features.get_features(derived=...)`.
+
+    A head phase followed by a phase that trains the top of the base would
+    otherwise run the whole base once per image (and view) for the head's
+    features, then the bottom again for the activations. Computed this way,
+    the bottom runs once for both, and the top adds a forward pass over the
+    cached rows. The features equal the base's to the activation dtype's
+    precision (exactly, to float tolerance, with float32).
+    """
+
+    cache: ActivationSet
+    top: keras.Model  # rows [batch, D] -> the base's output
+    index: object
+    batch_size: int
+
+    @property
+    def source(self) -> str:
+        m = self.cache.manifest
+        return f"activations at {', '.join(m['cut'])} ({m['dtype']}, {m['key'][:12]})"
+
+    def batches(self, split: str, views: int):
+        """(features, labels, paths, view) batches, view-major in data order."""
+        if split not in self.cache.manifest["rows"]:
+            raise ValueError(f"no cached activations for the {split} split")
+        if split == "train" and views != self.cache.manifest["views"]:
+            raise ValueError(
+                f"{views} views asked, the activations hold "
+                f"{self.cache.manifest['views']}"
+            )
+        samples = self.index.splits[split]
+        labels = np.array([lb for _, lb in samples], "int64")
+        paths = [p for p, _ in samples]
+        n, step = len(samples), self.batch_size
+        for view in range(views if split == "train" else 1):
+            reader = _Rows(self.cache.file(split, view))
+            for at in range(0, n, step):
+                stop = min(at + step, n)
+                rows = reader.read_range(at, stop).astype("float32")
+                yield (
+                    self.top.predict_on_batch(rows),
+                    labels[at:stop],
+                    paths[at:stop],
+                    view,
+                )
+
+
+def _views_and_augmenter(cfg):
+    if not cfg.augmentation:
+        return 1, None
+    return cfg.feature_cache.views, pipeline.build_augmenter(
+        cfg.augmentation, cfg.experiment.seed
+    )
+
+
+def derived_features(cfg, out, model, base, index, layer_names) -> DerivedFeatures:
+    """Fill (or reuse) the cache a later phase training `layer_names` will
+    read, and return the base's features computed from it."""
+    cut, why = find_cut(base, layer_names)
+    if cut is None:
+        raise ValueError(why)
+    views, augmenter = _views_and_augmenter(cfg)
+    cache = get_activations(cfg, out, model, base, cut, index, views, augmenter)
+    rows = keras.Input((cut.row_size,), name="activations")
+    top = keras.Model(rows, cut.top(cut.split(rows)), name="top")
+    return DerivedFeatures(cache, top, index, cfg.data.batch_size)
+
+
+def activation_datasets(cfg, out, model, base, index, layer_names) -> ActivationData:
+    """Cut the base for a phase training `layer_names`, fill (or reuse) the
+    cache, and return its data and training model."""
+    cut, why = find_cut(base, layer_names)
+    if cut is None:
+        raise ValueError(why)
+    views, augmenter = _views_and_augmenter(cfg)
+    cache = get_activations(cfg, out, model, base, cut, index, views, augmenter)
+    labels = {
+        s: np.array([lb for _, lb in index.splits[s]], "int64")
+        for s in ("train", "val")
+    }
+    return ActivationData(
+        training_model(model, base, cut),
+        cache,
+        labels,
+        len(index.class_names),
+        cfg.data.batch_size,
+        cfg.experiment.seed,
+    )

@@ -1,0 +1,166 @@
+"""Training a head on cached features instead of running the frozen base.
+
+A phase whose base is frozen, and that comes before any phase that trains
+the base, gets the same base outputs every epoch: `cached_datasets` takes
+them from the feature cache (`features.py`) and returns a head model that
+shares its layers, and so its weights, with the full model. Training it
+trains the full model's head; nothing has to be copied back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from finetune_cli.cache import activations
+from finetune_cli.data import pipeline
+from finetune_cli.cache import features
+from finetune_cli.model import build as model_lib
+
+
+def head_model(model, base):
+    """The layers after the base as their own model (sharing weights)."""
+    head_layers = model.layers[model.layers.index(base) + 1 :]
+    inputs = keras.Input(tuple(base.output.shape[1:]), name="features")
+    x = inputs
+    for layer in head_layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
+
+
+def feature_dataset(
+    feats,
+    labels,
+    num_classes: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epochs=None,
+    shard=(0, 1),
+    per_epoch=None,
+    class_weight=None,
+):
+    """Batches of (features, one-hot) from cached features [views, n, d].
+
+    Args:
+        epochs: (first, end): the batches of epochs first..end-1 in one
+            finite dataset. Epoch e uses view e mod views of every image in
+            an order that depends on (seed, e) only, so a resumed phase
+            sees the batches an uninterrupted one would. None: one pass in
+            data order (validation).
+        shard, per_epoch, class_weight: as for `pipeline.make_dataset`.
+    """
+    onehot = np.eye(num_classes, dtype="float32")[labels]
+    views, n = feats.shape[0], feats.shape[1]
+    if epochs is None:
+        ds = tf.data.Dataset.from_tensor_slices((feats[0], onehot))
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    stacked = tf.constant(feats)
+    ys = tf.constant(onehot)
+    first, end = epochs
+
+    def epoch_batches(e):
+        view = tf.math.floormod(e, views)
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), e])
+        )
+        order = order[shard[0] :: shard[1]]
+        if per_epoch is not None:
+            order = order[:per_epoch]
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.gather(stacked[view], order), tf.gather(ys, order))
+        ).batch(batch_size, drop_remainder=per_epoch is not None)
+
+    ds = tf.data.Dataset.range(first, end).flat_map(epoch_batches)
+    if class_weight is not None:
+        ds = pipeline.with_sample_weights(ds, class_weight, num_classes)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass
+class CachedData:
+    """The head model and the cached features of the train and val splits."""
+
+    head: object
+    train: tuple  # (features [views, n, d], labels [n])
+    val: tuple
+    num_classes: int
+    batch_size: int
+    seed: int
+
+    def train_dataset(self, first: int, end: int, **distributed):
+        """Batches of epochs first..end-1; `distributed` as for
+        `feature_dataset` (batch_size, shard, per_epoch, class_weight)."""
+        return feature_dataset(
+            *self.train,
+            self.num_classes,
+            distributed.pop("batch_size", self.batch_size),
+            seed=self.seed,
+            epochs=(first, end),
+            **distributed,
+        )
+
+    def val_dataset(self):
+        return feature_dataset(
+            *self.val, self.num_classes, self.batch_size, seed=self.seed
+        )
+
+
+def cached_datasets(
+    cfg, out, model, base, index, path: str, strategy=None, cut_layers=None
+) -> CachedData:
+    """Extract (or reuse) the features a phase on `path` needs.
+
+    Call outside any strategy scope: extraction is a local forward pass on
+    each worker. The head model is grafted inside `strategy`'s scope, so
+    that it trains under the strategy.
+
+    Args:
+        cut_layers: the trainable layers of a later phase on cached
+            activations, whose bottom weights are the current ones: the
+            features are then computed from that phase's activation cache
+            (one pass of the bottom serves both phases).
+    """
+    preprocess = model_lib.find_preprocessing(model)
+    extractor = features.extractor_from(base, preprocess, cfg.data.image_size)
+    root = features.cache_root(cfg)
+    views = cfg.feature_cache.views if path == "views" else 1
+    augmenter = (
+        pipeline.build_augmenter(cfg.augmentation, cfg.experiment.seed)
+        if views > 1
+        else None
+    )
+    derived = None
+    if cut_layers:
+        derived = activations.derived_features(cfg, out, model, base, index, cut_layers)
+    train_dir = root / ("train" if views == 1 else f"train-{views}views")
+    train_fs, _ = features.get_features(
+        cfg,
+        extractor,
+        index,
+        "train",
+        train_dir,
+        out,
+        views=views,
+        augmenter=augmenter,
+        derived=derived,
+    )
+    val_fs, _ = features.get_features(
+        cfg, extractor, index, "val", root / "val", out, derived=derived
+    )
+    f, labels, _ = train_fs.load()
+    vf, vlabels, _ = val_fs.load()
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        head = head_model(model, base)
+    return CachedData(
+        head,
+        (f, labels),
+        (vf, vlabels),
+        len(index.class_names),
+        cfg.data.batch_size,
+        cfg.experiment.seed,
+    )

@@ -1,0 +1,187 @@
+"""What every command shares: help formatting, the shared options, and
+the error runner that turns our errors into one message and an exit code
+(`errors.py`). No TensorFlow at import."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import typer.core
+
+from finetune_cli.console import Output
+from finetune_cli.errors import EXIT_INTERRUPTED
+from finetune_cli.errors import EXIT_UNEXPECTED
+from finetune_cli.errors import FinetuneError
+
+
+class _Help:
+    """Help that reads like a man page: `TARGET IMAGES...` in the usage line,
+    value placeholders (`PATH`, `INT`, `csv|json`) only for options that
+    take a value, none for flags and arguments."""
+
+    def get_params(self, ctx):
+        # Every use of the parameters (help, usage, parsing, errors) goes
+        # through here, including --help and the completion options.
+        params = super().get_params(ctx)
+        for param in params:
+            _plain_help(param)
+        return params
+
+
+def _plain_help(param) -> None:
+    if isinstance(param, typer.core.TyperArgument):
+        param.metavar = param.metavar or param.name.upper()
+        param.display_type_rich = lambda ctx=None: None
+    elif param.is_flag:
+        param.display_type_rich = lambda ctx=None: None
+    else:
+        param.display_type_rich = functools.partial(_placeholder, param)
+
+
+class Group(_Help, typer.core.TyperGroup):
+    pass
+
+
+class Command(_Help, typer.core.TyperCommand):
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def _placeholder(param, ctx=None) -> str:
+    # Typer writes `<path>`, `<int range>`, `<list[str]>`; a metavar wins.
+    label = typer.core.TyperOption.display_type_rich(param, ctx)
+    label = label.strip("<>").replace(" range", "")
+    if label.startswith("list[") or param.multiple:
+        label = label.removeprefix("list[").rstrip("]")
+    return label if "|" in label or param.metavar else label.upper()
+
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="Experiment config (YAML).", show_default=False)
+]
+
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY.PATH=VALUE",
+        help="Override a config value (repeatable), e.g. "
+        "--set phases.1.epochs=3 --set data.batch_size=16.",
+    ),
+]
+
+
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")
+]
+
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+RunOrModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A run folder or a .keras file with labels.txt beside it.",
+        show_default=False,
+    ),
+]
+
+
+ImagesArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Image files and/or folders (searched recursively).",
+        show_default=False,
+    ),
+]
+
+
+PlainOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--plain/--rich",
+        help="Force plain (log-friendly) or rich output. "
+        "Default: rich at a terminal, plain otherwise.",
+        show_default=False,
+    ),
+]
+
+
+# Promotion options, shared by `finetune --promote-to` and `promote`.
+PromoteGateOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        metavar="METRIC=VALUE",
+        help="Promotion gate on the held-out metrics (repeatable).",
+    ),
+]
+
+
+CompareToPromotedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compare-to-promoted/--no-compare-to-promoted",
+        help="Refuse promotion when worse than the promoted model on held-out "
+        "images neither model trained on.",
+    ),
+]
+
+
+PromoteToleranceOpt = Annotated[
+    float,
+    typer.Option(min=0.0, help="How much worse than the promoted model is tolerated."),
+]
+
+
+def quiet_tensorflow():
+    # TensorFlow's C++ INFO/WARNING lines drown ours in logs; errors stay.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run_command(out: Output, debug: bool, fn):
+    """Call `fn`, turning our errors into one message and an exit code."""
+    try:
+        return fn()
+    except FinetuneError as e:
+        if debug:
+            raise
+        out.error(e.kind, str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        out.error("interrupted", "stopped by Ctrl-C or SIGTERM")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        out.error(
+            "unexpected error",
+            f"{type(e).__name__}: {e} "
+            "(rerun with --debug for the traceback and please report it)",
+        )
+        raise typer.Exit(EXIT_UNEXPECTED) from None
+
+
+def load_config_file(config: Path, overrides):
+    from finetune_cli.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def raise_config(message: str):
+    from finetune_cli.errors import ConfigError
+
+    raise ConfigError(message)

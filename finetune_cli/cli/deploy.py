@@ -1,0 +1,222 @@
+"""Commands that ship a model: export (with the parity check) and promote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import typer.core
+
+from finetune_cli.console import Output
+from finetune_cli.cli.common import Command
+from finetune_cli.cli.common import CompareToPromotedOpt
+from finetune_cli.cli.common import DebugOpt
+from finetune_cli.cli.common import PlainOpt
+from finetune_cli.cli.common import PromoteGateOpt
+from finetune_cli.cli.common import PromoteToleranceOpt
+from finetune_cli.cli.common import QuietOpt
+from finetune_cli.cli.common import quiet_tensorflow
+from finetune_cli.cli.common import raise_config
+from finetune_cli.cli.common import run_command
+
+
+app = typer.Typer()
+
+
+@app.command("export", cls=Command)
+def export_(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder (uses best.keras) or a .keras file with labels.txt "
+            "beside it.",
+            show_default=False,
+        ),
+    ],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format", help="Comma-separated: keras, saved_model, tflite, onnx."
+        ),
+    ] = "keras,saved_model,tflite",
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="TFLite variants, comma-separated: none, float16, dynamic, int8."
+        ),
+    ] = "none",
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Output folder. Default: RUN/export."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing export folder.")
+    ] = False,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Images for the parity check and int8 calibration (default: "
+            "the run's validation and training splits)."
+        ),
+    ] = None,
+    parity_images: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Validation images in the parity check (all of them when "
+            "there are fewer).",
+        ),
+    ] = 250,
+    calibration_images: Annotated[
+        int, typer.Option(min=1, help="Training images that calibrate int8.")
+    ] = 128,
+    opset: Annotated[int, typer.Option(min=9, help="ONNX opset.")] = 17,
+    tolerance: Annotated[
+        float,
+        typer.Option(help="Max probability difference allowed for float artifacts."),
+    ] = 1e-4,
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Gate for quantized artifacts: how far their accuracy on the "
+            "parity images may fall below the Keras model's.",
+        ),
+    ] = 0.02,
+    min_agreement: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Also gate quantized artifacts on top-1 agreement with the "
+            "Keras model (off by default; 0.97 when the images have no labels).",
+            show_default=False,
+        ),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Run the parity check.")
+    ] = True,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Write .keras, SavedModel, TFLite and ONNX artifacts and check each
+    against the original model (exit 4 when the parity check fails)."""
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        from finetune_cli.deploy import export as export_lib
+        from finetune_cli.deploy import formats as formats_lib
+        from finetune_cli.deploy import parity as parity_lib
+        from finetune_cli.evaluate.metrics import fmt
+
+        formats = export_lib.parse_list(format_, formats_lib.FORMATS, "--format")
+        quants = export_lib.parse_list(
+            quantize, formats_lib.QUANTIZATIONS, "--quantize"
+        )
+        quiet_tensorflow()
+        result = export_lib.export(
+            target,
+            formats=formats,
+            quantize=quants,
+            out=out_dir,
+            force=force,
+            data=data,
+            parity_images=parity_images,
+            calibration_images=calibration_images,
+            opset=opset,
+            tolerance=tolerance,
+            max_accuracy_drop=max_accuracy_drop,
+            min_agreement=min_agreement,
+            check=check,
+            progress=out.info,
+            warn=out.warn,
+        )
+        report = result.report
+        if report is not None:
+            out.table(
+                f"parity check: {report['images']} images (Keras model accuracy "
+                f"{fmt(report['reference_accuracy'])})",
+                [
+                    "artifact",
+                    "file",
+                    "size",
+                    "max |diff|",
+                    "top-1 agree",
+                    "accuracy",
+                    "acc. drop",
+                    "ms/image",
+                    "ok",
+                ],
+                [
+                    [
+                        r["artifact"],
+                        Path(r["path"]).name,
+                        f"{r['size_bytes'] / 1e6:.2f} MB",
+                        f"{r['max_abs_diff']:.2e}",
+                        f"{r['top1_agreement']:.4f}",
+                        fmt(r["accuracy"]),
+                        fmt(r.get("accuracy_drop")),
+                        f"{r['latency_ms']:.2f}",
+                        "yes" if r["passed"] else "NO",
+                    ]
+                    for r in report["artifacts"]
+                ],
+            )
+            for note in report["notes"]:
+                out.warn(note)
+        out.info(f"exported to {result.out_dir}")
+        parity_lib.raise_on_failures(report)
+
+    run_command(out, debug, job)
+
+
+@app.command(cls=Command)
+def promote(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A completed run folder.", show_default=False)
+    ],
+    to: Annotated[
+        Path,
+        typer.Option(
+            "--to",
+            help="The promotion link (e.g. /srv/models/flowers).",
+            show_default=False,
+        ),
+    ],
+    fail_under: PromoteGateOpt = None,
+    compare_to_promoted: CompareToPromotedOpt = True,
+    tolerance: PromoteToleranceOpt = 0.005,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Promote a finished run, as `finetune --promote-to` does after
+    training (exit 4 when refused)."""
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        from finetune_cli.evaluate import gates
+        from finetune_cli.deploy import promotion
+        from finetune_cli.run.folder import RunDir
+
+        thresholds = gates.parse_gates(fail_under, "--fail-under")
+        state = RunDir(run_dir).live_status().get("state")
+        if state != "completed":
+            raise_config(
+                f"{run_dir}: only a completed run can be promoted "
+                f"(its status is {state or 'unknown'})"
+            )
+        quiet_tensorflow()
+        promotion.run_promotion(
+            run_dir,
+            to,
+            out,
+            fail_under=thresholds,
+            compare=compare_to_promoted,
+            tolerance=tolerance,
+        )
+
+    run_command(out, debug, job)

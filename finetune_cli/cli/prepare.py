@@ -1,0 +1,202 @@
+"""Commands before a run: init (a config for your data), synth (offline
+data) and the `config` group (show, validate, schema)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import typer.core
+
+from finetune_cli.console import Output
+from finetune_cli.cli.common import Command
+from finetune_cli.cli.common import ConfigArg
+from finetune_cli.cli.common import DebugOpt
+from finetune_cli.cli.common import Group
+from finetune_cli.cli.common import PlainOpt
+from finetune_cli.cli.common import QuietOpt
+from finetune_cli.cli.common import SetOpt
+from finetune_cli.cli.common import load_config_file
+from finetune_cli.cli.common import quiet_tensorflow
+from finetune_cli.cli.common import raise_config
+from finetune_cli.cli.common import run_command
+
+
+app = typer.Typer()
+
+
+config_app = typer.Typer(
+    help="Inspect and check experiment configs.", no_args_is_help=True, cls=Group
+)
+
+
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", cls=Command)
+def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
+    """Print the resolved config (defaults and overrides applied) as YAML."""
+    out = Output()
+
+    def job():
+        from finetune_cli.config import to_yaml
+
+        out.text(to_yaml(load_config_file(config, set_)).rstrip())
+
+    run_command(out, debug, job)
+
+
+@config_app.command("validate", cls=Command)
+def config_validate(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
+    """Check a config and the files it names, without TensorFlow.
+
+    Exit 0 when valid; 2 for a config problem, 3 for a data problem, with
+    the reason (see README: what config validate checks)."""
+    out = Output()
+
+    def job():
+        from finetune_cli.config import checks
+
+        cfg = load_config_file(config, set_)
+        checks.check(cfg)
+        out.success(
+            f"{config}: valid ({len(cfg.phases)} phases, model "
+            f"{cfg.model.name}; paths, data layout, weights file and "
+            "memory checked)"
+        )
+
+    run_command(out, debug, job)
+
+
+@config_app.command("schema", cls=Command)
+def config_schema(
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write to this file instead of stdout."),
+    ] = None,
+):
+    """Write the config's JSON Schema (for editor completion)."""
+    out = Output()
+
+    def job():
+        from finetune_cli.config import json_schema
+        from finetune_cli.files import atomic_write
+
+        text = json.dumps(json_schema(), indent=2) + "\n"
+        if out_file is None:
+            out.text(text.rstrip())
+            return
+        if out_file.is_dir():
+            raise_config(f"--out {out_file} is a folder; expected a file path")
+        try:
+            atomic_write(out_file, text)
+        except OSError as e:
+            raise_config(f"--out {out_file}: cannot write: {e.strerror}")
+
+    run_command(out, False, job)
+
+
+@app.command(cls=Command)
+def init(
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of class folders (or of train/, val/, test/ folders), "
+            "or a path,label CSV file.",
+            show_default=False,
+        ),
+    ],
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Config file to write.")
+    ] = Path("finetune.yaml"),
+    model: Annotated[
+        str, typer.Option(help="A keras.applications model name.")
+    ] = "MobileNetV2",
+    weights: Annotated[
+        str, typer.Option(help="imagenet, none or a local .h5 weights file.")
+    ] = "imagenet",
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="Experiment name (default: the data folder's name)."),
+    ] = None,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(min=8, max=4096, help="Image side (default: the model's)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace the config file if it exists.")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Write a config with the default recipe for a data folder.
+
+    The recipe is the one measured best (README: "The default recipe,
+    measured"): a head phase, then whole blocks at the top of the base with
+    BN frozen, on cached augmented views. The folder's classes are listed
+    (no image is read) and the config is checked before it is written.
+
+    Exit codes: 0 written, 2 bad option or the file exists (without
+    --force), 3 the data is missing or has fewer than 2 classes.
+    """
+    out = Output(quiet=quiet, plain=plain)
+
+    def job():
+        quiet_tensorflow()
+        from finetune_cli.config import recipe
+
+        made = recipe.generate(
+            data_dir, model=model, weights=weights, name=name, image_size=image_size
+        )
+        recipe.write(out_file, made.text, force=force)
+        out.success(
+            f"wrote {out_file}: {made.images} images in "
+            f"{len(made.class_names)} classes; fine-tune {made.why}. "
+            f"Next: finetune-cli finetune {out_file}"
+        )
+
+    run_command(out, debug, job)
+
+
+@app.command(cls=Command)
+def synth(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder to create.", show_default=False)
+    ],
+    task: Annotated[
+        str, typer.Option(help="Which class set: 'source' or 'target'.")
+    ] = "source",
+    per_class: Annotated[
+        int, typer.Option(min=2, max=100_000, help="Images per class.")
+    ] = 100,
+    size: Annotated[
+        int, typer.Option(min=8, max=4096, help="Image side in pixels.")
+    ] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[
+        bool, typer.Option(help="Replace the folder if it exists.")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Generate a labelled synthetic image dataset (folder per class).
+
+    Used by `make demo` so the tool runs offline; see data/README.md.
+    """
+    out = Output(quiet=quiet)
+
+    def job():
+        from finetune_cli.data import synthetic
+
+        counts = synthetic.generate(
+            out_dir, task, per_class=per_class, size=size, seed=seed, force=force
+        )
+        out.success(
+            f"wrote {sum(counts.values())} images in {len(counts)} "
+            f"classes to {out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
+
+    run_command(out, debug, job)

@@ -1,0 +1,167 @@
+"""The recorded split: which files a run trained, validated and tested on.
+
+A run writes `split.json` once, before its first epoch:
+
+    {"format": "finetune-cli-split/2",
+     "source": "data/flower_photos",
+     "classes": ["daisy", ...],
+     "splits": {"train": {"files": 2351, "per_class": {"daisy": 506, ...}},
+                ...},
+     "files": {"train": [["data/flower_photos/daisy/1.jpg", "daisy",
+                          "<sha256>"], ...], "val": [...], "test": [...]},
+     "skipped": [["path", "why"], ...]}
+
+Everything that judges a run afterwards (`evaluate RUN`, `--compare-to`,
+`--promote-to`, `finetune --resume`) reads the files from here instead of
+splitting the data folder again, so images added to the folder later never
+enter an old run's held-out split, and images skipped by the pre-flight
+check stay out of every metric. Each file is identified by the SHA-256 of
+its bytes (size and modification time do not survive a copy); a recorded
+file that has vanished or changed is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import preflight as preflight_lib
+from finetune_cli.errors import DataError
+
+FILE = "split.json"
+FORMAT = "finetune-cli-split/2"
+
+
+def record(index: data_lib.DataIndex, skipped=()) -> dict:
+    """The split.json record of an index (digests computed where missing)."""
+    files = {}
+    for split, samples in index.splits.items():
+        files[split] = [
+            [
+                path,
+                index.class_names[label],
+                index.digests.get(path) or preflight_lib.sha256_file(path),
+            ]
+            for path, label in samples
+        ]
+    return {
+        "format": FORMAT,
+        "source": index.source,
+        "classes": list(index.class_names),
+        "splits": {
+            s: {
+                "files": len(v),
+                "per_class": dict(zip(index.class_names, index.counts(s), strict=True)),
+            }
+            for s, v in index.splits.items()
+        },
+        "files": files,
+        "skipped": [list(item) for item in skipped],
+    }
+
+
+def read(run_dir) -> Optional[dict]:
+    """The run's split record, or None for a run that has no file list
+    (written by finetune-cli before 0.2)."""
+    path = Path(run_dir) / FILE
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable split record: {e}") from None
+    if rec.get("format") != FORMAT or "files" not in rec:
+        return None
+    return rec
+
+
+def load(
+    run_dir,
+    splits=None,
+    *,
+    allow_missing: bool = False,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Optional[data_lib.DataIndex]:
+    """The recorded files of `splits` (default: all), checked on disk.
+
+    Every file must still exist with the same content (SHA-256).
+
+    Returns:
+        A DataIndex of the recorded files (in recorded order), or None when
+        the run predates recorded splits.
+
+    Raises:
+        DataError: naming the files that vanished or changed, unless
+            `allow_missing`, which leaves them out and calls `warn`.
+    """
+    rec = read(run_dir)
+    if rec is None:
+        return None
+    classes = rec["classes"]
+    wanted = (
+        list(rec["files"])
+        if splits is None
+        else [s for s in splits if s in rec["files"]]
+    )
+    out: dict[str, list[tuple[str, int]]] = {}
+    digests: dict[str, str] = {}
+    problems: list[str] = []
+    for split in wanted:
+        kept = []
+        for path, label, digest in rec["files"][split]:
+            why = _check(path, digest)
+            if why:
+                problems.append(f"{path} ({split}): {why}")
+                continue
+            kept.append((path, classes.index(label)))
+            digests[path] = digest
+        out[split] = kept
+    if problems:
+        listed = "; ".join(problems[:5])
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        what = (
+            f"{len(problems)} file(s) recorded in {Path(run_dir) / FILE} "
+            f"are gone or changed: {listed}{more}"
+        )
+        if not allow_missing:
+            raise DataError(
+                f"{what}. The run's held-out metrics are only comparable on "
+                "the same files: restore them, or pass --allow-missing to "
+                "leave them out"
+            )
+        if warn is not None:
+            warn(f"{what}; left out (--allow-missing)")
+    return data_lib.DataIndex(list(classes), out, rec.get("source", ""), digests)
+
+
+def _check(path: str, digest: str) -> Optional[str]:
+    if not os.path.isfile(path):
+        return "no longer exists"
+    if preflight_lib.sha256_file(path) != digest:
+        return "content changed since the run recorded it"
+    return None
+
+
+def digests_of(run_dir, splits) -> set[str]:
+    """Content hashes of a run's recorded files in `splits` (unchecked)."""
+    rec = read(run_dir)
+    if rec is None:
+        return set()
+    return {d for s in splits for _, _, d in rec["files"].get(s, [])}
+
+
+def unseen_by(reference_dir, files) -> list[int]:
+    """Indices of `files` whose content the run (or promoted version) in
+    `reference_dir` neither trained nor validated on; all of them when it
+    recorded no split."""
+    if reference_dir is None:
+        return list(range(len(files)))
+    seen = digests_of(reference_dir, ("train", "val"))
+    return [
+        i
+        for i, f in enumerate(files)
+        if not seen or preflight_lib.sha256_file(f) not in seen
+    ]

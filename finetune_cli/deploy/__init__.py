@@ -1,0 +1,1 @@
+"""Deployment: export formats with their parity check, and promotion of a run."""

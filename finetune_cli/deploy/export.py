@@ -1,0 +1,302 @@
+"""Export: deployable artifacts, each checked against the original model.
+
+`export(...)` writes into one folder (default `RUN_DIR/export/`), built in a
+temporary folder and renamed into place at the end, never over an existing
+export unless `force`:
+
+| file | format | loads with |
+| --- | --- | --- |
+| `model.keras` | native Keras | `keras.saving.load_model(p, safe_mode=True)` |
+| `saved_model/` | TensorFlow SavedModel | `tf.saved_model.load(p)` (1) |
+| `model*.tflite` (2) | TFLite | the TFLite interpreter (3) |
+| `model.onnx` | ONNX (tf2onnx) | onnxruntime; input `pixels`, output probabilities |
+| `labels.txt`, `metadata.json` | | class names; input, preprocessing, run, versions |
+| `export_report.json` | | the parity check below |
+
+(1) signatures `serve` (float pixels [batch, H, W, 3], 0-255) and
+`serve_bytes` (encoded JPEG/PNG/BMP/GIF strings [batch]); both return
+`probabilities`, `class_index`, `label`. (2) `model.tflite`,
+`model_float16.tflite`, `model_dynamic.tflite`, `model_int8.tflite`.
+(3) int8 takes uint8 pixels and returns uint8 scores (see its quantization
+parameters).
+
+Every model takes raw RGB pixels in 0-255: preprocessing is inside.
+
+Parity check (after every export unless disabled): N validation images go
+through the original Keras model and through each artifact in its own
+runtime. Reported per artifact: max absolute difference of probabilities,
+top-1 agreement, accuracy, file size, mean latency per image (batch 1).
+It fails (GateError, exit 4) when a float artifact differs by more than
+`tolerance` (1e-4), or when a quantized one's accuracy on the labelled
+images is more than `max_accuracy_drop` (0.02) below the Keras model's on
+the same images. Quantization moves probabilities and flips a few
+uncertain images either way, so what matters is whether it costs accuracy;
+`min_agreement` adds a top-1 agreement gate where that is wanted too. With
+fewer than `MIN_GATE_IMAGES` images the accuracy gate moves in steps too
+coarse to mean much, and the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import pipeline
+from finetune_cli.evaluate import evaluation
+from finetune_cli.model import saved as runmodel
+from finetune_cli.run import tracking
+from finetune_cli.errors import ConfigError
+from finetune_cli.files import atomic_write
+from finetune_cli.files import write_json
+from finetune_cli.deploy.formats import TFLITE_NAMES
+from finetune_cli.deploy.formats import Artifact
+from finetune_cli.deploy.formats import write_keras
+from finetune_cli.deploy.formats import write_onnx
+from finetune_cli.deploy.formats import write_saved_model
+from finetune_cli.deploy.formats import write_tflite
+from finetune_cli.deploy.parity import MIN_GATE_IMAGES
+from finetune_cli.deploy.parity import check_parity
+
+
+def parse_list(value: str, allowed, option: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        from finetune_cli.errors import did_you_mean
+
+        hint = did_you_mean(bad[0], allowed) if bad else ""
+        raise ConfigError(
+            f"{option}: expected a comma-separated list of "
+            f"{', '.join(allowed)}{hint}. Received: {value!r}"
+        )
+    return list(dict.fromkeys(items))
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out_dir: Path
+    artifacts: list[Artifact]
+    report: Optional[dict]
+
+
+def _images(samples, size, limit: int, seed: int):
+    rng = np.random.default_rng(seed)
+    if len(samples) > limit:
+        idx = sorted(rng.choice(len(samples), limit, replace=False))
+        samples = [samples[i] for i in idx]
+    x = np.stack([np.asarray(pipeline.load_image(p, size)) for p, _ in samples])
+    return x.astype(np.float32), np.array([lb for _, lb in samples])
+
+
+def export(
+    target_path,
+    *,
+    formats=("keras", "saved_model", "tflite"),
+    quantize=("none",),
+    out=None,
+    force=False,
+    data=None,
+    parity_images=MIN_GATE_IMAGES,
+    calibration_images=128,
+    opset=17,
+    tolerance=1e-4,
+    max_accuracy_drop=0.02,
+    min_agreement=None,
+    check=True,
+    progress=None,
+    warn=None,
+) -> ExportResult:
+    """Export a run (its best.keras) or a .keras model; see the module doc."""
+    target = runmodel.resolve_target(target_path)
+    if "onnx" in formats:
+        try:
+            import onnxruntime  # noqa: F401 - only checking it is there
+            import tf2onnx  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--format onnx needs the optional onnx extra: "
+                "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)"
+            ) from None
+    base_dir = target.run_dir or target.model_path.parent
+    out = Path(out) if out is not None else Path(base_dir) / "export"
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            f"{out} already exists; pass --force to replace it "
+            "or --out to choose another folder"
+        )
+    needs_data = check or "int8" in quantize
+    val = train = None
+    if needs_data:
+        val, train = _data_for(target, data)
+    model = runmodel.load_model(target)
+    size = runmodel.model_image_size(model)
+    say = progress or (lambda msg: None)
+
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    artifacts: list[Artifact] = []
+    try:
+        if "keras" in formats:
+            say("writing model.keras")
+            write_keras(model, tmp / "model.keras")
+            artifacts.append(Artifact("keras", "keras", tmp / "model.keras"))
+        if "saved_model" in formats:
+            say("writing saved_model/")
+            write_saved_model(model, tmp / "saved_model", target.labels)
+            artifacts.append(
+                Artifact("saved_model", "saved_model", tmp / "saved_model")
+            )
+        if "tflite" in formats:
+            calib = None
+            if "int8" in quantize:
+                calib, _ = _images(train, size, calibration_images, seed=1)
+            for q in quantize:
+                say(f"writing {TFLITE_NAMES[q]}")
+                write_tflite(model, tmp / TFLITE_NAMES[q], q, calib)
+                artifacts.append(
+                    Artifact(
+                        "tflite" + ("" if q == "none" else f"_{q}"),
+                        "tflite",
+                        tmp / TFLITE_NAMES[q],
+                        quantized=q != "none",
+                    )
+                )
+        if "onnx" in formats:
+            say("writing model.onnx")
+            write_onnx(model, tmp / "model.onnx", opset)
+            artifacts.append(Artifact("onnx", "onnx", tmp / "model.onnx"))
+        atomic_write(tmp / "labels.txt", "\n".join(target.labels) + "\n")
+        write_json(tmp / "metadata.json", metadata(target, model, artifacts))
+        report = None
+        if check:
+            say(f"parity check on {min(parity_images, len(val))} images")
+            images, labels = _images(val, size, parity_images, seed=0)
+            report = check_parity(
+                model,
+                artifacts,
+                images,
+                labels,
+                tolerance=tolerance,
+                max_accuracy_drop=max_accuracy_drop,
+                min_agreement=min_agreement,
+            )
+            write_json(tmp / "export_report.json", report)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    arts = [dataclasses.replace(a, path=out / a.path.name) for a in artifacts]
+    if report is not None:
+        for row in report["artifacts"]:
+            row["path"] = str(out / row["path"])
+    result = ExportResult(out, arts, report)
+    if target.run_dir is not None:
+        _track(result, target.run_dir, warn)
+    return result
+
+
+def _track(result: ExportResult, run_dir, warn) -> None:
+    """Attach the export folder to the run's MLflow run, if it has one."""
+    tracking.attach(
+        run_dir,
+        result.out_dir,
+        f"export/{result.out_dir.name}",
+        warn=warn,
+        tags={"finetune.export": str(result.out_dir)},
+    )
+
+
+def _data_for(target, data):
+    """(validation samples, training samples) with model label indices."""
+    if data is not None:
+        pairs, _, _ = evaluation.resolve_data(target, data=data, split="val")
+        samples = evaluation.align_labels(pairs, target.labels)
+        return samples, samples
+    if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            "the parity check and int8 calibration need images: "
+            "pass --data DIR|CSV (or export a run folder)"
+        )
+    from finetune_cli import config as config_lib
+    from finetune_cli.data import split as split_lib
+
+    # The run's recorded files (a parity check needs images, not exactly
+    # these: any that vanished are simply not used).
+    index = split_lib.load(target.run_dir, ["val", "train"], allow_missing=True)
+    if index is None:
+        cfg = config_lib.load_config(target.run_dir / "config.yaml")
+        index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    to_model = lambda split: evaluation.align_labels(  # noqa: E731
+        [(p, index.class_names[lb]) for p, lb in index.splits[split]], target.labels
+    )
+    return to_model("val"), to_model("train")
+
+
+def metadata(target, model, artifacts) -> dict:
+    from finetune_cli import __version__
+
+    h, w = runmodel.model_image_size(model)
+    run_metrics = None
+    preprocess = None
+    if target.run_dir is not None:
+        mpath = target.run_dir / "metrics.json"
+        if mpath.is_file():
+            run_metrics = json.loads(mpath.read_text())
+        cpath = target.run_dir / "config.yaml"
+        if cpath.is_file():
+            from finetune_cli.model import applications
+            from finetune_cli import config as config_lib
+
+            # Through the schema, like every other reader of a config.
+            cfg = config_lib.load_config(cpath)
+            app = applications.get(cfg.model.name)
+            preprocess = {
+                "application": app.name,
+                "mode": app.preprocess,
+                "inside_model": True,
+            }
+    return {
+        "class_names": target.labels,
+        "input": {
+            "shape": [None, h, w, 3],
+            "dtype": "float32",
+            "range": [0, 255],
+            "color": "RGB",
+            "note": "raw pixels; preprocessing is inside the model",
+        },
+        "output": {"probabilities": [None, len(target.labels)]},
+        "preprocessing": preprocess,
+        "source": {
+            # The files themselves, not through the moving `latest` link.
+            "model": str(target.model_path.resolve()),
+            "run": str(target.run_dir.resolve()) if target.run_dir else None,
+            "metrics": run_metrics,
+        },
+        "artifacts": [
+            {
+                "name": a.name,
+                "format": a.format,
+                "file": a.path.name,
+                "quantized": a.quantized,
+            }
+            for a in artifacts
+        ],
+        "versions": {
+            "finetune_cli": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+    }

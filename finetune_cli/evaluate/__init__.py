@@ -1,0 +1,1 @@
+"""Evaluation: predictions, metrics, the report, gates, Grad-CAM."""

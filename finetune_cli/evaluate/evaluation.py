@@ -1,0 +1,204 @@
+"""Evaluation: a saved model of ours scored on held-out images.
+
+`evaluate(...)` resolves which images to score (a run's recorded split, a
+config's, or a folder or CSV given with `--data`), predicts them, computes
+the metrics (`metrics.py`) and writes the evaluation folder (`report.py`,
+default `RUN_DIR/eval/<name or split>/`). Gates live in `gates.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from finetune_cli.data import index as data_lib
+from finetune_cli.run import tracking
+from finetune_cli.errors import ConfigError
+from finetune_cli.errors import DataError
+from finetune_cli.evaluate.explain import report_overlays
+from finetune_cli.evaluate.metrics import compute_metrics
+from finetune_cli.evaluate.prediction import predict_files
+from finetune_cli.evaluate.report import write_report
+from finetune_cli.model.saved import Target
+from finetune_cli.model.saved import load_model
+from finetune_cli.model.saved import resolve_target
+from finetune_cli.evaluate.report import Evaluation
+
+
+def resolve_data(
+    target: Target,
+    *,
+    config=None,
+    data=None,
+    split="test",
+    seed: Optional[int] = None,
+    allow_missing: bool = False,
+    warn=None,
+):
+    """The (path, class name) pairs to evaluate and a description of them.
+
+    Precedence: `data` (a folder of class folders, a folder with train/val/
+    test, or a CSV) > `config` > the run's recorded split (split.json: the
+    files the run held out, checked by content hash; files added to the
+    data folder since never enter it).
+    """
+    from finetune_cli import config as config_lib
+    from finetune_cli.data import split as split_lib
+
+    if data is not None:
+        data = Path(data)
+        if data.suffix.lower() == ".csv":
+            section = config_lib.Data(csv=str(data))
+        else:
+            section = config_lib.Data(dir=str(data))
+        if not data.exists():
+            raise DataError(f"--data: not found: {data}")
+        if data.is_file() and data.suffix.lower() != ".csv":
+            raise DataError(
+                f"--data {data} is a file; expected a folder of "
+                "class folders or a .csv manifest"
+            )
+        if data.is_dir() and data.suffix.lower() == ".csv":
+            raise DataError(f"--data {data} is a folder; expected a .csv file")
+        if data.is_dir() and not (data / "train").is_dir():
+            # A plain folder of class folders: every image is held out.
+            index = data_lib.index_whole_folder(data, "--data")
+            return _pairs(index, "all"), f"{data}", "all"
+        index = data_lib.index_data(section, seed if seed is not None else 42)
+        return _pairs(index, split), str(data), split
+    if config is None:
+        if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                "no data to evaluate on: pass --data DIR|CSV or "
+                "--config CONFIG (or a run folder)"
+            )
+        recorded = split_lib.load(
+            target.run_dir, [split], allow_missing=allow_missing, warn=warn
+        )
+        if recorded is not None:
+            if split not in recorded.splits:
+                raise DataError(
+                    f"--split {split}: the run recorded no {split} split (it "
+                    f"has {', '.join(split_lib.read(target.run_dir)['files'])})"
+                    "; pass --split val or --data DIR"
+                )
+            source = (
+                f"{recorded.source} (split recorded in "
+                f"{target.run_dir / split_lib.FILE})"
+            )
+            return _pairs(recorded, split), source, split
+        if warn is not None:
+            warn(
+                f"{target.run_dir} has no recorded file list (made by an "
+                "older finetune-cli): splitting its data folder again, which "
+                "is only the same split if the folder has not changed"
+            )
+        config = config_lib.load_config(target.run_dir / "config.yaml")
+    index = data_lib.index_data(config.data, config.experiment.seed)
+    if split not in index.splits:
+        raise DataError(
+            f"--split {split}: the data has no {split} split (it has "
+            f"{', '.join(index.splits)}); pass --split val or --data DIR"
+        )
+    return _pairs(index, split), index.source, split
+
+
+def _pairs(index, split):
+    return [(p, index.class_names[lb]) for p, lb in index.splits.get(split, [])]
+
+
+def align_labels(pairs, model_classes) -> list[tuple[str, int]]:
+    """Map class names in the data to the model's output indices.
+
+    Raises:
+        DataError: classes the model does not know, or model classes the
+            data does not have, named.
+    """
+    data_classes = sorted({c for _, c in pairs})
+    unknown = [c for c in data_classes if c not in model_classes]
+    missing = [c for c in model_classes if c not in data_classes]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"classes in the data that the model does not know: {unknown}")
+        if missing:
+            parts.append(f"model classes with no images in the data: {missing}")
+        raise DataError(
+            "class mismatch between model and data: "
+            + "; ".join(parts)
+            + f". Model classes: {list(model_classes)}"
+        )
+    return [(p, model_classes.index(c)) for p, c in pairs]
+
+
+def evaluate(
+    target_path,
+    *,
+    config=None,
+    data=None,
+    split="test",
+    out=None,
+    name=None,
+    top_k=5,
+    write=True,
+    batch_size=32,
+    allow_missing=False,
+    warn=None,
+    track=True,
+) -> Evaluation:
+    """Evaluate a run or model on held-out images and write the report.
+
+    A run folder is evaluated on its recorded split (see `resolve_data`);
+    `allow_missing` leaves out recorded files that vanished or changed
+    (reported through `warn`) instead of stopping. With `track`, a run
+    tracked in MLflow gets the evaluation's metrics (`eval.<name>.<metric>`)
+    and folder (artifacts under `eval/<name>`).
+    """
+    target = resolve_target(target_path)
+    pairs, source, split = resolve_data(
+        target,
+        config=config,
+        data=data,
+        split=split,
+        allow_missing=allow_missing,
+        warn=warn,
+    )
+    if not pairs:
+        raise DataError(f"no images to evaluate in {source} ({split})")
+    samples = align_labels(pairs, target.labels)
+    model = load_model(target)
+    n_out = int(model.output_shape[-1])
+    if n_out != len(target.labels):
+        raise DataError(
+            f"{target.model_path} has {n_out} outputs but labels.txt "
+            f"lists {len(target.labels)} classes"
+        )
+    files = [p for p, _ in samples]
+    labels = np.array([lb for _, lb in samples])
+    probs = predict_files(model, files, batch_size)
+    metrics = compute_metrics(labels, probs, target.labels, top_k)
+    metrics.update(model=str(target.model_path), data=source, split=split)
+    if out is None:
+        base = target.run_dir or target.model_path.parent
+        out = Path(base) / "eval" / (name or split)
+    out = Path(out)
+    result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
+    if write:
+        result.overlays = report_overlays(model, files, labels, probs)
+        write_report(result, target)
+        if track and target.run_dir is not None:
+            _track(result, target.run_dir, warn)
+    return result
+
+
+def _track(ev: Evaluation, run_dir, warn) -> None:
+    name = ev.out_dir.name
+    tracking.attach(
+        run_dir,
+        ev.out_dir,
+        f"eval/{name}",
+        warn=warn,
+        metrics={f"eval.{name}.{k}": v for k, v in ev.metrics["summary"].items()},
+    )

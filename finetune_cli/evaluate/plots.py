@@ -1,0 +1,136 @@
+"""PNG plots for reports (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from finetune_cli.files import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_matrix_png(cm: np.ndarray, classes, path) -> Path:
+    """Counts and row-normalised confusion matrices side by side."""
+    plt = _pyplot()
+    n = len(classes)
+    side = max(4.0, 0.5 * n + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side), dpi=100)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    for ax, values, title, fmt in (
+        (axes[0], cm, "counts", "d"),
+        (axes[1], norm, "row-normalised", ".2f"),
+    ):
+        im = ax.imshow(values, cmap="Blues", vmin=0)
+        ax.set_title(title)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+        if n <= 30:
+            top = values.max() or 1
+            for i in range(n):
+                for j in range(n):
+                    v = values[i, j]
+                    ax.text(
+                        j,
+                        i,
+                        format(v, fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if v > top / 2 else "black",
+                    )
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def curves_png(history_csv, path) -> Path:
+    """Loss and accuracy per epoch, train and val, phase boundaries marked."""
+    plt = _pyplot()
+    from matplotlib import ticker
+
+    rows = list(csv.DictReader(open(history_csv, newline="")))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            col = prefix + key
+            if rows and col in rows[0]:
+                ax.plot(
+                    epochs,
+                    [float(r[col]) for r in rows],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label=col,
+                )
+        for i in range(1, len(rows)):
+            if rows[i]["phase"] != rows[i - 1]["phase"]:
+                ax.axvline(epochs[i] - 0.5, color="gray", linestyle=":")
+                ax.text(
+                    epochs[i] - 0.4,
+                    ax.get_ylim()[1],
+                    rows[i]["phase"],
+                    va="top",
+                    fontsize=8,
+                    color="gray",
+                )
+        if rows:
+            ax.text(
+                epochs[0],
+                ax.get_ylim()[1],
+                rows[0]["phase"],
+                va="top",
+                fontsize=8,
+                color="gray",
+            )
+        # Epochs are whole numbers: no 1.5 ticks on short runs.
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def lr_find_png(lrs, smoothed, suggested, path) -> Path:
+    """Smoothed loss against learning rate (log scale), the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(lrs, smoothed, color="tab:blue", label="loss (smoothed)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    if smoothed:
+        # The divergence at the end would squash the useful part.
+        top = min(
+            max(smoothed), 2.0 * smoothed[0] if smoothed[0] > 0 else max(smoothed)
+        )
+        ax.set_ylim(min(smoothed) * 0.95, top * 1.05)
+    if suggested is not None:
+        ax.axvline(
+            suggested, color="tab:red", ls="--", label=f"suggested {suggested:.2g}"
+        )
+    ax.legend()
+    ax.set_title("learning-rate range test")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _save(fig, path, plt) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,199 @@
+"""Batch inference on image files, streamed.
+
+Images are decoded in a `tf.data` pipeline and predicted one batch at a
+time, so memory stays flat however many files there are (only the list of
+paths is held). Rows come out in the order of the input files; an
+unreadable image gets a row with `error` set and no prediction, and the
+others are still predicted.
+
+Rows are written as they come: CSV (`file,label,confidence,top_k,error`,
+top_k as `label:probability;...`) or JSON (a list of objects), to a file
+(written to a temporary name and renamed when complete) or to stdout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import pipeline
+from finetune_cli.errors import DataError
+from finetune_cli.files import atomic_path
+from finetune_cli.model.saved import load_model
+from finetune_cli.model.saved import model_image_size
+from finetune_cli.model.saved import resolve_target
+
+CSV_COLUMNS = ["file", "label", "confidence", "top_k", "error"]
+
+
+def collect_images(inputs) -> list[str]:
+    """Image files from paths and folders (recursively), in a stable order."""
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(
+                str(f)
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in data_lib.IMAGE_EXTENSIONS
+            )
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise DataError(f"not found: {p}")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
+    return files
+
+
+def _why_unreadable(path: str) -> str:
+    bad = pipeline.find_unreadable([path], limit=1)
+    return bad[0][1] if bad else "cannot decode"
+
+
+def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
+    """(path, probabilities or None, error or None) for each path, in order.
+
+    Decoding runs in parallel ahead of the model; one batch of images is in
+    memory at a time. Files that fail to decode are dropped by the pipeline
+    and reported here by name, with the reason.
+    """
+    paths = [str(p) for p in paths]
+    size = model_image_size(model)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(
+            lambda p: (p, pipeline.load_image(p, size)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .ignore_errors()
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    i = 0
+    for names, images in ds:
+        probs = np.asarray(model.predict_on_batch(images), dtype=np.float64)
+        for name, p in zip(names.numpy(), probs, strict=True):
+            name = name.decode()
+            # Decoding is deterministic, so a path equal to the next one
+            # expected is that file; any expected before it failed.
+            while paths[i] != name:
+                yield paths[i], None, _why_unreadable(paths[i])
+                i += 1
+            yield name, p, None
+            i += 1
+    for path in paths[i:]:
+        yield path, None, _why_unreadable(path)
+
+
+def predict_files(model, paths, batch_size: int = 32) -> np.ndarray:
+    """Probabilities for every file, [n, classes].
+
+    Raises:
+        DataError: files that could not be decoded, named with the reason.
+    """
+    probs, bad = [], []
+    for path, p, error in iter_probabilities(model, paths, batch_size):
+        if error is not None:
+            bad.append((path, error))
+        else:
+            probs.append(p)
+    if bad:
+        raise DataError(
+            "image(s) could not be decoded: "
+            + "; ".join(f"{p}: {why}" for p, why in bad[:5])
+            + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        )
+    return np.stack(probs) if probs else np.zeros((0, model.output_shape[-1]))
+
+
+def predict(target_path, files, *, top_k=3, batch_size=32) -> Iterator[dict]:
+    """Rows of file, label, confidence, top_k (label and probability) and
+    error, one per file, streamed."""
+    target = resolve_target(target_path)
+    model = load_model(target)
+    k = min(top_k, len(target.labels))
+    for path, p, error in iter_probabilities(model, files, batch_size):
+        if error is not None:
+            yield {
+                "file": path,
+                "label": None,
+                "confidence": None,
+                "top_k": [],
+                "error": error,
+            }
+            continue
+        top = np.argsort(-p, kind="stable")[:k]
+        yield {
+            "file": path,
+            "label": target.labels[int(top[0])],
+            "confidence": float(p[top[0]]),
+            "top_k": [
+                {"label": target.labels[int(i)], "probability": float(p[i])}
+                for i in top
+            ],
+            "error": None,
+        }
+
+
+class _CsvRows:
+    def __init__(self, f):
+        self._w = csv.writer(f, lineterminator="\n")
+        self._w.writerow(CSV_COLUMNS)
+
+    def write(self, r: dict) -> None:
+        self._w.writerow(
+            [
+                r["file"],
+                r["label"] or "",
+                "" if r["confidence"] is None else f"{r['confidence']:.6f}",
+                ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r["top_k"]),
+                r["error"] or "",
+            ]
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class _JsonRows:
+    def __init__(self, f):
+        self._f = f
+        self._n = 0
+        f.write("[")
+
+    def write(self, r: dict) -> None:
+        self._f.write(("," if self._n else "") + "\n  " + json.dumps(r))
+        self._n += 1
+
+    def close(self) -> None:
+        self._f.write("\n]\n" if self._n else "]\n")
+
+
+def write_rows(rows, out, fmt: str) -> Iterator[dict]:
+    """Write `rows` to `out` (a path, or `-` for stdout) as they come, passing
+    each row on. A file appears only once complete."""
+    writer_cls = _CsvRows if fmt == "csv" else _JsonRows
+    if str(out) == "-":
+        writer = writer_cls(sys.stdout)
+        for r in rows:
+            writer.write(r)
+            yield r
+        writer.close()
+        sys.stdout.flush()
+        return
+    with atomic_path(Path(out)) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = writer_cls(f)
+            for r in rows:
+                writer.write(r)
+                yield r
+            writer.close()

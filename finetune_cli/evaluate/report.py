@@ -1,0 +1,232 @@
+"""The files of an evaluation folder: metrics, per-class scores, predictions,
+plots and one self-contained `report.html`.
+
+| file | content |
+| --- | --- |
+| `metrics.json` | see `metrics.compute_metrics` (plus model, data, split) |
+| `per_class.csv` | class, precision, recall, f1, support |
+| `predictions.csv` | file, true, predicted, confidence, top_k (label:prob;...) |
+| `confusion_matrix.png` | counts and row-normalised, side by side |
+| `curves.png` | loss and accuracy per epoch with phase boundaries (runs) |
+| `gradcam/` | Grad-CAM overlays: the worst mistakes, a few correct per class |
+| `report.html` | all of the above and the worst misclassified images |
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import csv
+import html
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Optional
+
+import numpy as np
+
+from finetune_cli import faults
+from finetune_cli.evaluate import plots
+from finetune_cli.files import atomic_write
+from finetune_cli.files import write_json
+
+if TYPE_CHECKING:
+    from finetune_cli.model.saved import Target
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One scored split: the metrics, the folder they were written to, and
+    the raw probabilities and labels behind them."""
+
+    metrics: dict
+    out_dir: Path
+    probs: np.ndarray
+    labels: np.ndarray
+    files: list[str]
+    overlays: list = dataclasses.field(default_factory=list)
+    run_dir: Optional[Path] = None  # the run evaluated, if a run folder
+
+
+def write_report(ev: Evaluation, target: Target) -> None:
+    out = ev.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    m = ev.metrics
+    classes = m["classes"]
+    write_json(out / "metrics.json", m)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "precision", "recall", "f1", "support"])
+    for name, s in m["per_class"].items():
+        w.writerow(
+            [
+                name,
+                f"{s['precision']:.6f}",
+                f"{s['recall']:.6f}",
+                f"{s['f1']:.6f}",
+                s["support"],
+            ]
+        )
+    atomic_write(out / "per_class.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "true", "predicted", "confidence", "top_k"])
+    k = m["top_k"]
+    for f, y, p in zip(ev.files, ev.labels, ev.probs, strict=True):
+        top = np.argsort(-p, kind="stable")[:k]
+        w.writerow(
+            [
+                f,
+                classes[y],
+                classes[int(p.argmax())],
+                f"{p.max():.6f}",
+                ";".join(f"{classes[i]}:{p[i]:.6f}" for i in top),
+            ]
+        )
+    atomic_write(out / "predictions.csv", buf.getvalue())
+
+    faults.point("report")
+
+    plots.confusion_matrix_png(
+        np.array(m["confusion_matrix"]), classes, out / "confusion_matrix.png"
+    )
+    history = target.run_dir / "history.csv" if target.run_dir else None
+    curves = None
+    if history is not None and history.is_file():
+        curves = out / "curves.png"
+        plots.curves_png(history, curves)
+    written = set()
+    for i, ov in enumerate(ev.overlays):
+        written.add(atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png).name)
+    # A re-evaluation into the same folder must not leave the last one's.
+    for old in (out / "gradcam").glob("*.png"):
+        if old.name not in written:
+            old.unlink()
+    atomic_write(out / "report.html", render_html(ev, curves))
+
+
+def overlay_name(i: int, ov) -> str:
+    return f"{i:03d}-{ov.kind}-{Path(ov.file).stem}.png"
+
+
+def _gradcam_html(ev: Evaluation) -> str:
+    if not ev.overlays:
+        return "<p>No Grad-CAM overlays (no images, or not a finetune-cli model).</p>"
+    classes = ev.metrics["classes"]
+    e = html.escape
+    parts = []
+    for kind, title in (("mistake", "Worst mistakes"), ("correct", "Correct")):
+        figs = "".join(
+            f'<figure><img width="160" alt="{e(Path(o.file).name)}" '
+            f'src="data:image/png;base64,{base64.b64encode(o.png).decode()}">'
+            f"<figcaption>{e(Path(o.file).name)}<br>true <b>{e(classes[o.true])}"
+            f"</b><br>pred <b>{e(classes[o.predicted])}</b> ({o.confidence:.2f})"
+            "</figcaption></figure>"
+            for o in ev.overlays
+            if o.kind == kind
+        )
+        if figs:
+            parts.append(f"<h3>{title}</h3><div>{figs}</div>")
+    return "".join(parts)
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _thumbnail(path: str, size: int = 96) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            b = io.BytesIO()
+            im.save(b, "JPEG", quality=85)
+    except Exception:  # noqa: BLE001 - a thumbnail is best effort
+        return "<span>(unreadable)</span>"
+    return (
+        '<img src="data:image/jpeg;base64,'
+        + base64.b64encode(b.getvalue()).decode()
+        + '">'
+    )
+
+
+def worst_mistakes(ev: Evaluation, limit: int = 24):
+    """Misclassified images, most confident mistakes first."""
+    pred = ev.probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != ev.labels)
+    order = wrong[np.argsort(-ev.probs[wrong, pred[wrong]], kind="stable")]
+    return [
+        (ev.files[i], int(ev.labels[i]), int(pred[i]), float(ev.probs[i, pred[i]]))
+        for i in order[:limit]
+    ]
+
+
+def render_html(ev: Evaluation, curves: Optional[Path]) -> str:
+    m = ev.metrics
+    s = m["summary"]
+    classes = m["classes"]
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{v:.4f}</td></tr>" for k, v in s.items())
+    per_class = "".join(
+        f"<tr><td>{e(c)}</td><td>{v['precision']:.4f}</td><td>{v['recall']:.4f}"
+        f"</td><td>{v['f1']:.4f}</td><td>{v['support']}</td></tr>"
+        for c, v in m["per_class"].items()
+    )
+    confused = (
+        "".join(
+            f"<tr><td>{e(p['true'])}</td><td>{e(p['predicted'])}</td>"
+            f"<td>{p['count']}</td><td>{p['fraction_of_true']:.3f}</td></tr>"
+            for p in m["most_confused"]
+        )
+        or '<tr><td colspan="4">none</td></tr>'
+    )
+    mistakes = (
+        "".join(
+            f"<figure>{_thumbnail(f)}<figcaption>{e(Path(f).name)}<br>true "
+            f"<b>{e(classes[t])}</b><br>pred <b>{e(classes[p])}</b> ({c:.2f})"
+            f"</figcaption></figure>"
+            for f, t, p, c in worst_mistakes(ev)
+        )
+        or "<p>No misclassified images.</p>"
+    )
+    curves_html = (
+        _img_tag(curves, "training curves")
+        if curves is not None
+        else "<p>No training history (not a run folder).</p>"
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>finetune-cli evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 11px; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Evaluation</h1>
+<p>Model: <code>{e(m["model"])}</code><br>Data: <code>{e(str(m["data"]))}</code>
+ (split {e(m["split"])}), {m["num_samples"]} images, {len(classes)} classes.</p>
+<h2 id="summary">Summary</h2>
+<table><tr><th>metric</th><th>value</th></tr>{rows}</table>
+<h2 id="per-class">Per class</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>
+{per_class}</table>
+<h2 id="confusion">Confusion matrix</h2>
+{_img_tag(ev.out_dir / "confusion_matrix.png", "confusion matrix")}
+<h2 id="most-confused">Most confused pairs</h2>
+<table><tr><th>true</th><th>predicted</th><th>count</th><th>fraction of true</th></tr>
+{confused}</table>
+<h2 id="curves">Training curves</h2>
+{curves_html}
+<h2 id="mistakes">Worst misclassified images</h2>
+<div>{mistakes}</div>
+<h2 id="gradcam">Grad-CAM: where the model looked</h2>
+<p>Heat of the predicted class at the base's last feature map (red: most).</p>
+{_gradcam_html(ev)}
+</body></html>
+"""

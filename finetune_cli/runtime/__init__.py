@@ -1,0 +1,1 @@
+"""The runtime: devices, precision, XLA and tf.distribute topologies."""

@@ -1,0 +1,186 @@
+"""What a phase trains on: images, cached features or cached activations.
+
+A phase whose base is frozen trains only the head, on pooled features
+computed once (`cache/heads.py`: `features` or augmented `views`); a phase
+that trains the top of the base above a single-tensor cut trains on the
+cached activations below it (`cache/activations.py`); any other phase
+trains the whole model on images (`base`). `PhaseInputs` makes that choice
+in one place for the trainer and `lr-find`: `build(plan)` computes the
+caches a phase needs (the caller first sets the weights they are taken
+from), `for_phase(plan, first, end)` gives the model to fit and its
+training and validation data, distributed when a strategy is set.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+from finetune_cli.cache import activations
+from finetune_cli.cache import heads as feature_training
+from finetune_cli.data import pipeline
+from finetune_cli.runtime import distribute
+
+
+class PhaseInputs:
+    """The training and validation data of each phase of one job."""
+
+    def __init__(self, setup, out, *, derive: bool = True):
+        """Args:
+        setup: the job's `train.setup.Setup`.
+        derive: compute a head phase's features from the activation cache
+            of a later phase when they share the bottom (`finetune`); lr-find
+            computes them directly.
+        """
+        self.cfg, self.out, self.setup = setup.cfg, out, setup
+        self.index, self.topo = setup.index, setup.topo
+        self.num_classes = setup.num_classes
+        self.steps = self.topo.steps_per_epoch(
+            len(self.index.splits["train"]), self.cfg.data.batch_size
+        )
+        self.derive = derive
+        self.augmenter = pipeline.build_augmenter(
+            self.cfg.augmentation, self.cfg.experiment.seed
+        )
+        self._cached: dict = {}  # CachedData or ActivationData, by cache_key
+        self._val_ds = None
+
+    def build(self, plan) -> None:
+        """Compute the cache `plan` trains on, from the model's current
+        weights (an earlier phase may have trained the bottom: the
+        activations are cached per phase; features once per path)."""
+        s = self.setup
+        if plan.path == "activations":
+            self._cached[cache_key(plan)] = activations.activation_datasets(
+                self.cfg, self.out, s.model, s.base, self.index, plan.layer_names
+            )
+        elif plan.path != "base" and plan.path not in self._cached:
+            # Outside the scope: extraction is each worker's local pass.
+            self._cached[plan.path] = feature_training.cached_datasets(
+                self.cfg,
+                self.out,
+                s.model,
+                s.base,
+                self.index,
+                plan.path,
+                strategy=self.topo.strategy,
+                cut_layers=derive_from(s.plans, plan) if self.derive else None,
+            )
+
+    def cached(self, plan):
+        """The cache `plan` trains on (after `build(plan)`)."""
+        return self._cached[cache_key(plan)]
+
+    def needs_build(self, plan) -> bool:
+        return plan.path == "activations" or (
+            plan.path != "base" and plan.path not in self._cached
+        )
+
+    def for_phase(
+        self,
+        plan,
+        first: int,
+        end: int,
+        *,
+        deterministic: bool = False,
+        per_epoch: Optional[int] = None,
+    ):
+        """(model to fit, training batches of epochs first..end-1, val).
+
+        `per_epoch` caps the rows an epoch reads (lr-find's whole batches).
+        """
+        cfg = self.cfg
+        extra = {} if per_epoch is None else {"per_epoch": per_epoch}
+        if plan.path == "base":
+
+            def train(**distributed):
+                return pipeline.make_dataset(
+                    self.index.splits["train"],
+                    self.num_classes,
+                    cfg.data.image_size,
+                    distributed.pop("batch_size", cfg.data.batch_size),
+                    shuffle=True,
+                    seed=cfg.experiment.seed,
+                    augmenter=self.augmenter,
+                    epochs=(first, end),
+                    deterministic=deterministic,
+                    **{**extra, **distributed},
+                )
+
+            fit_model, val = self.setup.model, self.val_dataset()
+        else:
+            cached = self.cached(plan)
+
+            def train(**distributed):
+                return cached.train_dataset(first, end, **{**extra, **distributed})
+
+            fit_model, val = cached.head, self._unsharded(cached.val_dataset())
+        distribute.adopt(fit_model, self.topo)
+        if not self.topo.distributed:
+            return fit_model, train(), val
+        class_weight = self.setup.class_weights[plan.index]
+        return fit_model, self._distributed(train, class_weight), val
+
+    def val_dataset(self):
+        if self._val_ds is None:
+            self._val_ds = self.eval_dataset("val")
+        return self._val_ds
+
+    def eval_dataset(self, split: str):
+        """A split's images in order, read whole by every worker."""
+        return self._unsharded(
+            pipeline.make_dataset(
+                self.index.splits[split],
+                self.num_classes,
+                self.cfg.data.image_size,
+                self.cfg.data.batch_size,
+            )
+        )
+
+    def _distributed(self, train, class_weight):
+        """Training batches under the strategy: each input pipeline reads
+        its own shard of every epoch, in per-replica batches."""
+        topo, n = self.topo, len(self.index.splits["train"])
+        batch = self.cfg.data.batch_size
+
+        def per_pipeline(ctx):
+            per_replica = ctx.get_per_replica_batch_size(batch)
+            per_epoch = (
+                self.steps
+                * per_replica
+                * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            )
+            return train(
+                batch_size=per_replica,
+                shard=(ctx.input_pipeline_id, ctx.num_input_pipelines),
+                per_epoch=min(per_epoch, n),
+                class_weight=class_weight,
+            )
+
+        return topo.strategy.distribute_datasets_from_function(per_pipeline)
+
+    def _unsharded(self, ds):
+        """Validation data is read whole by every worker (the metrics are
+        then exact whatever the split of the last batch)."""
+        if self.topo.kind != "multi_worker":
+            return ds
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        return ds.with_options(options)
+
+
+def derive_from(plans, plan):
+    """The trainable layers of the first phase after `plan` that trains the
+    base, when that phase trains on cached activations: `plan`'s features
+    can be computed from that cache (the bottom's weights are the same)."""
+    later = next((p for p in plans[plan.index + 1 :] if p.layer_names), None)
+    if later is None or later.path != "activations":
+        return None
+    return later.layer_names
+
+
+def cache_key(plan) -> str:
+    return f"activations-{plan.index}" if plan.path == "activations" else plan.path

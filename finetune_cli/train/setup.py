@@ -1,0 +1,142 @@
+"""What every training job prepares before anything trains.
+
+`prepare(cfg, out)` is the one setup sequence of `finetune`, `lr-find` and
+`tune`: the data (indexed and pre-flight checked, or a resumed run's
+recorded split), the class weights of every phase, the runtime (devices,
+precision, XLA, seeds), the model built inside the strategy's scope, and
+every phase resolved against it (`phases.plan_phases`). Anything wrong is
+raised here, before a run folder, a cache or a tune folder is written; the
+pre-flight verdicts are saved by the caller (`Setup.save_verdicts`) once
+it has passed its own checks too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from finetune_cli.console import Output
+from finetune_cli.data import index as data_lib
+from finetune_cli.data import preflight as preflight_lib
+from finetune_cli.data import split as split_lib
+from finetune_cli.errors import ConfigError
+from finetune_cli.errors import DataError
+from finetune_cli.model import build as model_lib
+from finetune_cli.run.folder import RunDir
+from finetune_cli.runtime import distribute
+from finetune_cli.runtime import environment
+from finetune_cli.train import phases as phases_lib
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a job trains with; built by `prepare`."""
+
+    cfg: object
+    index: data_lib.DataIndex
+    skipped: list  # [(path, why)] left out by data.on_bad_image: skip
+    model: object
+    base: object
+    plans: list  # phases.PhasePlan, one per phase
+    class_weights: list  # per phase: {class index: weight} or None
+    runtime: dict  # what environment.configure_runtime set
+    env: dict  # environment.describe(), with the runtime and topology
+    topo: distribute.Topology
+    save_verdicts: Optional[Callable[[], None]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index.class_names)
+
+
+def prepare(
+    cfg,
+    out: Optional[Output] = None,
+    *,
+    argv=None,
+    resume: Optional[Path] = None,
+    topo: Optional[distribute.Topology] = None,
+) -> Setup:
+    """Check the data, configure the runtime, build the model, plan phases.
+
+    Args:
+        resume: a run folder whose recorded split is the data (no image is
+            decoded again; its files are checked when they are read).
+        topo: the strategy (`distribute.setup`); none by default.
+
+    Raises:
+        ConfigError, DataError: nothing has been written.
+    """
+    out = out or Output()
+    topo = topo or distribute.Topology("none", tf.distribute.get_strategy())
+    if resume is not None:
+        index, skipped, save_verdicts = _recorded(resume), [], None
+    else:
+        index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+        index, skipped, save_verdicts = preflight_lib.scan_images(index, cfg, out)
+    class_weights = [
+        phases_lib.resolve_class_weight(p, i, index) for i, p in enumerate(cfg.phases)
+    ]
+    if len(index.class_names) < 2:
+        raise DataError(
+            f"{index.source}: need at least 2 classes. Received: {index.class_names}"
+        )
+    env = environment.describe(argv)
+    gpu = any(d["type"] == "GPU" for d in env["devices"])
+    runtime = environment.configure_runtime(cfg, gpu)
+    env["runtime"] = {**runtime, **topo.describe()}
+    check_batch(cfg, topo, len(index.splits["train"]))
+    with topo.strategy.scope():
+        model, base = model_lib.build_model(cfg, len(index.class_names))
+    distribute.adopt(model, topo)
+    plans = phases_lib.plan_phases(model, base, cfg, topo.distributed)
+    return Setup(
+        cfg,
+        index,
+        skipped,
+        model,
+        base,
+        plans,
+        class_weights,
+        runtime,
+        env,
+        topo,
+        save_verdicts,
+    )
+
+
+def _recorded(resume: Path) -> data_lib.DataIndex:
+    run = RunDir(resume)
+    if run.status().get("state") == "completed":
+        raise ConfigError(f"--resume {resume}: the run is already completed")
+    index = split_lib.load(run.path)
+    if index is None:
+        raise ConfigError(
+            f"--resume {resume}: the run has no recorded file list (it was "
+            "started by an older finetune-cli); start a new run"
+        )
+    return index
+
+
+def check_batch(cfg, topo, n_train: int) -> None:
+    """Under a strategy the global batch must split evenly over the replicas
+    and leave every worker at least one full batch per epoch."""
+    if not topo.distributed:
+        return
+    batch = cfg.data.batch_size
+    if batch % topo.replicas:
+        raise ConfigError(
+            f"data.batch_size is the global batch and must split evenly over "
+            f"the {topo.replicas} replicas of runtime.distribute: {topo.kind}; "
+            f"use a multiple of {topo.replicas}. Received: "
+            f"data.batch_size={batch}"
+        )
+    if topo.steps_per_epoch(n_train, batch) < 1:
+        raise ConfigError(
+            f"data.batch_size {batch} is larger than the {n_train} training "
+            f"images can fill on {topo.workers} worker(s); lower it. "
+            f"Received: data.batch_size={batch}"
+        )

@@ -1,0 +1,173 @@
+"""What a run says before it trains: devices, data, model and the plan.
+
+`announce(trainer)` prints the run's header; `plan_rows` is the plan, one
+row per phase; `describe_path` and `path_notes` say what each phase trains
+on (images, cached features or cached activations) and why.
+"""
+
+from __future__ import annotations
+
+from finetune_cli.model.build import count_params
+
+
+def path_notes(plans, cfg) -> list[str]:
+    """Why a partly unfrozen phase under frozen BN runs the base anyway."""
+    notes = []
+    fc = cfg.feature_cache
+    for p in plans:
+        if not p.layer_names or p.phase.batchnorm != "frozen" or p.path != "base":
+            continue
+        if p.cut is None:
+            why = p.no_cut
+        elif not fc.enabled or not fc.activations:
+            continue  # the user's choice
+        elif cfg.augmentation and fc.augmented == "faithful":
+            why = (
+                "augmentation is declared with feature_cache.augmented: "
+                "faithful (views would cache augmented copies)"
+            )
+        else:
+            why = "tf.distribute runs the whole model"
+        notes.append(f"phase {p.index + 1} ({p.phase.name}) runs the base: {why}")
+    return notes
+
+
+def describe_path(path: str, cfg, plan=None) -> str:
+    views = f", {cfg.feature_cache.views} augmented views" if cfg.augmentation else ""
+    if path == "features":
+        return "cached features"
+    if path == "views":
+        return f"cached features{views}"
+    if path == "activations":
+        return f"cached activations at {plan.cut if plan else 'the cut'}{views}"
+    return "base every epoch"
+
+
+PLAN_COLUMNS = [
+    "#",
+    "phase",
+    "trains",
+    "trainable",
+    "frozen",
+    "BN mode",
+    "optimizer",
+    "LR",
+    "schedule",
+    "epochs",
+    "batch",
+    "path",
+]
+
+
+def plan_rows(plans, cfg, replicas: int) -> list[list[str]]:
+    """The plan table: one row per phase (see PLAN_COLUMNS). The batch is
+    the global one, split over `replicas`."""
+    batch = str(cfg.data.batch_size)
+    if replicas > 1:
+        batch += f" = {replicas} x {cfg.data.batch_size // replicas}"
+    rows = []
+    for p in plans:
+        ph = p.phase
+        if ph.trainable == "none":
+            what = "head only"
+        elif ph.trainable == "all":
+            what = f"all {len(p.layer_names)} base layers"
+        elif ph.trainable.top is not None:
+            what = f"top {ph.trainable.top} base layers"
+        elif ph.trainable.from_layer is not None:
+            what = f"from {ph.trainable.from_layer} ({len(p.layer_names)} layers)"
+        else:
+            what = f"regex {ph.trainable.regex} ({len(p.layer_names)} layers)"
+        sched = ph.schedule.name
+        if ph.schedule.warmup_epochs and sched != "warmup":
+            sched += f" +{ph.schedule.warmup_epochs:g} ep warmup"
+        bn = "inference (frozen)" if ph.batchnorm == "frozen" else "train"
+        if bn == "train" and replicas > 1:
+            bn = "train (synchronised)"
+        if not p.layer_names:
+            bn = "inference (frozen)"
+        rows.append(
+            [
+                str(p.index + 1),
+                ph.name,
+                what,
+                f"{p.trainable_params:,}",
+                f"{p.frozen_params:,}",
+                bn,
+                ph.optimizer.name,
+                f"{ph.learning_rate:g}",
+                sched,
+                str(ph.epochs),
+                batch,
+                describe_path(p.path, cfg, p),
+            ]
+        )
+    return rows
+
+
+def announce(t) -> None:
+    """The header of a run (or of its resume) for trainer `t`."""
+    cfg, out, st = t.cfg, t.out, t.state
+    if t.resumed:
+        where = (
+            "the end-of-run evaluation"
+            if st.stage == "finalize" or st.phase >= len(t.plans)
+            else f"phase {st.phase + 1} ({t.plans[st.phase].phase.name})"
+        )
+        out.step(f"resuming {t.run.path} after epoch {st.epoch}, at {where}")
+        saved = st.versions
+        changed = [
+            f"{k} {saved[k]} -> {v}"
+            for k, v in t.versions.items()
+            if saved.get(k) not in (None, v)
+        ]
+        if changed:
+            out.warn(
+                "resuming with other versions than the run started "
+                f"with ({', '.join(changed)}); the state format is "
+                "the same, but results may differ slightly"
+            )
+    out.step(f"finetune {cfg.experiment.name} -> {t.run.path}")
+    gpus = [d for d in t.env["devices"] if d["type"] == "GPU"]
+    out.info(
+        "devices: "
+        + (
+            ", ".join(f"{d['name']} ({d.get('model') or 'GPU'})" for d in gpus)
+            if gpus
+            else "CPU only (no GPU found by TensorFlow)"
+        )
+    )
+    out.info(
+        f"precision: "
+        f"{'mixed_float16' if t.runtime['mixed_precision'] else 'float32'}"
+        f"; XLA: {'on' if t.runtime['xla'] else 'off'}"
+        f"; deterministic: {'on' if t.runtime['deterministic'] else 'off'}"
+    )
+    topo = t.topo
+    if topo.distributed:
+        out.info(
+            f"distribute: {topo.kind}, {topo.replicas} replica(s) on "
+            f"{topo.workers} worker(s) (this is {topo.task}"
+            f"{', the chief' if topo.chief else ', writes nothing'}); "
+            f"global batch {cfg.data.batch_size}, "
+            f"{topo.per_replica_batch(cfg.data.batch_size)} per replica, "
+            f"{t.steps} steps per epoch"
+        )
+    out.info(
+        f"data: {t.index.source}: {t.num_classes} classes, "
+        + ", ".join(f"{s} {len(v)}" for s, v in t.index.splits.items())
+    )
+    out.info(
+        f"model: {cfg.model.name} ({cfg.model.weights} weights), "
+        f"{count_params(t.model.weights):,} parameters, "
+        f"input {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
+    )
+    out.table("plan", PLAN_COLUMNS, plan_rows(t.plans, cfg, topo.replicas))
+    for note in path_notes(t.plans, cfg):
+        out.info(note)
+
+
+def epoch_line(epoch: int, phase_name: str, logs: dict, lr: float, seconds) -> str:
+    """One finished epoch, as the run's log shows it."""
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate")
+    return f"epoch {epoch:>3} [{phase_name}] {shown}  lr {lr:.2e}  ({seconds:.1f}s)"
