@@ -32,7 +32,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _assets  # noqa: E402
+import _assets
+import _results  # noqa: E402
 
 
 def phase_seconds(run_dir: Path, phase: str) -> float:
@@ -111,16 +112,35 @@ def main(argv=None) -> int:
             flush=True,
         )
     full, cached, quarter_run = runs["full"], runs["cached"], runs["cached-quarter"]
-    print()
-    print(f"| top {args.top} phase, {args.epochs} epochs | wall | test accuracy |")
-    print("| --- | --- | --- |")
-    print(
-        f"| full model every step | {full['top_epochs']:.0f} s (run "
-        f"{full['wall']:.0f} s) | {full['test']:.4f} |"
-    )
-    print(
-        f"| cached activations | {cached['top_epochs']:.0f} s of epochs (run "
-        f"{cached['wall']:.0f} s) | {cached['test']:.4f} |"
+    r = cached["top_epochs"] / full["top_epochs"]
+    _results.report(
+        "activation_cache",
+        f"A top-{args.top} phase ({args.epochs} epochs, BN frozen): the full "
+        "model every step against cached activations",
+        ["run", "phase epochs", "whole run", "test accuracy", "peak RSS"],
+        [
+            [
+                "full model every step",
+                f"{full['top_epochs']:.0f} s",
+                f"{full['wall']:.0f} s",
+                f"{full['test']:.4f}",
+                f"{full['rss']:,.0f} MiB",
+            ],
+            [
+                "cached activations",
+                f"{cached['top_epochs']:.0f} s ({r:.2f}x)",
+                f"{cached['wall']:.0f} s ({cached['wall'] / full['wall']:.2f}x)",
+                f"{cached['test']:.4f}",
+                f"{cached['rss']:,.0f} MiB",
+            ],
+            [
+                "cached activations, a quarter of the photos",
+                f"{quarter_run['top_epochs']:.0f} s",
+                f"{quarter_run['wall']:.0f} s",
+                f"{quarter_run['test']:.4f}",
+                f"{quarter_run['rss']:,.0f} MiB",
+            ],
+        ],
     )
     # Both runs have the same head phase; the cache is built at the top
     # phase's start, so it is in the run's wall time, not in its epochs.

@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _assets  # noqa: E402
+import _assets
+import _results  # noqa: E402
 
 
 def finetune(cfg: dict, work: Path) -> tuple[float, float]:
@@ -63,15 +64,22 @@ def main(argv=None) -> int:
         rows.append((name, wall, acc))
         print(f"{name}: {wall:.0f} s, test {acc:.4f}", flush=True)
     base_wall, base_acc = rows[0][1], rows[0][2]
-    print()
     epochs = raw["phases"][0]["epochs"]
-    print(f"| head phase, {epochs} epochs | wall | vs faithful | test accuracy |")
-    print("| --- | --- | --- | --- |")
-    for name, wall, acc in rows:
-        print(
-            f"| {name} | {wall:.0f} s | {wall / base_wall:.2f}x | {acc:.4f} "
-            f"({(acc - base_acc) * 100:+.1f} points) |"
-        )
+    _results.report(
+        "augmented_head",
+        f"The shipped head phase ({epochs} epochs): faithful against cached "
+        "augmented views",
+        ["feature_cache.augmented", "wall", "vs faithful", "test accuracy"],
+        [
+            [
+                name,
+                f"{wall:.0f} s",
+                f"{wall / base_wall:.2f}x",
+                f"{acc:.4f} ({(acc - base_acc) * 100:+.1f} points)",
+            ]
+            for name, wall, acc in rows
+        ],
+    )
     print(f"(work folder: {work})")
     return 0
 

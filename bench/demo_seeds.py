@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+import _results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,9 +113,16 @@ def main(argv=None) -> int:
         for k in keys
     }
     print(f"\n{len(rows)} seeds, {time.monotonic() - t0:.0f} s in all")
-    print(f"{'':12}" + "".join(f"{k:>14}" for k in keys))
-    for stat in ("mean", "min", "max"):
-        print(f"{stat:12}" + "".join(f"{summary[k][stat]:>14.3f}" for k in keys))
+    _results.report(
+        "demo_seeds",
+        f"make demo's steps over {len(rows)} seeds (validation accuracy by "
+        "phase, test accuracy, the same schedule from scratch)",
+        ["", *keys],
+        [
+            [stat, *(f"{summary[k][stat]:.3f}" for k in keys)]
+            for stat in ("mean", "min", "max")
+        ],
+    )
     first, last = phases[0], phases[-1]
     helped = sum(r["scratch"] < r["test"] and r[first] < r[last] for r in rows)
     print(

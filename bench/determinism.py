@@ -36,6 +36,7 @@ import yaml
 
 from _assets import missing
 from _assets import parser
+import _results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,6 +142,17 @@ def main(argv=None) -> int:
         f"{'agree' if summary['deterministic_repeats'] else 'DIFFER'} "
         f"(test accuracy {det[0]['test_accuracy']:.4f} / "
         f"{det[1]['test_accuracy']:.4f})"
+    )
+    _results.report(
+        "determinism",
+        "Op determinism: its cost, and the spread of test accuracy without it",
+        ["measure", "value"],
+        [
+            ["test accuracy over 3 seeds", ", ".join(f"{a:.4f}" for a in accs)],
+            ["spread (max - min)", f"{summary['accuracy_spread']:.4f}"],
+            ["deterministic / free wall", f"{summary['deterministic_cost']:.2f}x"],
+            ["two deterministic runs agree", str(summary["deterministic_repeats"])],
+        ],
     )
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -27,6 +27,7 @@ import yaml
 
 from _assets import missing
 from _assets import parser
+import _results
 
 
 def main(argv=None) -> int:
@@ -138,13 +139,19 @@ def main(argv=None) -> int:
         f"{per_class * len(classes)} training images, {args.image_size}px, global "
         f"batch {args.batch_size}, {args.epochs} epochs (first left out)"
     )
-    print(f"{'setup':<12} {'replicas':>8} {'devices':<40} {'images/s':>9} {'ratio':>6}")
+    table = []
     for name, (speed, env) in results.items():
         devices = ", ".join(d.rsplit("/", 1)[-1] for d in env.get("devices", []))
-        print(
-            f"{name:<12} {env.get('replicas', 1):>8} {devices[:40]:<40} "
-            f"{speed:>9.1f} {speed / base:>6.2f}"
+        table.append(
+            [name, env.get("replicas", 1), devices[:40]]
+            + [f"{speed:.1f}", f"{speed / base:.2f}x"]
         )
+    _results.report(
+        "distribute",
+        "Training throughput under tf.distribute against one replica",
+        ["setup", "replicas", "devices", "images/s", "ratio"],
+        table,
+    )
     return 0
 
 

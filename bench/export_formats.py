@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from _assets import missing  # noqa: E402
 from _assets import parser  # noqa: E402
+import _results
 
 
 def main(argv=None) -> int:
@@ -70,17 +71,25 @@ def main(argv=None) -> int:
         f"parity: {r['images']} validation images, Keras model accuracy "
         f"{r['reference_accuracy']:.4f}"
     )
-    print(
-        f"{'artifact':<16}{'size MB':>9}{'ms/image':>10}{'accuracy':>10}"
-        f"{'top-1 agree':>13}{'max|diff|':>11}  ok"
+    _results.report(
+        "export_formats",
+        f"Every export format: size, latency at batch 1, parity on "
+        f"{r['images']} validation images",
+        ["artifact", "size", "ms/image", "accuracy", "top-1 agreement"]
+        + ["max abs diff", "ok"],
+        [
+            [
+                a["artifact"],
+                f"{a['size_bytes'] / 1e6:.2f} MB",
+                f"{a['latency_ms']:.1f}",
+                f"{a['accuracy']:.4f}",
+                f"{a['top1_agreement']:.4f}",
+                f"{a['max_abs_diff']:.1e}",
+                "yes" if a["passed"] else "NO",
+            ]
+            for a in r["artifacts"]
+        ],
     )
-    for a in r["artifacts"]:
-        print(
-            f"{a['artifact']:<16}{a['size_bytes'] / 1e6:>9.2f}"
-            f"{a['latency_ms']:>10.2f}{a['accuracy']:>10.4f}"
-            f"{a['top1_agreement']:>13.4f}{a['max_abs_diff']:>11.2e}  "
-            f"{'yes' if a['passed'] else 'NO'}"
-        )
     return 0
 
 

@@ -22,16 +22,17 @@ from pathlib import Path
 
 from _assets import missing
 from _assets import parser
+import _results
 
 _CHILD = r"""
 import json, os, resource, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from finetune_cli.config import load_config
 from finetune_cli.console import Output
-from finetune_cli.cache import features
+from finetune_cli.cache import extract as extract_lib
 cfg = load_config(sys.argv[1])
 t0 = time.perf_counter()
-(r,) = features.extract_command(cfg, Output(file=open(os.devnull, "w")), "train")
+(r,) = extract_lib.extract_command(cfg, Output(file=open(os.devnull, "w")), "train")
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"images": r.images, "seconds": time.perf_counter() - t0,
                   "peak_rss_mib": rss}))
@@ -104,9 +105,25 @@ def main(argv=None) -> int:
         )
     ratio = results["large"]["peak_rss_mib"] / results["small"]["peak_rss_mib"]
     scale = results["large"]["images"] / results["small"]["images"]
-    print(
-        f"peak memory large/small: {ratio:.3f} "
-        f"({(ratio - 1) * 100:+.1f}%) for {scale:.1f}x the images"
+    small = results["small"]
+    _results.report(
+        "extract_memory",
+        "Peak RSS of extract against the number of images",
+        ["images", "seconds", "peak RSS", "ratio"],
+        [
+            [
+                small["images"],
+                f"{small['seconds']:.1f}",
+                f"{small['peak_rss_mib']:,.0f} MiB",
+                "1.00x",
+            ],
+            [
+                f"{results['large']['images']} ({scale:.1f}x)",
+                f"{results['large']['seconds']:.1f}",
+                f"{results['large']['peak_rss_mib']:,.0f} MiB",
+                f"{ratio:.3f}x",
+            ],
+        ],
     )
     return 0
 

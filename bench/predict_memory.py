@@ -22,6 +22,7 @@ from pathlib import Path
 
 from _assets import missing
 from _assets import parser
+import _results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,14 +103,20 @@ def main(argv=None) -> int:
                 f"peak RSS {r['peak_rss_mib']:6.0f} MiB",
                 flush=True,
             )
+    table = []
     for mode in ("decode-all-first", "stream"):
         small = results[(mode, args.per_class)]
         large = results[(mode, 4 * args.per_class)]
         ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
-        print(
-            f"{mode}: peak RSS x{ratio:.2f} for "
-            f"x{large['images'] / small['images']:.2f} the images"
+        table.append(
+            [mode, f"x{large['images'] / small['images']:.2f}", f"x{ratio:.2f}"]
         )
+    _results.report(
+        "predict_memory",
+        "Peak RSS of predict against the number of images",
+        ["path", "images ratio", "peak RSS ratio"],
+        table,
+    )
     return 0
 
 

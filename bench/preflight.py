@@ -23,6 +23,7 @@ from pathlib import Path
 
 from _assets import missing
 from _assets import parser
+import _results
 
 
 def main(argv=None) -> int:
@@ -52,13 +53,19 @@ def main(argv=None) -> int:
     warm, _ = preflight_lib.image_verdicts(files, cache)
     rerun = time.perf_counter() - t0
     assert warm == cold
-    print(f"{len(files)} images in {args.data}")
-    for name, seconds in (
-        ("serial, decode every file (baseline)", serial),
-        ("parallel, cold cache", parallel),
-        ("parallel, rerun (verdicts cached)", rerun),
-    ):
-        print(f"{name:38} {seconds:7.1f} s  {serial / seconds:5.1f}x")
+    _results.report(
+        "preflight",
+        f"The pre-flight check of {len(files)} images",
+        ["run", "seconds", "vs serial"],
+        [
+            [name, f"{seconds:.1f}", f"{serial / seconds:.1f}x"]
+            for name, seconds in (
+                ("serial, decode every file (baseline)", serial),
+                ("parallel, cold cache", parallel),
+                ("parallel, rerun (verdicts cached)", rerun),
+            )
+        ],
+    )
     return 0
 
 

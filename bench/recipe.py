@@ -35,7 +35,8 @@ import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _assets  # noqa: E402
+import _assets
+import _results  # noqa: E402
 
 
 def shipped(config: Path, args, work: Path) -> tuple[float, float, Path]:
@@ -123,14 +124,21 @@ def main(argv=None) -> int:
     print(f"shipped ({args.config.name}): test {s_acc:.4f}, {s_wall:.0f} s", flush=True)
     h_wall, h_acc = hand_written(run, args)
     print(f"hand-written: test {h_acc:.4f}, {h_wall:.0f} s", flush=True)
-    print()
-    print("| recipe | test accuracy | wall |")
-    print("| --- | --- | --- |")
-    print(f"| hand-written Keras tutorial recipe | {h_acc:.4f} | {h_wall:.0f} s |")
-    print(f"| `{args.config.name}` as shipped | {s_acc:.4f} | {s_wall:.0f} s |")
-    print(
-        f"| **shipped vs hand-written** | **{(s_acc - h_acc) * 100:+.1f} points** "
-        f"| **{s_wall / h_wall:.2f}x** |"
+    seed = args.split_seed if args.split_seed is not None else "the config's"
+    _results.report(
+        "recipe",
+        f"The shipped recipe against the hand-written Keras tutorial recipe, "
+        f"split seed {seed}",
+        ["recipe", "test accuracy", "wall"],
+        [
+            ["hand-written Keras tutorial recipe", f"{h_acc:.4f}", f"{h_wall:.0f} s"],
+            [f"{args.config.name} as shipped", f"{s_acc:.4f}", f"{s_wall:.0f} s"],
+            [
+                "shipped vs hand-written",
+                f"{(s_acc - h_acc) * 100:+.1f} points",
+                f"{s_wall / h_wall:.2f}x",
+            ],
+        ],
     )
     print(f"(work folder: {work})")
     return 0

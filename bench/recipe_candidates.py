@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _assets  # noqa: E402
+import _assets
+import _results  # noqa: E402
 
 AUG = [
     {"type": "flip", "mode": "horizontal"},
@@ -155,22 +156,22 @@ def main(argv=None) -> int:
             )
             results[name].append((acc, wall))
             print(f"{name} seed {seed}: test {acc:.4f}, {wall:.0f} s", flush=True)
-    print()
-    print(
-        "| candidate | "
-        + " | ".join(f"seed {s}" for s in args.seeds)
-        + " | mean | spread | mean wall |"
-    )
-    print("| --- " * (len(args.seeds) + 4) + "|")
+    table = []
     for name, rows in results.items():
         accs = [a for a, _ in rows]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(
-            f"| {name} | "
-            + " | ".join(f"{a:.4f}" for a in accs)
-            + f" | {statistics.mean(accs):.4f} | {sd:.4f} | "
-            f"{statistics.mean(w for _, w in rows):.0f} s |"
+        table.append(
+            [name, *(f"{a:.4f}" for a in accs)]
+            + [f"{statistics.mean(accs):.4f}", f"{sd:.4f}"]
+            + [f"{statistics.mean(w for _, w in rows):.0f} s"]
         )
+    _results.report(
+        "recipe_candidates",
+        "Recipe candidates over seeds (test accuracy of each seed's split)",
+        ["candidate", *(f"seed {s}" for s in args.seeds)]
+        + ["mean", "spread (sd)", "mean wall"],
+        table,
+    )
     print(f"(work folder: {work})")
     return 0
 

@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import _results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -90,8 +91,7 @@ def main(argv=None) -> int:
 
     print(f"backend {keras.backend.backend()}, batch {args.batch}")
     policies = ["float32", "mixed_float16"] if args.mixed else ["float32"]
-    print("| model | policy | XLA | steps/exec | images/s | vs first row |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    table = []
     for kind in args.kinds:
         first = None
         for policy in policies:
@@ -101,11 +101,18 @@ def main(argv=None) -> int:
                         kind, policy, jit, spe, args.batch, args.steps
                     )
                     first = first or rate
-                    print(
-                        f"| {kind} | {policy} | {'on' if jit else 'off'} | {spe} "
-                        f"| {rate:,.0f} | {rate / first:.2f}x |",
-                        flush=True,
+                    table.append(
+                        [kind, policy, "on" if jit else "off", spe]
+                        + [f"{rate:,.0f}", f"{rate / first:.2f}x"]
                     )
+                    print(f"{kind} {policy} jit={jit} spe={spe}: {rate:,.0f}/s")
+    _results.report(
+        "throughput",
+        f"Training images per second (backend {keras.backend.backend()}, "
+        f"batch {args.batch}) against the first row",
+        ["model", "policy", "XLA", "steps/exec", "images/s", "vs first row"],
+        table,
+    )
     return 0
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _assets  # noqa: E402
+import _assets
+import _results  # noqa: E402
 
 
 SEARCH = {
@@ -79,11 +80,16 @@ def main(argv=None) -> int:
         (f"tune, {meta['trials']} trials on cached views", None, tune_s),
         ("best trial's config, finetune", best, best_s),
     ]
-    print()
-    print("| step | test accuracy | wall |")
-    print("| --- | --- | --- |")
-    for name, acc, secs in rows:
-        print(f"| {name} | {'-' if acc is None else f'{acc:.4f}'} | {secs:.0f} s |")
+    _results.report(
+        "tune",
+        "The shipped head phase against a search on cached views, then "
+        "finetune on its best.yaml",
+        ["step", "test accuracy", "wall"],
+        [
+            [name, "-" if acc is None else f"{acc:.4f}", f"{secs:.0f} s"]
+            for name, acc, secs in rows
+        ],
+    )
     print()
     print(f"best trial: {meta['best']}")
     print(

@@ -5,6 +5,11 @@ progress bar. When it is not (CI logs, cron mail, a pipe), the same content
 comes out as plain, line-by-line text with no colour or cursor movement.
 `quiet` keeps only warnings and errors. A run's log file gets everything,
 plain, whatever the terminal shows.
+
+At a terminal the output is written for 80 columns: a table wider than the
+terminal is drawn as a list, one block per row, and messages that carry
+internal names (tensor names, cache folders and keys) show a short form
+unless `verbose`; plain output and the log always have the full form.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Output:
         quiet: bool = False,
         plain: Optional[bool] = None,
         err_file: Optional[TextIO] = None,
+        verbose: bool = False,
     ):
         self.console = Console(
             file=file or sys.stdout, highlight=False, soft_wrap=False
@@ -60,6 +66,7 @@ class Output:
                 soft_wrap=True,
             )
         self.quiet = quiet
+        self.verbose = verbose
         self._log: Optional[Console] = None
         self._log_file = None
         self._live: list = []  # progress bars being drawn
@@ -83,21 +90,31 @@ class Output:
             self._log_file.close()
             self._log_file, self._log = None, None
 
-    def _emit(self, renderable, *, style=None, always=False):
+    def _emit(self, renderable, *, style=None, always=False, log=None):
         if not self.quiet or always:
             self.console.print(renderable, style=None if self.plain else style)
         if self._log is not None:
-            self._log.print(renderable)
+            self._log.print(renderable if log is None else log)
+
+    def pick(self, full: str, brief: Optional[str]) -> str:
+        """What the console shows of a message that has a short form."""
+        if brief is None or self.plain or self.verbose:
+            return full
+        return brief
 
     # -- messages ---------------------------------------------------------
 
-    def info(self, message: str) -> None:
-        self._emit(escape(message))
+    def info(self, message: str, *, brief: Optional[str] = None) -> None:
+        """A line; `brief` is what a terminal shows without --verbose."""
+        self._emit(escape(self.pick(message, brief)), log=escape(message))
 
-    def step(self, message: str) -> None:
+    def step(self, message: str, *, brief: Optional[str] = None) -> None:
         """A headline: bold at a terminal, '== ... ==' in plain text."""
-        text = escape(message)
-        self._emit(f"== {text} ==" if self.plain else f"[bold]{text}[/bold]")
+        text = escape(self.pick(message, brief))
+        self._emit(
+            f"== {text} ==" if self.plain else f"[bold]{text}[/bold]",
+            log=f"== {escape(message)} ==",
+        )
 
     def success(self, message: str) -> None:
         self._emit(escape(message), style="green")
@@ -124,17 +141,34 @@ class Output:
         if self._log is not None:
             self._log.print(f"{kind}: {escape(message)}")
 
-    def table(self, title: str, columns, rows) -> None:
+    def table(self, title: str, columns, rows, *, right=()) -> None:
+        """A table; at a terminal too narrow for it, a list of rows.
+
+        Args:
+            right: the columns (names) whose values align right (numbers).
+        """
         table = Table(
             title=title,
             box=box.ASCII if self.plain else box.ROUNDED,
             title_justify="left",
         )
         for col in columns:
-            table.add_column(col, overflow="fold")
+            table.add_column(
+                col, overflow="fold", justify="right" if col in right else "left"
+            )
         for row in rows:
             table.add_row(*(escape(str(c)) for c in row))
-        self._emit(table)
+        if self.plain or self._fits(table):
+            self._emit(table)
+        else:
+            self._emit(_as_list(title, columns, rows), log=table)
+
+    def _fits(self, table) -> bool:
+        from rich.measure import Measurement
+
+        wide = self.console.options.update_width(PLAIN_WIDTH)
+        width = Measurement.get(self.console, wide, table).maximum
+        return width <= self.console.width
 
     def text(self, text: str) -> None:
         """Raw text (YAML, JSON) to stdout, even with --quiet."""
@@ -197,6 +231,26 @@ class Output:
             yield update
         if self.plain and final:
             self.info(line(seen[0]))
+
+
+def _as_list(title: str, columns, rows):
+    """Rows as blocks: the first two values as a heading, then the others
+    as `name value` pairs, wrapped between words (never inside one)."""
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.text import Text
+
+    parts = [Text(title, style="italic")]
+    for row in rows:
+        head = " ".join(str(c) for c in row[:2])
+        pairs = [
+            f"{c} {v}"
+            for c, v in zip(columns[2:], row[2:], strict=False)
+            if str(v) != ""
+        ]
+        parts.append(Text(head, style="bold"))
+        parts.append(Padding(Text(" · ".join(pairs)), (0, 0, 0, 2)))
+    return Group(*parts)
 
 
 class _NoProgress:
@@ -295,3 +349,12 @@ def filter_native_stderr() -> None:
         thread.join(timeout=5)
 
     atexit.register(restore)
+
+
+def sci(value: float) -> str:
+    """A learning rate or other small number, short: 1e-3, 2.5e-4, 0."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"

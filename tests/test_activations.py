@@ -13,6 +13,7 @@ import pytest
 from conftest import lively_base
 from conftest import tiny_config
 from finetune_cli.cache import activations
+from finetune_cli.cache import cut as cut_lib
 from finetune_cli import config as config_lib
 from finetune_cli.data import index as data_lib
 from finetune_cli.model import build as model_lib
@@ -31,7 +32,7 @@ def test_the_cut_is_exact_wherever_it_falls(top):
     # Some of these cuts fall inside a residual block: two tensors cross.
     base = lively_base()
     names = [la.name for la in model_lib.base_layers(base)][-top:]
-    cut, why = activations.find_cut(base, names)
+    cut, why = cut_lib.find_cut(base, names)
     assert cut is not None, why
     x = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
     whole = base.predict(x, verbose=0)
@@ -58,7 +59,7 @@ def test_a_residual_crossing_the_cut_is_carried():
         for i, n in enumerate(layers)
         if n.endswith("_project_BN") and n.replace("project_BN", "add") in layers
     )
-    cut, _ = activations.find_cut(base, layers[at:])
+    cut, _ = cut_lib.find_cut(base, layers[at:])
     assert len(cut.names) == 2
 
 
@@ -70,9 +71,9 @@ def test_random_layers_below_the_cut_are_refused():
     x = keras.layers.Dropout(0.5, name="drop")(x)
     x = keras.layers.Conv2D(4, 3, name="c2")(x)
     base = keras.Model(inputs, x)
-    cut, why = activations.find_cut(base, ["c2"])
+    cut, why = cut_lib.find_cut(base, ["c2"])
     assert cut is None and "drop" in why
-    assert activations.find_cut(base, ["c1", "drop", "c2"]) == (
+    assert cut_lib.find_cut(base, ["c1", "drop", "c2"]) == (
         None,
         "nothing is frozen below the trainable layers",
     )
@@ -161,8 +162,8 @@ def test_training_on_cached_activations_trains_what_the_full_model_trains(
     assert manifest["dtype"] == "float32" and manifest["rows"]["val"] == len(
         index.splits["val"]
     )
-    cut, _ = activations.find_cut(model_lib.find_base(b), sorted(trained))
-    head = activations.training_model(b, model_lib.find_base(b), cut)
+    cut, _ = cut_lib.find_cut(model_lib.find_base(b), sorted(trained))
+    head = cut_lib.training_model(b, model_lib.find_base(b), cut)
     val_rows = np.load(folder / "val.npy")
     from finetune_cli.data import pipeline
 
@@ -181,6 +182,7 @@ def test_head_features_computed_from_the_activation_cache_equal_the_base(
     # from that cache (the top over the rows): the bottom runs once for both.
     from finetune_cli.cache import heads as feature_training
     from finetune_cli.cache import features
+    from finetune_cli.cache import extract as extract_lib
     from finetune_cli.data import pipeline
 
     weights = tmp_path / "pre.weights.h5"
@@ -223,7 +225,7 @@ def test_head_features_computed_from_the_activation_cache_equal_the_base(
     )
     np.testing.assert_allclose(cached.train[0], direct["train"], atol=1e-5)
     np.testing.assert_allclose(cached.val[0], direct["val"], atol=1e-5)
-    root = features.cache_root(cfg)
+    root = extract_lib.cache_root(cfg)
     manifest = json.loads((root / "train-2views" / "manifest.json").read_text())
     assert manifest["key_fields"]["derived_from"].startswith(
         f"activations at {plans[1].cut}"

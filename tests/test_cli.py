@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from finetune_cli.cli.main import app
+from typer.main import get_command as typer_main
 
 runner = CliRunner()
 SNAPSHOT = Path(__file__).parent / "snapshots" / "help.txt"
@@ -108,3 +109,32 @@ def test_synth_writes_the_classes_and_never_replaces_without_force(tmp_path):
     assert {p: p.read_bytes() for p in sorted(out.glob("*/*"))} == before
     result = runner.invoke(app, [*args, "--per-class", "2", "--force"])
     assert result.exit_code == 0 and len(list(out.glob("*/*"))) == 8
+
+
+def test_help_at_80_columns_shows_whole_option_names_and_an_example():
+    group = typer_main(app)
+    commands = []
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):  # a group
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+        else:
+            commands.append((path, cmd))
+
+    walk(group, [])
+    assert len(commands) >= 15
+    for path, cmd in commands:
+        result = runner.invoke(
+            app, [*path, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"}
+        )
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), path
+        assert "…" not in result.stdout, (path, result.stdout)
+        text = " ".join(result.stdout.split())
+        for param in cmd.params:
+            for name in [*param.opts, *param.secondary_opts]:
+                if name.startswith("--"):
+                    assert name in text, (path, name)
+        assert "Example: finetune-cli " + " ".join(path) in text, path

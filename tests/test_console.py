@@ -47,3 +47,63 @@ def test_an_error_ends_a_live_progress_bar_first():
     assert err.getvalue() == "interrupted: stopped by Ctrl-C or SIGTERM\n"
     # The bar was transient: cleared, with the cursor at a line start.
     assert not screen.getvalue().endswith("loss 0.5")
+
+
+def _terminal(width=80, **kwargs):
+    f = io.StringIO()
+    out = Output(file=f, plain=False, **kwargs)
+    out.console = Console(
+        file=f, width=width, force_terminal=True, no_color=True, highlight=False
+    )
+    return out, f
+
+
+def test_a_table_wider_than_the_terminal_becomes_a_list_that_splits_no_word():
+    out, f = _terminal()
+    cols = ["#", "phase", "trains", "BN mode", "optimizer", "LR", "path"]
+    row = ["1", "fine-tune", "top 54 base layers", "inference (frozen)"]
+    row += ["adam", "1e-4", "cached activations, 2 augmented views"]
+    out.table("plan", cols, [row])
+    lines = f.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert not any("│" in line for line in lines)  # a list, not a table
+    words = " ".join(lines).split()
+    for cell in row[2:]:
+        for word in cell.split():
+            assert word in words, (word, lines)  # never cut inside a word
+    # A table that fits stays a table.
+    out, f = _terminal()
+    out.table("small", ["a", "b"], [["1", "2"]])
+    assert "│" in f.getvalue()
+
+
+def test_internal_names_reach_a_terminal_only_with_verbose_and_always_the_log(
+    tmp_path,
+):
+    full = "activations at block_16_depthwise:0: reusing features/t/f8c3c20a"
+    brief = "activations: reusing the cache"
+    out, f = _terminal()
+    out.attach_log(tmp_path / "log.txt")
+    out.info(full, brief=brief)
+    out.step(f"phase 2 ({full})", brief=f"phase 2 ({brief})")
+    out.close()
+    assert "block_16" not in f.getvalue() and brief in f.getvalue()
+    assert (tmp_path / "log.txt").read_text().count("block_16_depthwise") == 2
+    out, f = _terminal(verbose=True)
+    out.info(full, brief=brief)
+    assert "block_16_depthwise" in f.getvalue()
+    f = io.StringIO()
+    Output(file=f, plain=True).info(full, brief=brief)
+    assert "block_16_depthwise" in f.getvalue()
+
+
+def test_small_numbers_are_short():
+    from finetune_cli.console import sci
+
+    assert [sci(v) for v in (1e-3, 0.0001, 2.5e-4, 0.0, 0.01)] == [
+        "1e-3",
+        "1e-4",
+        "2.5e-4",
+        "0",
+        "1e-2",
+    ]

@@ -14,6 +14,8 @@ from finetune_cli import config as config_lib
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
 from finetune_cli.cache import features
+from finetune_cli.cache import extract as extract_lib
+from finetune_cli.cache import store
 from finetune_cli.model import build as model_lib
 from finetune_cli.cache import heads as feature_training
 from finetune_cli.train import job as trainer
@@ -48,7 +50,7 @@ def extract_split(raw, split="train", out=None):
     cfg = config_lib.validate(raw)
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     extractor = features.build_extractor(cfg)
-    folder = out or features.cache_root(cfg) / split
+    folder = out or extract_lib.cache_root(cfg) / split
     return features.get_features(cfg, extractor, index, split, folder, quiet())
 
 
@@ -96,8 +98,8 @@ def test_changes_invalidate_the_cache_and_say_why(setup, tmp_path):
     def why(raw_changed):
         c = config_lib.validate(raw_changed)
         i = data_lib.index_data(c.data, c.experiment.seed)
-        fields = features.key_fields(c, i.splits["train"])
-        return features.open_cache(folder, fields)[1]
+        fields = store.key_fields(c, i.splits["train"])
+        return store.open_cache(folder, fields)[1]
 
     assert why(raw) is None
     bigger = json.loads(json.dumps(raw))
@@ -139,7 +141,7 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     cfg = config_lib.validate(raw)
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     # Extract first, as a user would; finetune must reuse it.
-    features.extract_command(cfg, quiet(), "all")
+    extract_lib.extract_command(cfg, quiet(), "all")
     buf = __import__("io").StringIO()
     result = trainer.finetune(cfg, Output(file=buf))
     text = buf.getvalue()
@@ -166,7 +168,7 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
         features.build_extractor(cfg_head),
         index,
         "val",
-        features.cache_root(cfg_head) / "val",
+        extract_lib.cache_root(cfg_head) / "val",
         quiet(),
     )
     vf, _, paths = val_fs.load()
@@ -201,10 +203,10 @@ def test_augmented_views_are_cached_per_view(setup, tmp_path):
     buf = __import__("io").StringIO()
     trainer.finetune(cfg, Output(file=buf))
     assert "cached features, 3 augmented views" in buf.getvalue()
-    fs = features.FeatureSet(
-        features.cache_root(cfg) / "train-3views",
+    fs = store.FeatureSet(
+        extract_lib.cache_root(cfg) / "train-3views",
         json.loads(
-            (features.cache_root(cfg) / "train-3views" / "manifest.json").read_text()
+            (extract_lib.cache_root(cfg) / "train-3views" / "manifest.json").read_text()
         ),
     )
     f, _, _ = fs.load()
@@ -266,12 +268,12 @@ def test_a_view_is_augmented_in_the_pipeline_as_if_alone(shapes_dir):
     assert not np.array_equal(view(0, batch=2)[0], first[0][:2])
 
     def key(c, views):
-        return features.key_fields(c, samples, views=views, augmentation=c.augmentation)
+        return store.key_fields(c, samples, views=views, augmentation=c.augmentation)
 
     other = cfg.model_copy(
         update={"data": cfg.data.model_copy(update={"batch_size": 2})}
     )
-    why = features.explain_mismatch(key(cfg, 2), key(other, 2))
+    why = store.explain_mismatch(key(cfg, 2), key(other, 2))
     assert why == "augment_batch_size changed (8 -> 2)"
     assert key(cfg, 1) == key(other, 1)  # unaugmented features do not care
 

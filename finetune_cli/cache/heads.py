@@ -19,6 +19,7 @@ import tensorflow as tf
 from finetune_cli.cache import activations
 from finetune_cli.data import pipeline
 from finetune_cli.cache import features
+from finetune_cli.cache import extract as extract_lib
 from finetune_cli.model import build as model_lib
 
 
@@ -127,7 +128,7 @@ def cached_datasets(
     """
     preprocess = model_lib.find_preprocessing(model)
     extractor = features.extractor_from(base, preprocess, cfg.data.image_size)
-    root = features.cache_root(cfg)
+    root = extract_lib.cache_root(cfg)
     views = cfg.feature_cache.views if path == "views" else 1
     augmenter = (
         pipeline.build_augmenter(cfg.augmentation, cfg.experiment.seed)

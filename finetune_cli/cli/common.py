@@ -1,10 +1,9 @@
-"""What every command shares: help formatting, the shared options, and
-the error runner that turns our errors into one message and an exit code
-(`errors.py`). No TensorFlow at import."""
+"""What every command shares: the shared options and the error runner that
+turns our errors into one message and an exit code (`errors.py`). Help
+formatting is `help.py`. No TensorFlow at import."""
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,53 +15,6 @@ from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_INTERRUPTED
 from finetune_cli.errors import EXIT_UNEXPECTED
 from finetune_cli.errors import FinetuneError
-
-
-class _Help:
-    """Help that reads like a man page: `TARGET IMAGES...` in the usage line,
-    value placeholders (`PATH`, `INT`, `csv|json`) only for options that
-    take a value, none for flags and arguments."""
-
-    def get_params(self, ctx):
-        # Every use of the parameters (help, usage, parsing, errors) goes
-        # through here, including --help and the completion options.
-        params = super().get_params(ctx)
-        for param in params:
-            _plain_help(param)
-        return params
-
-
-def _plain_help(param) -> None:
-    if isinstance(param, typer.core.TyperArgument):
-        param.metavar = param.metavar or param.name.upper()
-        param.display_type_rich = lambda ctx=None: None
-    elif param.is_flag:
-        param.display_type_rich = lambda ctx=None: None
-    else:
-        param.display_type_rich = functools.partial(_placeholder, param)
-
-
-class Group(_Help, typer.core.TyperGroup):
-    pass
-
-
-class Command(_Help, typer.core.TyperCommand):
-    def collect_usage_pieces(self, ctx):
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if isinstance(param, typer.core.TyperArgument):
-                name = param.metavar + ("..." if param.nargs != 1 else "")
-                pieces.append(name if param.required else f"[{name}]")
-        return pieces
-
-
-def _placeholder(param, ctx=None) -> str:
-    # Typer writes `<path>`, `<int range>`, `<list[str]>`; a metavar wins.
-    label = typer.core.TyperOption.display_type_rich(param, ctx)
-    label = label.strip("<>").replace(" range", "")
-    if label.startswith("list[") or param.multiple:
-        label = label.removeprefix("list[").rstrip("]")
-    return label if "|" in label or param.metavar else label.upper()
 
 
 ConfigArg = Annotated[
@@ -87,6 +39,15 @@ QuietOpt = Annotated[
 ]
 
 
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="At a terminal, also show internal names (cut tensors, cache "
+        "folders and keys); plain output and log.txt always have them.",
+    ),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 
 

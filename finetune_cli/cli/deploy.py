@@ -9,7 +9,7 @@ import typer
 import typer.core
 
 from finetune_cli.console import Output
-from finetune_cli.cli.common import Command
+from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import CompareToPromotedOpt
 from finetune_cli.cli.common import DebugOpt
 from finetune_cli.cli.common import PlainOpt
@@ -103,7 +103,10 @@ def export_(
     plain: PlainOpt = None,
 ):
     """Write .keras, SavedModel, TFLite and ONNX artifacts and check each
-    against the original model (exit 4 when the parity check fails)."""
+    against the original model (exit 4 when the parity check fails).
+
+    Example: finetune-cli export runs/flowers/latest --quantize int8
+    """
     out = Output(quiet=quiet, plain=plain)
 
     def job():
@@ -194,7 +197,10 @@ def promote(
     plain: PlainOpt = None,
 ):
     """Promote a finished run, as `finetune --promote-to` does after
-    training (exit 4 when refused)."""
+    training (exit 4 when refused).
+
+    Example: finetune-cli promote runs/flowers/latest --to /srv/models/flowers
+    """
     out = Output(quiet=quiet, plain=plain)
 
     def job():

@@ -13,7 +13,7 @@ import typer.core
 
 from finetune_cli.console import Output
 from finetune_cli.evaluate.metrics import METRIC_KEYS
-from finetune_cli.cli.common import Command
+from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import DebugOpt
 from finetune_cli.cli.common import ImagesArg
 from finetune_cli.cli.common import PlainOpt
@@ -153,6 +153,8 @@ def evaluate(
     """Held-out metrics, per-class report, confusion matrix, plots, gates.
 
     Exit codes: 0 all gates passed, 4 a gate failed, 2/3 config/data errors.
+
+    Example: finetune-cli evaluate runs/flowers/latest --fail-under accuracy=0.9
     """
     out = Output(quiet=quiet or json_out, plain=plain)
 
@@ -269,6 +271,8 @@ def predict(
     --out, one line per image; with --out, only a progress bar and a
     summary (on stderr when --out is -). Unreadable images are reported by
     name; the others are still predicted, and the exit code is then 3.
+
+    Example: finetune-cli predict runs/flowers/latest photos/ --out preds.csv
     """
     to_stdout = out_file == "-"
     out = Output(quiet=quiet, plain=plain, file=sys.stderr if to_stdout else None)
@@ -348,6 +352,8 @@ def explain(
     Writes one overlay PNG per image (the heat map of the predicted class
     at the base's last feature map) and explanations.csv (file, predicted,
     confidence, overlay) into a new folder; an existing --out is refused.
+
+    Example: finetune-cli explain runs/flowers/latest photos/rose1.jpg
     """
     out = Output(quiet=quiet, plain=plain)
 

@@ -20,7 +20,7 @@ from finetune_cli.cli import evaluate
 from finetune_cli.cli import prepare
 from finetune_cli.cli import runs
 from finetune_cli.cli import train
-from finetune_cli.cli.common import Group
+from finetune_cli.cli.help import Group
 
 
 app = typer.Typer(
@@ -58,6 +58,8 @@ def _main(
     Exit codes: 0 ok, 1 unexpected error, 2 usage or config error, 3 data
     error, 4 quality gate failed, 5 interrupted (resumable), 6 another run
     holds the experiment.
+
+    Example: finetune-cli init ~/photos --out my.yaml, then finetune my.yaml
     """
 
 

@@ -11,10 +11,10 @@ import typer
 import typer.core
 
 from finetune_cli.console import Output
-from finetune_cli.cli.common import Command
+from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import ConfigArg
 from finetune_cli.cli.common import DebugOpt
-from finetune_cli.cli.common import Group
+from finetune_cli.cli.help import Group
 from finetune_cli.cli.common import PlainOpt
 from finetune_cli.cli.common import QuietOpt
 from finetune_cli.cli.common import SetOpt
@@ -37,7 +37,10 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("show", cls=Command)
 def config_show(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = False):
-    """Print the resolved config (defaults and overrides applied) as YAML."""
+    """Print the resolved config (defaults and overrides applied) as YAML.
+
+    Example: finetune-cli config show flowers.yaml --set data.batch_size=16
+    """
     out = Output()
 
     def job():
@@ -53,7 +56,10 @@ def config_validate(config: ConfigArg, set_: SetOpt = None, debug: DebugOpt = Fa
     """Check a config and the files it names, without TensorFlow.
 
     Exit 0 when valid; 2 for a config problem, 3 for a data problem, with
-    the reason (see README: what config validate checks)."""
+    the reason (docs/commands.md: what config validate checks).
+
+    Example: finetune-cli config validate flowers.yaml
+    """
     out = Output()
 
     def job():
@@ -77,7 +83,10 @@ def config_schema(
         typer.Option("--out", "-o", help="Write to this file instead of stdout."),
     ] = None,
 ):
-    """Write the config's JSON Schema (for editor completion)."""
+    """Write the config's JSON Schema (for editor completion).
+
+    Example: finetune-cli config schema --out finetune.schema.json
+    """
     out = Output()
 
     def job():
@@ -134,13 +143,15 @@ def init(
 ):
     """Write a config with the default recipe for a data folder.
 
-    The recipe is the one measured best (README: "The default recipe,
-    measured"): a head phase, then whole blocks at the top of the base with
-    BN frozen, on cached augmented views. The folder's classes are listed
-    (no image is read) and the config is checked before it is written.
+    The recipe is the one measured best (docs/recipes.md: "The default
+    recipe"): a head phase, then whole blocks at the top of the base with BN
+    frozen, on cached augmented views. The folder's classes are listed (no
+    image is read) and the config is checked before it is written.
 
     Exit codes: 0 written, 2 bad option or the file exists (without
     --force), 3 the data is missing or has fewer than 2 classes.
+
+    Example: finetune-cli init ~/photos/flowers --out flowers.yaml
     """
     out = Output(quiet=quiet, plain=plain)
 
@@ -185,6 +196,8 @@ def synth(
     """Generate a labelled synthetic image dataset (folder per class).
 
     Used by `make demo` so the tool runs offline; see data/README.md.
+
+    Example: finetune-cli synth data/shapes --per-class 50 --size 64
     """
     out = Output(quiet=quiet)
 

@@ -10,9 +10,9 @@ import typer
 import typer.core
 
 from finetune_cli.console import Output
-from finetune_cli.cli.common import Command
+from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import DebugOpt
-from finetune_cli.cli.common import Group
+from finetune_cli.cli.help import Group
 from finetune_cli.cli.common import raise_config
 from finetune_cli.cli.common import run_command
 
@@ -40,7 +40,10 @@ def runs_list(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     debug: DebugOpt = False,
 ):
-    """Recent runs with their status and key metrics."""
+    """Recent runs with their status and key metrics.
+
+    Example: finetune-cli runs list --experiment flowers --limit 5
+    """
     out = Output()
 
     def job():
@@ -55,37 +58,37 @@ def runs_list(
         if json_out:
             out.text(json.dumps(rows, indent=2))
             return
+        # Five columns: the run's id is its start time; started,
+        # determinism and reasons in full are in --json.
         out.table(
             f"runs in {output_dir}",
-            [
-                "experiment",
-                "run",
-                "state",
-                "started",
-                "best",
-                "test acc",
-                "determ.",
-                "note",
-            ],
+            ["run", "state", "best", "test acc", "note"],
             [
                 [
-                    r["experiment"],
-                    r["run"],
+                    f"{r['experiment']}/{r['run']}",
                     r["state"],
-                    r["started"] or "-",
-                    "-" if r["best"] is None else f"{r['monitor']} {r['best']:.4f}",
+                    "-"
+                    if r["best"] is None
+                    else f"{_short(r['monitor'])} {r['best']:.4f}",
                     "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}",
-                    {True: "yes", False: "no"}.get(r["deterministic"], "-"),
                     _run_note(r),
                 ]
                 for r in rows
             ],
+            right=("test acc",),
         )
+        for r in rows:
+            if r["state"] in ("interrupted", "failed") and r.get("resumable"):
+                out.info(f"resume: finetune-cli finetune --resume {r['path']}")
 
     run_command(out, debug, job)
 
 
 def _run_note(row: dict) -> str:
     if row["state"] in ("interrupted", "failed") and row.get("resumable"):
-        return f"resume: finetune-cli finetune --resume {row['path']}"
-    return (row["reason"] or "")[:60]
+        return "resumable (below)"
+    return (row["reason"] or "")[:40]
+
+
+def _short(monitor: str) -> str:
+    return {"val_accuracy": "val_acc", "accuracy": "acc"}.get(monitor, monitor)

@@ -11,7 +11,7 @@ import typer
 import typer.core
 
 from finetune_cli.console import Output
-from finetune_cli.cli.common import Command
+from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import CompareToPromotedOpt
 from finetune_cli.cli.common import ConfigArg
 from finetune_cli.cli.common import DebugOpt
@@ -20,6 +20,7 @@ from finetune_cli.cli.common import PromoteGateOpt
 from finetune_cli.cli.common import PromoteToleranceOpt
 from finetune_cli.cli.common import QuietOpt
 from finetune_cli.cli.common import SetOpt
+from finetune_cli.cli.common import VerboseOpt
 from finetune_cli.cli.common import load_config_file
 from finetune_cli.cli.common import quiet_tensorflow
 from finetune_cli.cli.common import raise_config
@@ -69,6 +70,7 @@ def finetune(
     tolerance: PromoteToleranceOpt = 0.005,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
@@ -77,8 +79,10 @@ def finetune(
     Exit codes: 0 done (and promoted), 2 config, 3 data, 4 not promoted
     (gate failed or not better), 5 interrupted (resumable with --resume),
     6 another run holds the experiment.
+
+    Example: finetune-cli finetune flowers.yaml
     """
-    out = Output(quiet=quiet, plain=plain)
+    out = Output(quiet=quiet, plain=plain, verbose=verbose)
 
     def job():
         if (config is None) == (resume is None):
@@ -146,12 +150,16 @@ def lr_find(
     ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
     """The learning-rate range test for one phase: loss against an
-    exponentially growing LR, a plot and a suggested learning rate."""
-    out = Output(quiet=quiet, plain=plain)
+    exponentially growing LR, a plot and a suggested learning rate.
+
+    Example: finetune-cli lr-find flowers.yaml --phase 2
+    """
+    out = Output(quiet=quiet, plain=plain, verbose=verbose)
 
     def job():
         cfg = load_config_file(config, set_)
@@ -195,6 +203,7 @@ def tune(
     ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
@@ -203,13 +212,16 @@ def tune(
     Trials that only change the head phases train on cached features
     (seconds each); others are whole runs. Writes trials.csv (ranked) and
     best.yaml (a config finetune accepts); rerun to continue a search.
+
+    Example: finetune-cli tune flowers.yaml --trials 20
     """
-    out = Output(quiet=quiet, plain=plain)
+    out = Output(quiet=quiet, plain=plain, verbose=verbose)
 
     def job():
         cfg = load_config_file(config, set_)
         quiet_tensorflow()
         from finetune_cli.search import tune as tune_lib
+        from finetune_cli.search import trials as trials_lib
 
         result = tune_lib.tune(cfg, out, trials, algorithm.value, out_dir)
         monitor = cfg.experiment.monitor
@@ -222,7 +234,7 @@ def tune(
                     str(i),
                     r["trial"],
                     "-" if r["score"] is None else f"{r['score']:.4f}",
-                    *[tune_lib.fmt_value(r["values"][k]) for k in keys],
+                    *[trials_lib.fmt_value(r["values"][k]) for k in keys],
                 ]
                 for i, r in enumerate(result.rows[:10], 1)
             ],
@@ -256,6 +268,7 @@ def extract(
     ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
@@ -263,15 +276,17 @@ def extract(
 
     Reuses features whose content key (model, weights, size, data files)
     still matches, and says why when it recomputes.
+
+    Example: finetune-cli extract flowers.yaml --split train
     """
-    out = Output(quiet=quiet, plain=plain)
+    out = Output(quiet=quiet, plain=plain, verbose=verbose)
 
     def job():
         cfg = load_config_file(config, set_)
         quiet_tensorflow()
-        from finetune_cli.cache import features
+        from finetune_cli.cache import extract as extract_lib
 
-        results = features.extract_command(cfg, out, split.value, out_dir)
+        results = extract_lib.extract_command(cfg, out, split.value, out_dir)
         out.table(
             "features",
             [

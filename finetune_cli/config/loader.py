@@ -276,8 +276,6 @@ def check(cfg) -> list[Space]:
 
     Raises a ConfigError that names `search.<key>`, the value and why.
     """
-    from finetune_cli import config as config_lib
-
     spaces = parse(cfg.search)
     base = resolved_with(cfg, {})
     for space in spaces:
@@ -289,7 +287,7 @@ def check(cfg) -> list[Space]:
             ) from None
         for value in space.candidates():
             try:
-                config_lib.validate(apply(base, {space.key: value}))
+                validate(apply(base, {space.key: value}))
             except ConfigError as e:
                 why = str(e).removeprefix("invalid config config: ")
                 raise ConfigError(

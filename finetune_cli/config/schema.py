@@ -75,7 +75,7 @@ class _Strict(BaseModel):
 
 
 class MLflowTracking(_Strict):
-    """Where an MLflow-tracked run is logged (README: tracking)."""
+    """Where an MLflow-tracked run is logged (docs/commands.md: MLflow)."""
 
     # None: a local file store beside the runs, file:<output_dir>/mlruns.
     tracking_uri: Optional[str] = Field(None, min_length=1)
@@ -99,7 +99,7 @@ class Experiment(_Strict):
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     tensorboard: Bool = False
     # Same config, seed, data and machine -> bit-identical weights, at some
-    # cost in speed (README: reproducible runs).
+    # cost in speed (docs/scale-out.md: reproducible runs).
     deterministic: Bool = False
     tracking: Tracking = Tracking()
 
@@ -482,7 +482,7 @@ class FeatureCache(_Strict):
 
 
 class Runtime(_Strict):
-    """Where and how the run computes (README: multi-GPU and multi-host)."""
+    """Where and how the run computes (docs/scale-out.md)."""
 
     # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
     mixed_precision: Literal["auto", "on", "off"] = "auto"

@@ -160,8 +160,8 @@ def cluster() -> tuple[dict, str, int]:
     if not raw:
         raise ConfigError(
             "runtime.distribute: multi_worker reads the cluster from the "
-            "TF_CONFIG environment variable, which is not set (README: "
-            "multi-GPU and multi-host). Received: TF_CONFIG unset"
+            "TF_CONFIG environment variable, which is not set (docs/scale-out.md"
+            "). Received: TF_CONFIG unset"
         )
     try:
         tf_config = json.loads(raw)

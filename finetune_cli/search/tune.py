@@ -25,7 +25,6 @@ killed or shorter search; a folder made for another config is refused.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import io
@@ -34,21 +33,15 @@ import shutil
 import time
 from pathlib import Path
 from typing import Optional
-
-import keras
 import keras_tuner
-import numpy as np
+
 
 from finetune_cli.config import checks
 from finetune_cli import config as config_lib
 from finetune_cli import faults
-from finetune_cli.cache import heads as feature_training
-from finetune_cli.model import build as model_lib
-from finetune_cli.train import callbacks as callbacks_lib
 from finetune_cli.train import monitor as monitor_lib
 from finetune_cli.train import phases as phases_lib
 from finetune_cli.train import setup as setup_lib
-from finetune_cli.train.inputs import PhaseInputs
 from finetune_cli.config import loader as loader_lib
 from finetune_cli.config import spaces as search_lib
 from finetune_cli.console import Output
@@ -58,8 +51,16 @@ from finetune_cli.errors import short
 from finetune_cli.run.lock import Lock
 from finetune_cli.files import atomic_write
 from finetune_cli.files import write_json
+from finetune_cli.search.trials import CachedTrials
+from finetune_cli.search.trials import FullTrials
+from finetune_cli.search.trials import fmt_value
+from finetune_cli.search.trials import ranked_rows
+from finetune_cli.search.trials import write_trials
+
 
 ALGORITHMS = ("bayesian", "random")
+
+
 _CACHED_EXCLUDED = ("trainable", "batchnorm")
 
 
@@ -194,9 +195,9 @@ def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
     if save_verdicts is not None:
         save_verdicts()
     if mode == "cached":
-        score = _CachedTrials(setup, out)
+        score = CachedTrials(setup, out)
     else:
-        score = _FullTrials(cfg, tune_dir)
+        score = FullTrials(cfg, tune_dir)
     out.step(
         f"tune {cfg.experiment.name}: {len(spaces)} key(s), up to {trials} "
         f"trials ({algorithm}), {mode} trials -> {tune_dir}"
@@ -236,11 +237,11 @@ def _search(cfg, out, spaces, trials, algorithm, tune_dir, fingerprint):
             tuner.search(verbose=0)
     except keras_tuner.errors.FatalError:
         raise tuner.fatal from None
-    rows = _rows(tuner.oracle, spaces, monitor)
+    rows = ranked_rows(tuner.oracle, spaces, monitor)
     for r in rows:
         if r["status"] not in ("COMPLETED", "RUNNING"):
             out.warn(f"trial {r['trial']} {r['status'].lower()}: {r['message']}")
-    _write_trials(tune_dir / "trials.csv", rows, spaces, monitor)
+    write_trials(tune_dir / "trials.csv", rows, spaces, monitor)
     best = None
     if rows and rows[0]["status"] == "COMPLETED":
         best = tune_dir / "best.yaml"
@@ -292,135 +293,3 @@ class _Tuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     def load_model(self, trial):
         return None
-
-
-def fmt_value(v) -> str:
-    """A searched value, short (4 significant digits for floats)."""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-class _CachedTrials:
-    """Trials that train the head phases on the feature cache."""
-
-    def __init__(self, setup, out):
-        cfg, index, base = setup.cfg, setup.index, setup.base
-        self.cfg, self.index = cfg, index
-        self.phases = []
-        for p in setup.plans:
-            if p.path not in ("features", "views"):
-                break
-            self.phases.append(p)
-        inputs = PhaseInputs(setup, out, derive=False)
-        self.cached = {}
-        for p in self.phases:
-            inputs.build(p)
-            self.cached[p.path] = inputs.cached(p)
-        self.dim = int(base.output.shape[-1])
-        self.num_classes = len(index.class_names)
-
-    def __call__(self, values: dict, trial_id: str) -> float:
-        tree = search_lib.resolved_with(self.cfg, values)
-        cfg = config_lib.validate(tree)
-        keras.utils.set_random_seed(cfg.experiment.seed)
-        inputs = keras.Input((self.dim,), name="features")
-        x = inputs
-        for layer in model_lib.build_head(cfg.head, self.num_classes):
-            x = layer(x)
-        head = keras.Model(inputs, x, name="head")
-        monitor = cfg.experiment.monitor
-        lower = monitor_lib.lower_is_better(monitor)
-        best = None
-        n = len(self.index.splits["train"])
-        steps = -(-n // cfg.data.batch_size)
-        epoch = 0
-        for plan in self.phases:
-            phase = cfg.phases[plan.index]
-            cached = self.cached[plan.path]
-            phases_lib.compile_phase(head, phase, steps, self.num_classes, False)
-            train = feature_training.feature_dataset(
-                *cached.train,
-                self.num_classes,
-                cfg.data.batch_size,
-                seed=cfg.experiment.seed,
-                epochs=(epoch, epoch + phase.epochs),
-            )
-            history = head.fit(
-                train,
-                validation_data=cached.val_dataset(),
-                initial_epoch=epoch,
-                epochs=epoch + phase.epochs,
-                steps_per_epoch=steps,
-                class_weight=phases_lib.resolve_class_weight(
-                    phase, plan.index, self.index
-                ),
-                callbacks=callbacks_lib.phase_callbacks(phase),
-                verbose=0,
-                shuffle=False,  # the dataset orders each epoch itself
-            )
-            epoch += phase.epochs
-            seen = [v for v in history.history.get(monitor, []) if np.isfinite(v)]
-            if seen:
-                here = min(seen) if lower else max(seen)
-                if best is None or (here < best if lower else here > best):
-                    best = here
-        if best is None:
-            raise RuntimeError(f"{monitor} was never a number")
-        return float(best)
-
-
-class _FullTrials:
-    """Trials that are whole `finetune` runs, in
-    `<tune dir>/trials/trial-<id>/` (untracked in MLflow)."""
-
-    def __init__(self, cfg, tune_dir):
-        self.cfg, self.root = cfg, Path(tune_dir) / "trials"
-
-    def __call__(self, values: dict, trial_id: str) -> float:
-        from finetune_cli.train import job
-
-        tree = search_lib.resolved_with(self.cfg, values)
-        tree["experiment"].update(
-            output_dir=str(self.root),
-            name=f"trial-{trial_id}",
-            tracking={"mlflow": None},
-        )
-        result = job.finetune(
-            config_lib.validate(tree), Output(file=io.StringIO(), plain=True)
-        )
-        value = result.metrics.get("best_value")
-        if value is None:
-            raise RuntimeError(f"{self.cfg.experiment.monitor} was never a number")
-        return float(value)
-
-
-def _rows(oracle, spaces, monitor) -> list[dict]:
-    rows = []
-    for trial in oracle.trials.values():
-        rows.append(
-            {
-                "trial": trial.trial_id,
-                "status": trial.status,
-                "score": trial.score,
-                "values": {
-                    s.key: trial.hyperparameters.values.get(s.key) for s in spaces
-                },
-                "message": ((trial.message or "").strip().splitlines() or [""])[-1],
-            }
-        )
-    lower = monitor_lib.lower_is_better(monitor)
-    done = [r for r in rows if r["status"] == "COMPLETED" and r["score"] is not None]
-    rest = [r for r in rows if r not in done]
-    done.sort(key=lambda r: (r["score"] if lower else -r["score"], int(r["trial"])))
-    return done + sorted(rest, key=lambda r: int(r["trial"]))
-
-
-def _write_trials(path, rows, spaces, monitor) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "trial", "status", monitor, *[s.key for s in spaces]])
-    for i, r in enumerate(rows, 1):
-        score = "" if r["score"] is None else f"{r['score']:.6f}"
-        w.writerow(
-            [i, r["trial"], r["status"], score, *[r["values"][s.key] for s in spaces]]
-        )
-    atomic_write(path, buf.getvalue())

@@ -15,7 +15,7 @@ from typing import Optional
 
 import keras
 
-from finetune_cli.cache import activations
+from finetune_cli.cache import cut as cut_lib
 from finetune_cli import config as config_lib
 from finetune_cli.model import build as model_lib
 from finetune_cli.errors import ConfigError
@@ -56,9 +56,7 @@ def plan_phases(model, base, cfg, distributed: bool = False) -> list[PhasePlan]:
             frozen_params=model_lib.count_params(model.non_trainable_weights),
         )
         if names and phase.batchnorm == "frozen":
-            plan.cut, plan.no_cut = activations.plan_cut(
-                base, names, cfg.data.image_size
-            )
+            plan.cut, plan.no_cut = cut_lib.plan_cut(base, names, cfg.data.image_size)
         plans.append(plan)
     for plan, path in zip(plans, feature_paths(cfg, plans, distributed), strict=True):
         plan.path = path

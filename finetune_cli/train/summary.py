@@ -7,6 +7,7 @@ on (images, cached features or cached activations) and why.
 
 from __future__ import annotations
 
+from finetune_cli.console import sci
 from finetune_cli.model.build import count_params
 
 
@@ -32,13 +33,16 @@ def path_notes(plans, cfg) -> list[str]:
     return notes
 
 
-def describe_path(path: str, cfg, plan=None) -> str:
+def describe_path(path: str, cfg, plan=None, *, verbose: bool = True) -> str:
+    """What a phase trains on; the cut's tensor name only when `verbose`."""
     views = f", {cfg.feature_cache.views} augmented views" if cfg.augmentation else ""
     if path == "features":
         return "cached features"
     if path == "views":
         return f"cached features{views}"
     if path == "activations":
+        if not verbose:
+            return f"cached activations{views}"
         return f"cached activations at {plan.cut if plan else 'the cut'}{views}"
     return "base every epoch"
 
@@ -59,7 +63,7 @@ PLAN_COLUMNS = [
 ]
 
 
-def plan_rows(plans, cfg, replicas: int) -> list[list[str]]:
+def plan_rows(plans, cfg, replicas: int, verbose: bool = True) -> list[list[str]]:
     """The plan table: one row per phase (see PLAN_COLUMNS). The batch is
     the global one, split over `replicas`."""
     batch = str(cfg.data.batch_size)
@@ -95,11 +99,11 @@ def plan_rows(plans, cfg, replicas: int) -> list[list[str]]:
                 f"{p.frozen_params:,}",
                 bn,
                 ph.optimizer.name,
-                f"{ph.learning_rate:g}",
+                sci(ph.learning_rate),
                 sched,
                 str(ph.epochs),
                 batch,
-                describe_path(p.path, cfg, p),
+                describe_path(p.path, cfg, p, verbose=verbose),
             ]
         )
     return rows
@@ -162,12 +166,36 @@ def announce(t) -> None:
         f"{count_params(t.model.weights):,} parameters, "
         f"input {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
     )
-    out.table("plan", PLAN_COLUMNS, plan_rows(t.plans, cfg, topo.replicas))
+    verbose = out.plain or out.verbose
+    out.table(
+        "plan",
+        PLAN_COLUMNS,
+        plan_rows(t.plans, cfg, topo.replicas, verbose),
+        right=("trainable", "frozen", "LR", "epochs"),
+    )
     for note in path_notes(t.plans, cfg):
         out.info(note)
 
 
-def epoch_line(epoch: int, phase_name: str, logs: dict, lr: float, seconds) -> str:
-    """One finished epoch, as the run's log shows it."""
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate")
-    return f"epoch {epoch:>3} [{phase_name}] {shown}  lr {lr:.2e}  ({seconds:.1f}s)"
+# Epochs are rows of a table under a header printed at each phase's start:
+# a line of 80 columns with the usual four metrics.
+_SHORT = {"accuracy": "acc", "val_accuracy": "val_acc"}
+
+
+def _metric_names(logs: dict) -> list[str]:
+    return [k for k in logs if k != "learning_rate"]
+
+
+def _width(name: str) -> int:
+    return max(len(_SHORT.get(name, name)), 6) + 2
+
+
+def epoch_header(logs: dict) -> str:
+    cells = [f"{_SHORT.get(k, k):>{_width(k)}}" for k in _metric_names(logs)]
+    return f"{'epoch':>5}{''.join(cells)}{'lr':>9}{'time':>8}"
+
+
+def epoch_line(epoch: int, logs: dict, lr: float, seconds: float) -> str:
+    """One finished epoch, as a row under `epoch_header`."""
+    cells = [f"{logs[k]:>{_width(k)}.4f}" for k in _metric_names(logs)]
+    return f"{epoch:>5}{''.join(cells)}{sci(lr):>9}{seconds:>7.1f}s"

@@ -69,6 +69,7 @@ class Trainer:
         self.steps = self.inputs.steps
         self.files = Checkpoints(self)
         self.tracking = tracking.RunTracking(out.warn, out.info)
+        self._header_shown = False  # the epoch table's header, once a fit
 
     @classmethod
     def prepare(
@@ -120,10 +121,10 @@ class Trainer:
     # -- one phase --------------------------------------------------------
 
     def _run_phase(self, plan: phases_lib.PhasePlan) -> None:
-        self.out.step(
-            f"phase {plan.index + 1}/{len(self.plans)}: {plan.phase.name} "
-            f"({summary.describe_path(plan.path, self.cfg, plan)})"
-        )
+        head = f"phase {plan.index + 1}/{len(self.plans)}: {plan.phase.name}"
+        on = summary.describe_path(plan.path, self.cfg, plan)
+        brief = summary.describe_path(plan.path, self.cfg, plan, verbose=False)
+        self.out.step(f"{head} ({on})", brief=f"{head} ({brief})")
         if self.inputs.needs_build(plan):
             # The caches come from the weights at this phase's start.
             runstate.assign(self.model.variables, self.state.model, "model")
@@ -159,6 +160,7 @@ class Trainer:
             fit_model.optimizer.build(fit_model.trainable_variables)
             runstate.assign(fit_model.optimizer.variables, st.opt, "optimizer")
             extra.append(callbacks_lib.RestoreCallbacks(callbacks, st.callbacks))
+        self._header_shown = False
         if not st.phase_finished and st.epoch < phase_end:
             hook = callbacks_lib.EpochHook(
                 self.out.progress,
@@ -259,7 +261,10 @@ class Trainer:
         self.files.save_model("last.keras")
         self.files.write_history()
         self.tracking.epoch(self)
-        self.out.info(summary.epoch_line(epoch + 1, phase_name, logs, lr, seconds))
+        if not self._header_shown:
+            self.out.info(summary.epoch_header(logs))
+            self._header_shown = True
+        self.out.info(summary.epoch_line(epoch + 1, logs, lr, seconds))
 
     def _end_phase(self, plan, fit_model, val_ds) -> None:
         st = self.state
@@ -354,5 +359,6 @@ class Trainer:
             )
         if "test" in metrics:
             summary_line += f"; test accuracy {metrics['test']['accuracy']:.4f}"
-        self.out.success(f"done: {summary_line}. Run folder: {run.path}")
+        self.out.success(f"done: {summary_line}")
+        self.out.info(f"run folder: {run.path}")
         return FinetuneResult(run.path, metrics, st.history)

@@ -1,0 +1,235 @@
+"""The feature cache on disk: content keys and the stored feature sets.
+
+A cache entry is a folder of shards and a `meta.json` whose key fields
+(model, weights identity, image size, preprocessing, augmentation, data
+files) decide reuse; `explain_mismatch` says why an entry is not reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+
+from finetune_cli.model import applications
+from finetune_cli.data import preflight as preflight_lib
+from finetune_cli import faults
+from finetune_cli.run import folder as rundir
+from finetune_cli.files import atomic_path
+from finetune_cli.files import write_json
+
+
+FORMAT = "finetune-cli-features/1"
+
+
+def _weights_identity(cfg) -> str:
+    w = cfg.model.weights
+    if w == "imagenet":
+        return f"imagenet (keras {keras.__version__})"
+    if w == "none":
+        return f"none (random, seed {cfg.experiment.seed})"
+    return f"sha256:{preflight_lib.sha256_file(w)}"
+
+
+def key_fields(
+    cfg, samples, *, views: int = 1, augmentation=None, dtype: str = "float32"
+) -> dict:
+    """Everything the features depend on, as a JSON-able dict."""
+    app = applications.get(cfg.model.name)
+    files = []
+    for path, _ in samples:
+        st = os.stat(path)
+        files.append([path, st.st_size, st.st_mtime_ns])
+    return {
+        "application": app.name,
+        "weights": _weights_identity(cfg),
+        "image_size": list(cfg.data.image_size),
+        "pooling": cfg.model.pooling,
+        "preprocess": app.preprocess,
+        "options": cfg.model.options,
+        "dtype": dtype,
+        "views": views,
+        "augmentation": (
+            [a.model_dump(exclude_none=True) for a in augmentation]
+            if views > 1 and augmentation
+            else None
+        ),
+        "seed": cfg.experiment.seed if views > 1 else None,
+        # A view's augmentation is drawn per batch (pipeline.reseed), so the
+        # batch size decides which copy of an image a view holds.
+        "augment_batch_size": cfg.data.batch_size if views > 1 else None,
+        "files": files,
+    }
+
+
+def content_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def explain_mismatch(old: dict, new: dict) -> str:
+    """Why a cache no longer fits, in words."""
+    reasons = []
+    for name in (
+        "application",
+        "weights",
+        "image_size",
+        "pooling",
+        "preprocess",
+        "options",
+        "dtype",
+        "views",
+        "augmentation",
+        "seed",
+        "augment_batch_size",
+        "derived_from",
+    ):
+        if old.get(name) != new.get(name):
+            reasons.append(f"{name} changed ({old.get(name)} -> {new.get(name)})")
+    old_files = {f[0]: f[1:] for f in old.get("files", [])}
+    new_files = {f[0]: f[1:] for f in new.get("files", [])}
+    added = sorted(set(new_files) - set(old_files))
+    removed = sorted(set(old_files) - set(new_files))
+    edited = sorted(
+        p for p in set(old_files) & set(new_files) if old_files[p] != new_files[p]
+    )
+    for label, items in (("added", added), ("removed", removed), ("modified", edited)):
+        if items:
+            shown = ", ".join(Path(p).name for p in items[:3])
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            reasons.append(f"{len(items)} image(s) {label}: {shown}{more}")
+    return "; ".join(reasons) or "the cache format changed"
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """A split's cached features, as a manifest and shard files."""
+
+    folder: Path
+    manifest: dict
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["num_images"] * self.manifest["views"]
+
+    def load(self):
+        """(features [views, n, d], labels [n], paths [n]) in data order."""
+        feats, labels, paths = [], [], []
+        for shard in self.manifest["shards"]:
+            with np.load(self.folder / shard) as z:
+                feats.append(z["features"])
+                labels.append(z["labels"])
+                paths.append(z["paths"])
+        v, n = self.manifest["views"], self.manifest["num_images"]
+        f = np.concatenate(feats).reshape(v, n, -1)
+        return (
+            f,
+            np.concatenate(labels)[:n],
+            [str(p) for p in np.concatenate(paths)[:n]],
+        )
+
+
+def open_cache(folder, fields) -> tuple[Optional[FeatureSet], Optional[str]]:
+    """The cached set when its key matches, else (None, why it was not used)."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return None, "no cache yet"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None, "the manifest is unreadable"
+    if manifest.get("format") != FORMAT:
+        return None, "the cache format changed"
+    if manifest.get("key") != content_key(fields):
+        return None, explain_mismatch(manifest.get("key_fields", {}), fields)
+    missing = [s for s in manifest["shards"] if not (folder / s).is_file()]
+    if missing:
+        return None, f"shard files are missing ({missing[0]})"
+    return FeatureSet(folder, manifest), None
+
+
+def write_features(
+    batches,
+    folder,
+    fields,
+    *,
+    class_names,
+    num_images: int,
+    views: int,
+    shard_size: int = 1024,
+    progress=None,
+) -> FeatureSet:
+    """Stream (features, labels, paths, view) batches, view-major in data
+    order, into shards of a new cache folder `folder` (replaced atomically;
+    at most one shard is held in memory)."""
+    folder = Path(folder)
+    # Half-written caches of this folder left by killed processes.
+    rundir.remove_dead_temporaries(folder.parent, f".{folder.name}.*-*")
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    total = num_images * views
+    shards, buf_f, buf_l, buf_p, buf_v = [], [], [], [], []
+    dim = None
+    done = 0
+
+    def flush():
+        nonlocal buf_f, buf_l, buf_p, buf_v
+        if not buf_f:
+            return
+        name = f"shard-{len(shards):05d}.npz"
+        with atomic_path(tmp / name) as t:
+            with open(t, "wb") as f:
+                np.savez(
+                    f,
+                    features=np.concatenate(buf_f).astype("float32"),
+                    labels=np.concatenate(buf_l).astype("int64"),
+                    paths=np.concatenate(buf_p).astype(str),
+                    views=np.concatenate(buf_v).astype("int32"),
+                )
+        shards.append(name)
+        buf_f, buf_l, buf_p, buf_v = [], [], [], []
+
+    for feats, labels, paths, view in batches:
+        feats = np.asarray(feats, dtype="float32")
+        dim = feats.shape[1]
+        buf_f.append(feats)
+        buf_l.append(np.asarray(labels))
+        buf_p.append(np.array(paths))
+        buf_v.append(np.full(len(feats), view))
+        done += len(feats)
+        if sum(len(b) for b in buf_f) >= shard_size:
+            flush()
+        if progress is not None:
+            progress(done, total)
+        faults.point("extract")
+    flush()
+    if done != total:
+        raise RuntimeError(f"{folder}: wrote {done} rows, expected {total}")
+    manifest = {
+        "format": FORMAT,
+        "num_images": num_images,
+        "views": views,
+        "feature_dim": int(dim or 0),
+        "dtype": "float32",
+        "class_names": list(class_names),
+        "shards": shards,
+        "key": content_key(fields),
+        "key_fields": fields,
+    }
+    write_json(tmp / "manifest.json", manifest)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return FeatureSet(folder, manifest)
