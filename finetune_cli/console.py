@@ -133,6 +133,12 @@ class Output:
         if self._log is not None:
             self._log.print(f"warning: {escape(message)}")
 
+    def log_only(self, kind: str, message: str) -> None:
+        """A line for the run's log alone (the caller says it on the
+        console itself, e.g. as the command's error)."""
+        if self._log is not None:
+            self._log.print(f"{kind}: {escape(message)}")
+
     def error(self, kind: str, message: str) -> None:
         self._end_live()
         self.err.print(

@@ -12,6 +12,7 @@ no traceback (unless `--debug`). Anything else is a bug and exits with 1.
 | 4 | a quality gate failed |
 | 5 | interrupted; the run can be resumed |
 | 6 | locked: another live run holds the run folder or experiment |
+| 7 | stopped by the time limit; the run can be resumed |
 """
 
 import difflib
@@ -23,6 +24,7 @@ EXIT_DATA = 3
 EXIT_GATE = 4
 EXIT_INTERRUPTED = 5
 EXIT_LOCKED = 6
+EXIT_TIME_LIMIT = 7
 
 
 class FinetuneError(Exception):
@@ -58,6 +60,14 @@ class InterruptedRun(FinetuneError):
 
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
+
+
+class TimeLimitReached(FinetuneError):
+    """The run stopped after an epoch because the next one would have
+    crossed its time limit; its state can be resumed."""
+
+    exit_code = EXIT_TIME_LIMIT
+    kind = "stopped"
 
 
 class LockedError(FinetuneError):

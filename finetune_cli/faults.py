@@ -12,7 +12,13 @@ and, to hold a process at a point until the test lets it go,
     FINETUNE_CLI_PAUSE=name=/path/to/release-file
 
 which writes `<release-file>.waiting` and waits (up to 10 minutes) for the
-release file to exist. Nothing else reads these variables.
+release file to exist, and, for what depends on elapsed time (the time
+limit),
+
+    FINETUNE_CLI_CLOCK_STEP=60     # every `clock()` call is 60 s later
+
+so a test decides when a deadline falls instead of sleeping for it.
+Nothing else reads these variables.
 """
 
 from __future__ import annotations
@@ -23,6 +29,16 @@ import time
 from pathlib import Path
 
 _hits: dict[str, int] = {}
+_ticks = [0]
+
+
+def clock() -> float:
+    """Seconds on a monotonic clock; a fake one under FINETUNE_CLI_CLOCK_STEP."""
+    step = os.environ.get("FINETUNE_CLI_CLOCK_STEP")
+    if not step:
+        return time.monotonic()
+    _ticks[0] += 1
+    return _ticks[0] * float(step)
 
 
 def point(name: str) -> None:

@@ -9,6 +9,7 @@ from finetune_cli import config as config_lib
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import preflight as preflight_lib
 from finetune_cli.data import pipeline
+from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 
 
@@ -272,3 +273,33 @@ def test_preflight_decodes_only_new_or_changed_files(tmp_path, shapes_dir, monke
     index = data_lib.index_data(data_cfg(dir=str(data)), seed=0)
     preflight_lib.preflight(index, "skip", cache_file=cache)
     assert sorted(decoded) == sorted([victim, str(data / "circle" / "new.jpg")])
+
+
+def test_a_fraction_keeps_that_share_of_every_class_of_every_split(tmp_path):
+    from finetune_cli.data import synthetic
+    from finetune_cli.data import split as split_lib
+
+    root = tmp_path / "shapes"
+    synthetic.generate(root, "source", per_class=20, size=16, seed=0)
+    raw = {"dir": str(root), "split": {"train": 0.5, "val": 0.25, "test": 0.25}}
+    full = data_lib.index_data(config_lib.Data(**raw), 7)
+    part = data_lib.index_data(config_lib.Data(**raw, fraction=0.2), 7)
+    assert part.fraction == 0.2 and full.fraction == 1.0
+    for split in ("train", "val", "test"):
+        assert set(part.splits[split]) <= set(full.splits[split])
+        for n_full, n_part in zip(full.counts(split), part.counts(split), strict=True):
+            assert n_part == max(1, round(n_full * 0.2)), split
+    # Seeded: the same seed draws the same images, another seed others.
+    again = data_lib.index_data(config_lib.Data(**raw, fraction=0.2), 7)
+    other = data_lib.index_data(config_lib.Data(**raw, fraction=0.2), 8)
+    assert again.splits == part.splits and other.splits != part.splits
+    # Recorded in the split record, and read back.
+    record = split_lib.record(part)
+    assert record["fraction"] == 0.2
+    assert sum(s["files"] for s in record["splits"].values()) < 20
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True, "half"])
+def test_a_fraction_outside_0_1_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="data.fraction"):
+        config_lib.validate({"data": {"dir": "d", "fraction": bad}, "phases": []})

@@ -57,7 +57,7 @@ def _main(
 
     Exit codes: 0 ok, 1 unexpected error, 2 usage or config error, 3 data
     error, 4 quality gate failed, 5 interrupted (resumable), 6 another run
-    holds the experiment.
+    holds the experiment, 7 stopped by the time limit (resumable).
 
     Example: finetune-cli init ~/photos --out my.yaml, then finetune my.yaml
     """

@@ -68,6 +68,17 @@ def finetune(
     fail_under: PromoteGateOpt = None,
     compare_to_promoted: CompareToPromotedOpt = True,
     tolerance: PromoteToleranceOpt = 0.005,
+    time_limit: Annotated[
+        Optional[str],
+        typer.Option(
+            "--time-limit",
+            metavar="DURATION",
+            help="Stop after the epoch that would cross this much wall time "
+            "(30m, 2h, 1h30m, or seconds), committed and resumable (exit 7). "
+            "Default: experiment.time_limit. Also with --resume.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -78,7 +89,8 @@ def finetune(
 
     Exit codes: 0 done (and promoted), 2 config, 3 data, 4 not promoted
     (gate failed or not better), 5 interrupted (resumable with --resume),
-    6 another run holds the experiment.
+    6 another run holds the experiment, 7 stopped by the time limit
+    (resumable with --resume).
 
     Example: finetune-cli finetune flowers.yaml
     """
@@ -96,6 +108,13 @@ def finetune(
             cfg = load_config_file(resume / "config.yaml", [])
         else:
             cfg = load_config_file(config, set_)
+        if time_limit is not None:
+            from finetune_cli.config.schema import duration_seconds
+
+            try:
+                duration_seconds(time_limit)
+            except ValueError as e:
+                raise_config(f"--time-limit: {e}")
         thresholds = None
         if promote_to is not None:
             from finetune_cli.evaluate import gates
@@ -111,7 +130,7 @@ def finetune(
         quiet_tensorflow()
         from finetune_cli.train.job import finetune as run
 
-        result = run(cfg, out, argv=sys.argv, resume=resume)
+        result = run(cfg, out, argv=sys.argv, resume=resume, time_limit=time_limit)
         if promote_to is not None and result.run_dir is not None:
             from finetune_cli.deploy import promotion
 

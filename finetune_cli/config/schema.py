@@ -70,6 +70,42 @@ PathStr = Annotated[str, Field(min_length=1)]
 Bool = Annotated[bool, BeforeValidator(_not_number)]
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value) -> float:
+    """Seconds in a duration: a number of seconds, or a string of numbers
+    with units s, m, h, d (`90s`, `30m`, `1h30m`, `2.5h`)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, not a boolean. Received: {value}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(value)):
+        seconds = float(value)  # a number given as text (the command line)
+    else:
+        text = str(value).strip().lower()
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", text).strip():
+            raise ValueError(
+                "expected a duration: seconds, or numbers with units s, m, h, "
+                f"d (e.g. 90s, 30m, 1h30m). Received: {_short(value)}"
+            )
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"expected a positive duration. Received: {_short(value)}")
+    return seconds
+
+
+def _duration(value):
+    duration_seconds(value)
+    return value
+
+
+Duration = Annotated[
+    Union[int, float, str], BeforeValidator(_not_bool), AfterValidator(_duration)
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -102,6 +138,11 @@ class Experiment(_Strict):
     # cost in speed (docs/scale-out.md: reproducible runs).
     deterministic: Bool = False
     tracking: Tracking = Tracking()
+    # Stop after the epoch that would cross this much wall time (from the
+    # start of the command), committed and resumable (exit 7): `30m`, `2h`,
+    # `1h30m` or seconds. `finetune --time-limit` overrides it for one
+    # session, a resumed one too; a resume is not refused for changing it.
+    time_limit: Optional[Duration] = None
 
 
 class Split(_Strict):
@@ -142,6 +183,10 @@ class Data(_Strict):
     # before training naming it; "skip" leaves it (the held-out copy) out
     # and lists it in the run folder (skipped_images.txt).
     on_bad_image: Literal["error", "skip"] = "error"
+    # A share of the images for a smoke run (CI, a first try): each split
+    # keeps this fraction of every class (at least one image a class),
+    # drawn with experiment.seed; recorded in the run's split.json.
+    fraction: Float = Field(1.0, gt=0, le=1)
 
     @field_validator("image_size", mode="before")
     @classmethod

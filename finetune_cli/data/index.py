@@ -42,6 +42,8 @@ class DataIndex:
     source: str
     # SHA-256 of each file's bytes, filled in by `preflight` (path -> hex).
     digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The share of the data kept (`data.fraction`); 1.0 is all of it.
+    fraction: float = 1.0
 
     def counts(self, split: str) -> list[int]:
         counts = [0] * len(self.class_names)
@@ -62,9 +64,29 @@ def index_data(data, seed: int) -> DataIndex:
     Raises:
         DataError: naming the folder, CSV row or class at fault.
     """
-    if data.csv is not None:
-        return _index_csv(data, seed)
-    return _index_folders(data, seed)
+    index = (
+        _index_csv(data, seed) if data.csv is not None else _index_folders(data, seed)
+    )
+    fraction = getattr(data, "fraction", 1.0)
+    return index if fraction >= 1 else keep_fraction(index, fraction, seed)
+
+
+def keep_fraction(index: DataIndex, fraction: float, seed: int) -> DataIndex:
+    """`fraction` of every class of every split (at least one image of a
+    class that has any), drawn with `seed`, in the split's order."""
+    rng = random.Random(f"fraction-{seed}")
+    splits = {}
+    for split, samples in index.splits.items():
+        by_class: dict[int, list[int]] = {}
+        for i, (_, label) in enumerate(samples):
+            by_class.setdefault(label, []).append(i)
+        keep = set()
+        for label in sorted(by_class):
+            members = by_class[label]
+            n = max(1, round(len(members) * fraction))
+            keep.update(rng.sample(members, n))
+        splits[split] = [s for i, s in enumerate(samples) if i in keep]
+    return dataclasses.replace(index, splits=splits, fraction=fraction)
 
 
 def _is_image(path: Path) -> bool:

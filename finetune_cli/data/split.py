@@ -50,6 +50,7 @@ def record(index: data_lib.DataIndex, skipped=()) -> dict:
     return {
         "format": FORMAT,
         "source": index.source,
+        "fraction": index.fraction,
         "classes": list(index.class_names),
         "splits": {
             s: {
@@ -134,7 +135,9 @@ def load(
             )
         if warn is not None:
             warn(f"{what}; left out (--allow-missing)")
-    return data_lib.DataIndex(list(classes), out, rec.get("source", ""), digests)
+    return data_lib.DataIndex(
+        list(classes), out, rec.get("source", ""), digests, rec.get("fraction", 1.0)
+    )
 
 
 def _check(path: str, digest: str) -> Optional[str]:

@@ -141,9 +141,18 @@ class RunState:
                 os.fsync(f.fileno())
 
 
-def load(path, *, config: dict, versions: dict) -> RunState:
+# Keys a resume may change: budgets of a session, not what the run computes.
+SESSION_KEYS = ("experiment.time_limit",)
+
+
+def load(path, *, config: dict, versions: dict, normalize=None) -> RunState:
     """The state saved at `path`, checked against the config and versions
     of this resume.
+
+    Args:
+        normalize: turns the saved config into the current schema's form
+            (keys added since the run started, at their defaults), so only
+            real changes count.
 
     Raises:
         ConfigError: no state, a state of another format, or a config that
@@ -173,7 +182,10 @@ def load(path, *, config: dict, versions: dict) -> RunState:
         raise ConfigError(
             f"--resume: {path} is unreadable ({e}); the run cannot be resumed"
         ) from None
-    changed = diff_config(meta.get("config") or {}, config)
+    saved = meta.get("config") or {}
+    if normalize is not None:
+        saved = normalize(saved)
+    changed = [c for c in diff_config(saved, config) if not c.startswith(SESSION_KEYS)]
     if changed:
         raise ConfigError(
             f"--resume: the config changed since the run started: "

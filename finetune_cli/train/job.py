@@ -43,6 +43,7 @@ from finetune_cli.console import Output
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import FinetuneError
 from finetune_cli.errors import InterruptedRun
+from finetune_cli.errors import TimeLimitReached
 from finetune_cli.model.weights import check_weights
 from finetune_cli.run.folder import STATUS_FILE
 from finetune_cli.run.folder import RunDir
@@ -50,23 +51,32 @@ from finetune_cli.run.lock import LOCK_FILE
 from finetune_cli.run.lock import Lock
 from finetune_cli.run.lock import pid_alive
 from finetune_cli.runtime import distribute
+from finetune_cli.train.budget import Budget
 from finetune_cli.train.trainer import FinetuneResult
 from finetune_cli.train.trainer import Trainer
 
 
 def finetune(
-    cfg, out: Optional[Output] = None, argv=None, resume: Optional[Path] = None
+    cfg,
+    out: Optional[Output] = None,
+    argv=None,
+    resume: Optional[Path] = None,
+    time_limit=None,
 ) -> FinetuneResult:
     """Fine-tune a model as a config declares; see the module docstring.
 
     Args:
         resume: an interrupted run folder to continue (its config is `cfg`).
+        time_limit: this session's limit (`30m`, seconds); default the
+            config's `experiment.time_limit`.
 
     Raises:
         ConfigError, DataError: before any training (nothing written).
         LockedError: another live run holds the experiment.
         InterruptedRun: on Ctrl-C or SIGTERM; the run can be resumed.
+        TimeLimitReached: the time limit stopped it; it can be resumed.
     """
+    budget = Budget(cfg.experiment.time_limit if time_limit is None else time_limit)
     out = out or Output()
     exp = cfg.experiment
     if resume is None:
@@ -76,6 +86,13 @@ def finetune(
         checks.check_tracking(cfg)
         if cfg.model.weights not in ("imagenet", "none"):
             check_weights(cfg.model.weights)
+    if budget.limit is not None and cfg.runtime.distribute == "multi_worker":
+        raise ConfigError(
+            "experiment.time_limit: not with runtime.distribute: multi_worker "
+            "(each worker would decide on its own clock and they could stop at "
+            "different epochs); use the scheduler's limit, whose SIGTERM "
+            f"stops every worker. Received: time limit {budget.shown}"
+        )
     # Before any TensorFlow op: devices and the cluster are set up first.
     topo = distribute.setup(cfg.runtime)
     if not topo.chief:
@@ -95,7 +112,7 @@ def finetune(
             for p in exp_dir.iterdir():
                 if (p / STATUS_FILE).is_file() and not p.is_symlink():
                     RunDir(p).settle()  # dead runs read as interrupted
-            trainer = Trainer.prepare(cfg, out, argv, resume, topo)
+            trainer = Trainer.prepare(cfg, out, argv, resume, topo, budget=budget)
             return run_guarded(trainer)
     finally:
         for p in reversed(made):
@@ -178,9 +195,16 @@ def run_guarded(t: Trainer) -> FinetuneResult:
             if t.topo.kind != "multi_worker":
                 raise
             raise InterruptedRun(_lost_worker(t, e)) from None
+    except TimeLimitReached as e:
+        ended = "KILLED"
+        run.set_status("interrupted", reason=str(e), resumable=True)
+        t.out.log_only(e.kind, str(e))
+        t.stopped_report()
+        raise
     except InterruptedRun as e:
         ended = "KILLED"
         run.set_status("interrupted", reason=str(e), resumable=True)
+        t.out.log_only(e.kind, str(e))
         raise
     except KeyboardInterrupt:
         ended = "KILLED"
@@ -189,15 +213,19 @@ def run_guarded(t: Trainer) -> FinetuneResult:
             reason="stopped by a signal (Ctrl-C or SIGTERM)",
             resumable=True,
         )
-        raise InterruptedRun(
+        stopped = InterruptedRun(
             f"stopped by Ctrl-C or SIGTERM after epoch {t.state.epoch}; "
             f"resume with: finetune-cli finetune --resume {run.path}"
-        ) from None
+        )
+        t.out.log_only(stopped.kind, str(stopped))
+        raise stopped from None
     except FinetuneError as e:
         run.set_status("failed", reason=str(e), resumable=True)
+        t.out.log_only(e.kind, str(e))
         raise
     except Exception as e:
         run.set_status("failed", reason=f"{type(e).__name__}: {e}", resumable=True)
+        t.out.log_only("failed", f"{type(e).__name__}: {e}")
         raise
     finally:
         t.tracking.close(ended)

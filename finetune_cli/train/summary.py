@@ -157,9 +157,11 @@ def announce(t) -> None:
             f"{topo.per_replica_batch(cfg.data.batch_size)} per replica, "
             f"{t.steps} steps per epoch"
         )
+    share = t.index.fraction
     out.info(
         f"data: {t.index.source}: {t.num_classes} classes, "
         + ", ".join(f"{s} {len(v)}" for s, v in t.index.splits.items())
+        + (f" (data.fraction {share:g}: a smoke run)" if share < 1 else "")
     )
     out.info(
         f"model: {cfg.model.name} ({cfg.model.weights} weights), "

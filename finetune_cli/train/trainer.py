@@ -34,6 +34,7 @@ from finetune_cli.train import callbacks as callbacks_lib
 from finetune_cli.train import phases as phases_lib
 from finetune_cli.train import setup as setup_lib
 from finetune_cli.train import summary
+from finetune_cli.train.budget import Budget
 from finetune_cli.train.checkpoints import Checkpoints
 from finetune_cli.train.inputs import PhaseInputs
 from finetune_cli.train.monitor import improved
@@ -49,7 +50,7 @@ class FinetuneResult:
 class Trainer:
     """Runs the phases of one prepared job; build it with `Trainer.prepare`."""
 
-    def __init__(self, setup: setup_lib.Setup, out, state, resumed: bool):
+    def __init__(self, setup: setup_lib.Setup, out, state, resumed: bool, budget=None):
         self.setup = setup
         self.cfg, self.out, self.index = setup.cfg, out, setup.index
         self.model, self.base, self.plans = setup.model, setup.base, setup.plans
@@ -69,11 +70,12 @@ class Trainer:
         self.steps = self.inputs.steps
         self.files = Checkpoints(self)
         self.tracking = tracking.RunTracking(out.warn, out.info)
+        self.budget = budget or Budget(None)
         self._header_shown = False  # the epoch table's header, once a fit
 
     @classmethod
     def prepare(
-        cls, cfg, out, argv=None, resume=None, topo=None, config_dict=None
+        cls, cfg, out, argv=None, resume=None, topo=None, config_dict=None, budget=None
     ) -> "Trainer":
         """Check everything, build the model; create the run folder (a new
         run) or load its state (a resume).
@@ -84,13 +86,16 @@ class Trainer:
                 is a worker's private copy of it.
         """
         s = setup_lib.prepare(cfg, out, argv=argv, resume=resume, topo=topo)
-        t = cls(s, out, runstate.RunState(), resume is not None)
+        t = cls(s, out, runstate.RunState(), resume is not None, budget)
         if config_dict is not None:
             t.config_dict = config_dict
         if resume is not None:
             t.run = RunDir(resume)
             t.state = runstate.load(
-                t.run / runstate.FILE, config=t.config_dict, versions=t.versions
+                t.run / runstate.FILE,
+                config=t.config_dict,
+                versions=t.versions,
+                normalize=_current_schema,
             )
         else:
             t.state.model = runstate.values(t.model.variables)
@@ -265,6 +270,8 @@ class Trainer:
             self.out.info(summary.epoch_header(logs))
             self._header_shown = True
         self.out.info(summary.epoch_line(epoch + 1, logs, lr, seconds))
+        more = st.phase < len(self.plans) - 1 or not st.phase_finished
+        self.budget.after_epoch(epoch + 1, str(self.run.path), more)
 
     def _end_phase(self, plan, fit_model, val_ds) -> None:
         st = self.state
@@ -293,6 +300,25 @@ class Trainer:
         )
 
     # -- the end ----------------------------------------------------------
+
+    def stopped_report(self) -> None:
+        """What a run stopped by its time limit has: the curves, and the
+        best model so far on the recorded test split (`eval/partial/`)."""
+        from finetune_cli.evaluate import evaluation
+
+        run = self.run
+        if not self.topo.chief or not (run / "history.csv").is_file():
+            return
+        plots.curves_png(run / "history.csv", run / "curves.png")
+        if self.index.splits.get("test") and (run / "best.keras").is_file():
+            ev = evaluation.evaluate(
+                run.path, split="test", name="partial", track=False
+            )
+            accuracy = ev.metrics["summary"]["accuracy"]
+            self.out.info(
+                f"partial report (best epoch so far, test accuracy "
+                f"{accuracy:.4f}): {ev.out_dir / 'report.html'}"
+            )
 
     def _finalize(self) -> FinetuneResult:
         from finetune_cli.evaluate import evaluation
@@ -362,3 +388,15 @@ class Trainer:
         self.out.success(f"done: {summary_line}")
         self.out.info(f"run folder: {run.path}")
         return FinetuneResult(run.path, metrics, st.history)
+
+
+def _current_schema(saved: dict) -> dict:
+    """A saved config in this version's form: keys added since, at their
+    defaults (a run started before them resumes)."""
+    from finetune_cli import config as config_lib
+    from finetune_cli.errors import ConfigError
+
+    try:
+        return config_lib.validate(saved).model_dump(mode="json")
+    except ConfigError:
+        return saved
