@@ -305,6 +305,15 @@ _NATIVE = re.compile(
     # The TFLite converter's and interpreter's own INFO lines.
     r"|fully_quantize: \d+, inference_type: "
     r"|INFO: (?:Created TensorFlow Lite|Initialized TensorFlow Lite)"
+    # The image decoders' own complaints (libjpeg, libpng, giflib) about a
+    # damaged file: the file is named by our own error or warning.
+    r"|Improper call to JPEG library in state \d+"
+    r"|Corrupt JPEG data: "
+    r"|Premature end of JPEG file"
+    r"|Invalid SOS parameters for sequential JPEG"
+    r"|Not a JPEG file: starts with "
+    r"|Unsupported marker type 0x"
+    r"|libpng (?:warning|error): "
     r")"
 )
 

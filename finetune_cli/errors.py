@@ -89,6 +89,20 @@ def short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def relative_note(path) -> str:
+    """For a "not found" message: where a relative path was looked for
+    (config paths are resolved against the current directory, not the
+    config file's folder), or '' for an absolute one."""
+    import os
+
+    if os.path.isabs(str(path)):
+        return ""
+    return (
+        f" (a relative path: looked for in the current directory {os.getcwd()}, "
+        "not beside the config file)"
+    )
+
+
 def did_you_mean(word: str, options) -> str:
     """A ' (did you mean ...?)' hint (case-insensitive), or '' when nothing
     is close."""

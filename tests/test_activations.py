@@ -230,12 +230,14 @@ def test_head_features_computed_from_the_activation_cache_equal_the_base(
     assert manifest["key_fields"]["derived_from"].startswith(
         f"activations at {plans[1].cut}"
     )
-    # The later phase reuses that cache instead of running the bottom again.
+    # The later phase uses that cache instead of running the bottom again,
+    # and says it was built above, not "reused".
     buf = io.StringIO()
     data = activations.activation_datasets(
         cfg, Output(file=buf), model, base, index, plans[1].layer_names
     )
-    assert "reusing" in buf.getvalue()
+    assert "the cache built above" in buf.getvalue()
+    assert "reusing" not in buf.getvalue()
     # The datasets declare the number of batches they yield, so Keras
     # neither runs them out to find it nor warns that they "ran out of data".
     for ds, n in (
@@ -308,4 +310,5 @@ def test_the_shared_run_took_its_head_features_from_its_activation_cache(
     assert "(cached features, 2 augmented views)" in log
     assert "features [train] from activations at" in log
     assert "extract [train]" not in log
-    assert "activations at" in log and "reusing" in log
+    assert "activations at" in log and "the cache built above" in log
+    assert "reusing" not in log  # built in this run, not reused

@@ -276,3 +276,21 @@ def test_shipped_configs_are_valid(name):
     path = pathlib.Path(__file__).parent.parent / "configs" / name
     cfg = config_lib.load_config(path)
     assert cfg.phases and cfg.experiment.name
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    # Config paths are resolved against the current directory (documented),
+    # not beside the config file: the message says so, with the directory.
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    raw = tiny_config("photos", tmp_path)
+    raw["experiment"]["output_dir"] = "runs"
+    path = tmp_path / "project" / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "data.dir: folder not found: photos" in text
+    assert f"current directory {tmp_path / 'elsewhere'}" in text
+    assert "not beside the config file" in text

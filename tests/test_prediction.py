@@ -87,7 +87,6 @@ def test_without_out_one_line_per_image(model, folder):
     "args, message",
     [
         (["--out", "p.txt"], "--out must end in .csv or .json"),
-        (["--out", "-"], "--out - (stdout) needs --format"),
         (["--out", "p.csv", "--format", "json"], "does not match the suffix"),
         (["--format", "csv"], "--format needs --out"),
     ],

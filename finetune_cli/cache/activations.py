@@ -110,6 +110,10 @@ def _write_rows(path: Path, n: int, dim: int, dtype: str, batches) -> None:
         os.fsync(f.fileno())
 
 
+# Cache folders this process wrote (so a later phase says "built above").
+_BUILT: set = set()
+
+
 def get_activations(
     cfg, out, model, base, cut: Cut, index, views: int, augmenter
 ) -> ActivationSet:
@@ -125,9 +129,13 @@ def get_activations(
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") == key:
+            # One built earlier in this process is not "reused".
+            how = "the cache built above" if folder in _BUILT else "reusing"
             out.info(
-                f"activations at {', '.join(cut.names)}: reusing {folder}",
-                brief="activations: reusing the cache",
+                f"activations at {', '.join(cut.names)}: {how} {folder}",
+                brief=f"activations: {how.removesuffix(' above')}"
+                if folder in _BUILT
+                else "activations: reusing the cache",
             )
             return ActivationSet(folder, manifest)
     preprocess = model_lib.find_preprocessing(model)
@@ -187,6 +195,7 @@ def get_activations(
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
+    _BUILT.add(folder)
     return ActivationSet(folder, manifest)
 
 

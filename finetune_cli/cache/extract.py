@@ -22,6 +22,11 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
     from finetune_cli.config import checks
 
     checks.check(cfg)
+    if cfg.data.batch_size == "auto":  # no training: inference batches
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"batch_size": 32})}
+        )
+        out.info("data.batch_size: auto is for training; extract uses 32")
     index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     # The same pre-flight check as finetune, so both see the same files
     # (and a bad image is a data error naming it, not a crash).

@@ -103,7 +103,9 @@ def export_(
     plain: PlainOpt = None,
 ):
     """Write .keras, SavedModel, TFLite and ONNX artifacts and check each
-    against the original model (exit 4 when the parity check fails).
+    against the original model (exit 4 when the parity check fails; the
+    files are then kept for inspection, marked failed in
+    export_report.json).
 
     Example: finetune-cli export runs/flowers/latest --quantize int8
     """
@@ -170,10 +172,110 @@ def export_(
             )
             for note in report["notes"]:
                 out.warn(note)
-        out.info(f"exported to {result.out_dir}")
-        parity_lib.raise_on_failures(report)
+        parity_lib.raise_on_failures(report, result.out_dir)
+        out.success(f"exported to {result.out_dir}")
 
     run_command(out, debug, job)
+
+
+@app.command(cls=Command)
+def benchmark(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A run folder with an export.", show_default=False),
+    ],
+    export_dir: Annotated[
+        Optional[Path],
+        typer.Option("--export", help="The export folder. Default: RUN/export."),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option(min=1, help="Images a call, for the throughput.")
+    ] = 32,
+    latency_images: Annotated[
+        int, typer.Option(min=1, help="Images timed one at a time (p50, p95).")
+    ] = 50,
+    min_accuracy: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Gate: fail (exit 4) naming each format whose accuracy on the "
+            "run's test split is below this.",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print only benchmark.json to stdout.")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Each exported format on the run's test split: accuracy, latency
+    p50/p95 at batch 1, throughput, size; writes benchmark.json.
+
+    Exit codes: 0 done (and every format passed --min-accuracy), 2 no run
+    or no export, 3 no test split, 4 a format below --min-accuracy.
+
+    Example: finetune-cli benchmark runs/flowers/latest --min-accuracy 0.9
+    """
+    out = Output(quiet=quiet or json_out, plain=plain)
+
+    def job():
+        import json
+
+        quiet_tensorflow()
+        from finetune_cli.deploy import benchmark as benchmark_lib
+        from finetune_cli.errors import GateError
+
+        try:
+            result = benchmark_lib.benchmark(
+                run_dir,
+                export_dir=export_dir,
+                batch=batch,
+                latency_images=latency_images,
+                min_accuracy=min_accuracy,
+                progress=out.info,
+            )
+            report, failed = result.report, None
+        except GateError as e:
+            folder = export_dir or run_dir / "export"
+            report = json.loads((folder / benchmark_lib.FILE).read_text())
+            failed = e
+        if json_out:
+            out.text(json.dumps(report, indent=2))
+        else:
+            _render_benchmark(out, report)
+        if failed is not None:
+            raise failed
+
+    run_command(out, debug, job)
+
+
+def _render_benchmark(out, report: dict) -> None:
+    rows = report["artifacts"]
+    out.table(
+        f"benchmark: {report['images']} test images, batch {report['batch']}",
+        ["format", "size", "accuracy", "p50 ms", "p95 ms", "images/s", "ok"],
+        [
+            [
+                r["artifact"],
+                f"{r['size_bytes'] / 1e6:.1f} MB",
+                f"{r['accuracy']:.4f}",
+                f"{r['latency_ms_p50']:.1f}",
+                f"{r['latency_ms_p95']:.1f}",
+                "-" if r["throughput"] is None else f"{r['throughput']:.0f}",
+                "yes"
+                if not any(
+                    f.startswith(r["artifact"] + ":") for f in report["failures"]
+                )
+                else "NO",
+            ]
+            for r in rows
+        ],
+        right=("size", "accuracy", "p50 ms", "p95 ms", "images/s"),
+    )
+    out.info(f"wrote {Path(report['export']) / 'benchmark.json'}")
 
 
 @app.command(cls=Command)

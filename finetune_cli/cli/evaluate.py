@@ -95,7 +95,10 @@ def evaluate(
     ] = None,
     name: Annotated[
         Optional[str],
-        typer.Option(help="Name of the evaluation folder under RUN/eval/."),
+        typer.Option(
+            help="Name of the evaluation folder under RUN/eval/ (replaced if it "
+            "exists). Default: the split, or split-2, -3, ... when taken."
+        ),
     ] = None,
     top_k: Annotated[
         Optional[int],
@@ -220,9 +223,7 @@ def _prediction_format(out_file: Optional[str], fmt: Optional[Format]):
             raise_config("--format needs --out FILE, or --out - for stdout")
         return None
     if out_file == "-":
-        if fmt is None:
-            raise_config("--out - (stdout) needs --format csv or --format json")
-        return fmt.value
+        return "csv" if fmt is None else fmt.value
     path = Path(out_file)
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in ("csv", "json"):
@@ -251,12 +252,12 @@ def predict(
             "--out",
             metavar="FILE",
             help="Write predictions to a .csv or .json file, or to stdout "
-            "with - (and --format).",
+            "with - (CSV unless --format json).",
         ),
     ] = None,
     fmt: Annotated[
         Optional[Format],
-        typer.Option("--format", help="csv or json (needed with --out -)."),
+        typer.Option("--format", help="csv or json, for --out - (default csv)."),
     ] = None,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per inference batch.")
@@ -271,6 +272,8 @@ def predict(
     --out, one line per image; with --out, only a progress bar and a
     summary (on stderr when --out is -). Unreadable images are reported by
     name; the others are still predicted, and the exit code is then 3.
+    Files in a folder that are not images (by extension) are left out and
+    counted in a warning; a file named on the command line is always tried.
 
     Example: finetune-cli predict runs/flowers/latest photos/ --out preds.csv
     """
@@ -286,15 +289,27 @@ def predict(
         from finetune_cli.errors import DataError
         from finetune_cli.evaluate.metrics import fmt as fmt_number
 
-        files = prediction.collect_images(images)
+        not_images: list[str] = []
+        files = prediction.collect_images(images, not_images)
+        if not_images:
+            shown = ", ".join(not_images[:3]) + (", ..." if len(not_images) > 3 else "")
+            out.warn(
+                f"left out {len(not_images)} file(s) that are not images (by "
+                f"extension: {', '.join(prediction.IMAGE_EXTENSIONS)}): {shown}"
+            )
+        # The model loads here: what follows times the inference alone.
         rows = prediction.predict(target, files, top_k=top_k, batch_size=batch_size)
         if kind is not None:
             rows = prediction.write_rows(rows, out_file, kind)
         t0 = time.monotonic()
+        first = min(batch_size, len(files))  # the first batch: warm-up
+        warm = None
         bad = []
         with out.counter(len(files), "predict", final=False) as progress:
             for n, r in enumerate(rows, 1):
                 progress(n)
+                if n == first:
+                    warm = time.monotonic()
                 if r["error"]:
                     bad.append(r)
                 if kind is None:
@@ -315,10 +330,13 @@ def predict(
             if kind is None
             else (" to stdout" if to_stdout else f"; wrote {out_file}")
         )
+        rate = "too few images for a rate"
+        if len(files) > first and warm is not None:
+            per_s = (len(files) - first) / max(time.monotonic() - warm, 1e-9)
+            rate = f"{per_s:.1f} images/s after the first batch"
         out.info(
             f"predicted {len(files) - len(bad)} of {len(files)} images in "
-            f"{seconds:.1f}s ({len(files) / max(seconds, 1e-9):.1f} images/s), "
-            f"{len(bad)} unreadable{where}"
+            f"{seconds:.1f}s ({rate}), {len(bad)} unreadable{where}"
         )
         if bad:
             raise DataError(

@@ -20,6 +20,7 @@ import csv
 import os
 from pathlib import Path
 
+from finetune_cli.errors import relative_note
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.model.weights import check_weights
@@ -75,7 +76,7 @@ def check_output_dir(path, key: str) -> None:
 
 def check_data_dir(root: Path) -> None:
     if not root.exists():
-        raise DataError(f"data.dir: folder not found: {root}")
+        raise DataError(f"data.dir: folder not found: {root}{relative_note(root)}")
     if not root.is_dir():
         raise DataError(
             f"data.dir: {root} is a file; expected a folder of "
@@ -91,7 +92,7 @@ def check_data_dir(root: Path) -> None:
 
 def check_csv(path: Path) -> None:
     if not path.exists():
-        raise DataError(f"data.csv: file not found: {path}")
+        raise DataError(f"data.csv: file not found: {path}{relative_note(path)}")
     if path.is_dir():
         raise DataError(
             f"data.csv: {path} is a folder; expected a CSV file "
@@ -121,6 +122,8 @@ def memory_bytes() -> int:
 def check_memory(cfg) -> None:
     h, w = cfg.data.image_size
     batch = cfg.data.batch_size
+    if batch == "auto":  # the probe chooses what fits; one image must
+        batch = 1
     need = batch * h * w * 3 * 4 * ACTIVATION_FACTOR
     have = memory_bytes()
     if have and need > have:

@@ -175,7 +175,9 @@ class Data(_Strict):
     csv: Optional[PathStr] = None
     split: Split = Split()
     image_size: tuple[Int, Int] = (224, 224)
-    batch_size: Int = Field(32, ge=1)
+    # `auto`: the largest power-of-two batch that fits this device, found by
+    # a short probe and recorded in the run (docs/config.md).
+    batch_size: Union[Annotated[Int, Field(ge=1)], Literal["auto"]] = 32
     # Allow CSV paths outside the CSV's folder (e.g. absolute paths).
     allow_outside_root: Bool = False
     # What the pre-flight check does with an unreadable, truncated or empty

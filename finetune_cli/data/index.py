@@ -24,6 +24,7 @@ import os
 import random
 from pathlib import Path
 
+from finetune_cli.errors import relative_note
 from finetune_cli.errors import DataError
 
 
@@ -123,7 +124,7 @@ def _class_dirs(root: Path) -> list[Path]:
 def _index_folders(data, seed: int) -> DataIndex:
     root = Path(data.dir)
     if not root.is_dir():
-        raise DataError(f"data.dir: folder not found: {root}")
+        raise DataError(f"data.dir: folder not found: {root}{relative_note(root)}")
     subdirs = {p.name for p in _class_dirs(root)}
     if "train" in subdirs:
         return _index_split_folders(root, subdirs)
@@ -224,7 +225,9 @@ def _split_stratified(per_class: dict[str, list[str]], split, seed, source):
 def _index_csv(data, seed: int) -> DataIndex:
     csv_path = Path(data.csv)
     if not csv_path.is_file():
-        raise DataError(f"data.csv: file not found: {csv_path}")
+        raise DataError(
+            f"data.csv: file not found: {csv_path}{relative_note(csv_path)}"
+        )
     root = csv_path.parent.resolve()
     try:
         # utf-8-sig: spreadsheet programs start CSV files with a BOM.

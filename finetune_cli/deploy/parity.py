@@ -27,7 +27,7 @@ from finetune_cli.deploy.formats import Artifact
 MIN_GATE_IMAGES = 250
 
 
-def _tflite_interpreter(path):
+def tflite_interpreter(path):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -47,7 +47,7 @@ def runner_for(artifact: Artifact):
         serve = loaded.signatures["serve"]
         return lambda x: serve(pixels=tf.constant(x))["probabilities"].numpy()
     if artifact.format == "tflite":
-        it = _tflite_interpreter(artifact.path)
+        it = tflite_interpreter(artifact.path)
         it.allocate_tensors()
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
 
@@ -150,22 +150,25 @@ def check_parity(
                     failures.append(
                         f"{art.name}: accuracy {row['accuracy']:.4f} is "
                         f"{drop:.4f} below the Keras model's {ref_acc:.4f} on "
-                        f"{n} images (allowed: --max-accuracy-drop "
-                        f"{max_accuracy_drop:g})"
+                        f"{n} images, more than --max-accuracy-drop "
+                        f"{max_accuracy_drop:g} allows (to accept it: "
+                        f"--max-accuracy-drop {_above(drop)}; int8 may do better "
+                        "calibrated on more images: --calibration-images)"
                     )
             if min_agreement is not None and agree < min_agreement:
                 row["passed"] = False
                 failures.append(
                     f"{art.name}: top-1 agreement with the Keras model "
-                    f"{agree:.4f} < {min_agreement:g} on {n} images (allowed: "
-                    "--min-agreement)"
+                    f"{agree:.4f} < {min_agreement:g} on {n} images (to accept "
+                    f"it: --min-agreement {_below(agree)})"
                 )
         else:
             row["passed"] = diff <= tolerance
             if not row["passed"]:
                 failures.append(
                     f"{art.name}: max probability difference {diff:.2e} > "
-                    f"{tolerance:g} (allowed: --tolerance)"
+                    f"--tolerance {tolerance:g} (to accept it: --tolerance "
+                    f"{float(f'{diff * 1.5:.0e}'):g})"
                 )
         rows.append(row)
     return {
@@ -181,6 +184,23 @@ def check_parity(
     }
 
 
-def raise_on_failures(report: dict) -> None:
+def _above(drop: float) -> str:
+    """The next hundredth above `drop`: a threshold that would pass it."""
+    return f"{(int(drop * 100) + 1) / 100:g}"
+
+
+def _below(agree: float) -> str:
+    return f"{int(agree * 100) / 100:g}"
+
+
+def raise_on_failures(report: dict, out_dir=None) -> None:
+    """GateError (exit 4) naming every artifact that failed. The files stay
+    in `out_dir` for inspection, and export_report.json says they failed."""
     if report and report["failures"]:
-        raise GateError("parity check failed: " + "; ".join(report["failures"]))
+        kept = (
+            f". The files are kept in {out_dir} for inspection; "
+            "export_report.json marks them as failed: do not serve them"
+            if out_dir is not None
+            else ""
+        )
+        raise GateError("parity check failed: " + "; ".join(report["failures"]) + kept)

@@ -155,6 +155,11 @@ def evaluate(
     (reported through `warn`) instead of stopping. With `track`, a run
     tracked in MLflow gets the evaluation's metrics (`eval.<name>.<metric>`)
     and folder (artifacts under `eval/<name>`).
+
+    The folder is `out`, else `eval/<name>` (replaced if there), else
+    `eval/<split>`, or `eval/<split>-2`, `-3`, ... when that one is taken:
+    without a name, an evaluation never replaces another (the run's own
+    end-of-run report is `eval/test`).
     """
     target = resolve_target(target_path)
     pairs, source, split = resolve_data(
@@ -181,8 +186,8 @@ def evaluate(
     metrics = compute_metrics(labels, probs, target.labels, top_k)
     metrics.update(model=str(target.model_path), data=source, split=split)
     if out is None:
-        base = target.run_dir or target.model_path.parent
-        out = Path(base) / "eval" / (name or split)
+        base = Path(target.run_dir or target.model_path.parent) / "eval"
+        out = base / name if name is not None else _unused(base, split)
     out = Path(out)
     result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
     if write:
@@ -191,6 +196,15 @@ def evaluate(
         if track and target.run_dir is not None:
             _track(result, target.run_dir, warn)
     return result
+
+
+def _unused(base: Path, split: str) -> Path:
+    if not (base / split).exists():
+        return base / split
+    n = 2
+    while (base / f"{split}-{n}").exists():
+        n += 1
+    return base / f"{split}-{n}"
 
 
 def _track(ev: Evaluation, run_dir, warn) -> None:

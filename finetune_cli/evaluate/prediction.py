@@ -33,17 +33,26 @@ from finetune_cli.model.saved import resolve_target
 CSV_COLUMNS = ["file", "label", "confidence", "top_k", "error"]
 
 
-def collect_images(inputs) -> list[str]:
-    """Image files from paths and folders (recursively), in a stable order."""
+IMAGE_EXTENSIONS = data_lib.IMAGE_EXTENSIONS
+
+
+def collect_images(inputs, not_images: list | None = None) -> list[str]:
+    """Image files from paths and folders (recursively), in a stable order.
+
+    Files in a folder whose extension is not an image's are left out and,
+    when `not_images` is a list, appended to it (so the caller can say so).
+    """
     files = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(
-                str(f)
-                for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in data_lib.IMAGE_EXTENSIONS
-            )
+            for f in sorted(p.rglob("*")):
+                if not f.is_file():
+                    continue
+                if f.suffix.lower() in data_lib.IMAGE_EXTENSIONS:
+                    files.append(str(f))
+                elif not_images is not None and not f.name.startswith("."):
+                    not_images.append(str(f))
         elif p.is_file():
             files.append(str(p))
         else:
@@ -117,9 +126,14 @@ def predict_files(model, paths, batch_size: int = 32) -> np.ndarray:
 
 def predict(target_path, files, *, top_k=3, batch_size=32) -> Iterator[dict]:
     """Rows of file, label, confidence, top_k (label and probability) and
-    error, one per file, streamed."""
+    error, one per file, streamed. The model is loaded (and any error about
+    it raised) before this returns; the rows come as they are iterated."""
     target = resolve_target(target_path)
     model = load_model(target)
+    return _rows(target, model, files, top_k, batch_size)
+
+
+def _rows(target, model, files, top_k, batch_size) -> Iterator[dict]:
     k = min(top_k, len(target.labels))
     for path, p, error in iter_probabilities(model, files, batch_size):
         if error is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune_cli.errors import relative_note
 from finetune_cli.errors import ConfigError
 
 
@@ -18,7 +19,9 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 def check_weights(weights: str) -> None:
     path = Path(weights)
     if not path.exists():
-        raise ConfigError(f"model.weights: file not found: {weights}")
+        raise ConfigError(
+            f"model.weights: file not found: {weights}{relative_note(weights)}"
+        )
     if path.is_dir():
         raise ConfigError(
             f"model.weights: {weights} is a folder; expected "

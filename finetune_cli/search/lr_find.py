@@ -164,6 +164,7 @@ def lr_find(
     spec = plan.phase
     if setup.save_verdicts is not None:
         setup.save_verdicts()
+    cfg = setup.cfg  # data.batch_size: auto resolved
     batch = cfg.data.batch_size
     steps_per_epoch = max(1, len(index.splits["train"]) // batch)
     epochs = math.ceil(steps / steps_per_epoch)

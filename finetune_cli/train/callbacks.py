@@ -83,7 +83,7 @@ def _finite(v):
 
 
 class EpochHook(keras.callbacks.Callback):
-    """Calls `end_epoch(epoch, logs, seconds)` after every epoch, with a
+    """Calls `end_epoch(epoch, logs, seconds, lr_start)` after every epoch, with a
     progress bar of `steps` batches; the fault point `phase_first_batch`
     fires on the first batch of epoch `phase_start`."""
 
@@ -106,6 +106,11 @@ class EpochHook(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.monotonic()
         self._epoch = epoch
+        # The rate of the epoch's first step (a decayed schedule ends an
+        # epoch lower, at 0 for a cosine's last).
+        self._lr_start = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
         self._progress = self._open_progress(
             self.steps, f"epoch {epoch + 1} ({self.phase_name})"
         )
@@ -119,7 +124,9 @@ class EpochHook(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._progress.__exit__(None, None, None)
-        self._end_epoch(epoch, dict(logs or {}), time.monotonic() - self._t0)
+        self._end_epoch(
+            epoch, dict(logs or {}), time.monotonic() - self._t0, self._lr_start
+        )
 
 
 class RestoreCallbacks(keras.callbacks.Callback):

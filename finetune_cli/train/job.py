@@ -44,6 +44,7 @@ from finetune_cli.errors import ConfigError
 from finetune_cli.errors import FinetuneError
 from finetune_cli.errors import InterruptedRun
 from finetune_cli.errors import TimeLimitReached
+from finetune_cli.evaluate import plots
 from finetune_cli.model.weights import check_weights
 from finetune_cli.run.folder import STATUS_FILE
 from finetune_cli.run.folder import RunDir
@@ -199,7 +200,7 @@ def run_guarded(t: Trainer) -> FinetuneResult:
         ended = "KILLED"
         run.set_status("interrupted", reason=str(e), resumable=True)
         t.out.log_only(e.kind, str(e))
-        t.stopped_report()
+        _stopped_report(t)
         raise
     except InterruptedRun as e:
         ended = "KILLED"
@@ -259,3 +260,21 @@ def _lost_worker(t: Trainer, e) -> str:
         f"{t.state.epoch}. Start every worker again with "
         f"finetune-cli finetune {where}"
     )
+
+
+def _stopped_report(t: Trainer) -> None:
+    """What a run stopped by its time limit has: the curves, and the
+    best model so far on the recorded test split (`eval/partial/`)."""
+    from finetune_cli.evaluate import evaluation
+
+    run = t.run
+    if not t.topo.chief or not (run / "history.csv").is_file():
+        return
+    plots.curves_png(run / "history.csv", run / "curves.png")
+    if t.index.splits.get("test") and (run / "best.keras").is_file():
+        ev = evaluation.evaluate(run.path, split="test", name="partial", track=False)
+        accuracy = ev.metrics["summary"]["accuracy"]
+        t.out.info(
+            f"partial report (best epoch so far, test accuracy "
+            f"{accuracy:.4f}): {ev.out_dir / 'report.html'}"
+        )

@@ -28,6 +28,7 @@ from finetune_cli.model import build as model_lib
 from finetune_cli.run.folder import RunDir
 from finetune_cli.runtime import distribute
 from finetune_cli.runtime import environment
+from finetune_cli.train import batch as batch_lib
 from finetune_cli.train import phases as phases_lib
 
 
@@ -88,11 +89,38 @@ def prepare(
     gpu = any(d["type"] == "GPU" for d in env["devices"])
     runtime = environment.configure_runtime(cfg, gpu)
     env["runtime"] = {**runtime, **topo.describe()}
-    check_batch(cfg, topo, len(index.splits["train"]))
+    auto = cfg.data.batch_size == "auto"
+    if auto and topo.distributed:
+        raise ConfigError(
+            "data.batch_size: auto is not supported under runtime.distribute "
+            f"({topo.kind}): give the global batch. Received: "
+            "data.batch_size='auto'"
+        )
+    if not auto:
+        check_batch(cfg, topo, len(index.splits["train"]))
     with topo.strategy.scope():
         model, base = model_lib.build_model(cfg, len(index.class_names))
     distribute.adopt(model, topo)
     plans = phases_lib.plan_phases(model, base, cfg, topo.distributed)
+    n_train, n_classes = len(index.splits["train"]), len(index.class_names)
+    if auto:
+        choice = batch_lib.choose(model, base, plans, n_train, n_classes, gpu)
+        cfg = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update={"batch_size": choice["batch_size"]})
+            }
+        )
+        env["runtime"]["batch_size"] = {"auto": True, **choice}
+        out.info(
+            f"data.batch_size: auto chose {choice['batch_size']} ({choice['how']})"
+        )
+    elif resume is not None:
+        recorded = _recorded_batch(resume)
+        batch_lib.check_recorded(
+            model, base, plans, cfg.data.batch_size, n_classes, gpu, recorded
+        )
+        if recorded:
+            env["runtime"]["batch_size"] = recorded
     return Setup(
         cfg,
         index,
@@ -106,6 +134,18 @@ def prepare(
         topo,
         save_verdicts,
     )
+
+
+def _recorded_batch(resume: Path) -> Optional[dict]:
+    """How a resumed run's batch was chosen (environment.json), if by auto."""
+    import json
+
+    try:
+        env = json.loads((Path(resume) / "environment.json").read_text())
+    except (OSError, ValueError):
+        return None
+    record = (env.get("runtime") or {}).get("batch_size")
+    return record if isinstance(record, dict) else None
 
 
 def _recorded(resume: Path) -> data_lib.DataIndex:

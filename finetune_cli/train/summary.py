@@ -201,3 +201,7 @@ def epoch_line(epoch: int, logs: dict, lr: float, seconds: float) -> str:
     """One finished epoch, as a row under `epoch_header`."""
     cells = [f"{logs[k]:>{_width(k)}.4f}" for k in _metric_names(logs)]
     return f"{epoch:>5}{''.join(cells)}{sci(lr):>9}{seconds:>7.1f}s"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")

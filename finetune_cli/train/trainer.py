@@ -169,8 +169,15 @@ class Trainer:
         if not st.phase_finished and st.epoch < phase_end:
             hook = callbacks_lib.EpochHook(
                 self.out.progress,
-                lambda epoch, logs, seconds: self.end_epoch(
-                    fit_model, callbacks, epoch, logs, phase_end, phase.name, seconds
+                lambda epoch, logs, seconds, lr_start: self.end_epoch(
+                    fit_model,
+                    callbacks,
+                    epoch,
+                    logs,
+                    phase_end,
+                    phase.name,
+                    seconds,
+                    lr_start,
                 ),
                 self.steps,
                 phase.name,
@@ -232,8 +239,12 @@ class Trainer:
         phase_end: int,
         phase_name: str,
         seconds: float,
+        lr_start: Optional[float] = None,
     ) -> None:
-        """Commit the state after an epoch, then update the views of it."""
+        """Commit the state after an epoch, then update the views of it.
+
+        `lr` in the history is the learning rate after the epoch (what the
+        next step uses); the epoch line shows the one it started with."""
         st, monitor = self.state, self.cfg.experiment.monitor
         lr = phases_lib.current_lr(fit_model)
         row = {
@@ -269,7 +280,8 @@ class Trainer:
         if not self._header_shown:
             self.out.info(summary.epoch_header(logs))
             self._header_shown = True
-        self.out.info(summary.epoch_line(epoch + 1, logs, lr, seconds))
+        shown_lr = lr if lr_start is None else lr_start
+        self.out.info(summary.epoch_line(epoch + 1, logs, shown_lr, seconds))
         more = st.phase < len(self.plans) - 1 or not st.phase_finished
         self.budget.after_epoch(epoch + 1, str(self.run.path), more)
 
@@ -296,29 +308,10 @@ class Trainer:
         self.out.success(
             f"phase {entry['phase']}: val_accuracy {entry['val_accuracy']:.4f}, "
             f"val_loss {entry['val_loss']:.4f} (best epoch "
-            f"{entry['best_epoch']}, {entry['epochs_run']} epochs)"
+            f"{entry['best_epoch']}, {summary.plural(entry['epochs_run'], 'epoch')})"
         )
 
     # -- the end ----------------------------------------------------------
-
-    def stopped_report(self) -> None:
-        """What a run stopped by its time limit has: the curves, and the
-        best model so far on the recorded test split (`eval/partial/`)."""
-        from finetune_cli.evaluate import evaluation
-
-        run = self.run
-        if not self.topo.chief or not (run / "history.csv").is_file():
-            return
-        plots.curves_png(run / "history.csv", run / "curves.png")
-        if self.index.splits.get("test") and (run / "best.keras").is_file():
-            ev = evaluation.evaluate(
-                run.path, split="test", name="partial", track=False
-            )
-            accuracy = ev.metrics["summary"]["accuracy"]
-            self.out.info(
-                f"partial report (best epoch so far, test accuracy "
-                f"{accuracy:.4f}): {ev.out_dir / 'report.html'}"
-            )
 
     def _finalize(self) -> FinetuneResult:
         from finetune_cli.evaluate import evaluation
@@ -360,7 +353,7 @@ class Trainer:
             # writes it: on the recorded test files. One pass of the model
             # over them gives the report and, through the loss compiled for
             # val above, Keras' test loss.
-            ev = evaluation.evaluate(run.path, split="test", track=False)
+            ev = evaluation.evaluate(run.path, split="test", name="test", track=False)
             onehot = keras.ops.one_hot(ev.labels, self.num_classes)
             loss = self.model.loss(onehot, ev.probs)
             metrics["test"] = {
