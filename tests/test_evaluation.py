@@ -347,3 +347,31 @@ def test_evaluate_split_config_and_compare_metric(run_dir, tmp_path):
         app, ["evaluate", str(run_dir), "--compare-metric", "f1_macro"]
     )
     assert result.exit_code == 2 and "macro_f1" in result.output
+
+
+def test_evaluate_without_a_name_never_replaces_an_earlier_report(
+    finished_run, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli.main import app
+
+    run = copy_run(finished_run.run, tmp_path / "run")
+    own = (run / "eval" / "test" / "metrics.json").read_bytes()
+    runner = CliRunner()
+    for expected in ("test-2", "test-3"):
+        result = runner.invoke(app, ["evaluate", str(run)])
+        assert result.exit_code == 0, result.output
+        assert f"eval/{expected}/report.html" in result.output
+        assert (run / "eval" / expected / "metrics.json").is_file()
+    assert (run / "eval" / "test" / "metrics.json").read_bytes() == own
+    # A name is explicit: that folder is replaced.
+    for _ in range(2):
+        result = runner.invoke(app, ["evaluate", str(run), "--name", "nightly"])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "nightly",
+        "test",
+        "test-2",
+        "test-3",
+    ]

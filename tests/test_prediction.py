@@ -112,3 +112,59 @@ def test_bad_out_is_refused_before_tensorflow_loads(tmp_path, args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_out_dash_without_a_format_is_csv_on_stdout(model, folder):
+    result = CliRunner().invoke(
+        app, ["predict", str(model), str(folder / "0.jpg"), "--out", "-"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(result.stdout.splitlines()))
+    assert rows[0]["file"].endswith("0.jpg") and rows[0]["label"] == "star"
+
+
+def test_files_in_a_folder_that_are_not_images_are_named_not_silently_left_out(
+    model, folder, tmp_path
+):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    (mixed / "notes.txt").write_text("not an image")
+    (mixed / "labels.csv").write_text("a,b\n")
+    result = CliRunner().invoke(app, ["predict", str(model), str(mixed), "--out", "-"])
+    text = " ".join(result.stderr.split())
+    assert "left out 2 file(s) that are not images" in text
+    assert "notes.txt" in text and "labels.csv" in text
+    assert "notes.txt" not in result.stdout  # not predicted either
+
+
+def test_the_rate_leaves_out_the_model_loading_and_the_first_batch(model, folder):
+    result = CliRunner().invoke(
+        app, ["predict", str(model), str(folder), "--batch-size", "2", "--out", "-"]
+    )
+    assert "images/s after the first batch" in result.stderr
+    few = CliRunner().invoke(app, ["predict", str(model), str(folder / "0.jpg")])
+    assert "too few images for a rate" in few.stdout
+
+
+def test_a_damaged_jpeg_is_named_once_without_the_decoders_own_lines(model, tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 10, 10)).save(buf, "JPEG")
+    data = buf.getvalue()
+    (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "ok.jpg").write_bytes(data)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune_cli", "predict", str(model), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Improper call to JPEG library" not in proc.stderr
+    assert "Corrupt JPEG data" not in proc.stderr
+    assert "half.jpg" in proc.stderr and "Traceback" not in proc.stderr

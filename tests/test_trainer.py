@@ -285,3 +285,48 @@ def test_test_loss_is_the_last_phase_loss_on_the_report_probabilities(
     loss = result.metrics["test"]["loss"]
     assert loss == pytest.approx(cross_entropy(0.2), rel=1e-5)
     assert abs(loss - cross_entropy(0.0)) > 0.05
+
+
+def test_the_epoch_table_shows_the_rate_an_epoch_started_at(shapes_dir, tmp_path):
+    # A one-epoch cosine phase ends at a rate of 0: the row shows the rate
+    # it trained with, the history the one after it (what Keras reports).
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path,
+        phases=[
+            {"name": "head", "epochs": 1, "learning_rate": 2e-3, "schedule": "cosine"}
+        ],
+    )
+    buf = io.StringIO()
+    result = trainer.finetune(config_lib.validate(raw), Output(file=buf))
+    lines = buf.getvalue().splitlines()
+    header = next(i for i, x in enumerate(lines) if x.split()[:1] == ["epoch"])
+    assert lines[header].split() == ["epoch", "acc", "loss", "val_acc", "val_loss"] + [
+        "lr",
+        "time",
+    ]
+    row = lines[header + 1].split()
+    assert row[0] == "1" and row[-2] == "2e-3"
+    assert all(len(x) <= 80 for x in lines[header : header + 2])
+    history = list(csv.DictReader(open(result.run_dir / "history.csv")))
+    assert float(history[0]["lr"]) == pytest.approx(0.0, abs=1e-9)
+    assert "(best epoch 1, 1 epoch)" in buf.getvalue()  # not "1 epochs"
+
+
+def test_an_interrupted_run_says_so_in_its_log(shapes_dir, tmp_path, monkeypatch):
+    import keras
+
+    def ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "fit", ctrl_c)
+    raw = tiny_config(shapes_dir, tmp_path)
+    raw["feature_cache"]["enabled"] = False
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["finetune", str(path)])
+    assert result.exit_code == 5, result.output
+    (run,) = (tmp_path / "runs" / "t").glob("2*")
+    log = (run / "log.txt").read_text()
+    assert "interrupted: stopped by Ctrl-C or SIGTERM after epoch 0" in log
+    assert f"--resume {run}" in log
