@@ -23,7 +23,7 @@ import numpy as np
 from finetune_cli.data import pipeline
 from finetune_cli.data import split as split_lib
 from finetune_cli.deploy.formats import Artifact
-from finetune_cli.deploy.parity import tflite_interpreter
+from finetune_cli.deploy.parity import tflite_runner
 from finetune_cli.deploy.parity import runner_for
 from finetune_cli.deploy.parity import size_of
 from finetune_cli.errors import ConfigError
@@ -136,29 +136,9 @@ def _artifacts(folder: Path, run_dir: Path) -> list[Artifact]:
 
 def _batched_runner(art: Artifact, batch: int):
     """float pixels [n <= batch, H, W, 3] -> probabilities, at `batch` a call."""
-    if art.format != "tflite":
-        return runner_for(art)
-    it = tflite_interpreter(art.path)
-    inp = it.get_input_details()[0]
-    it.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-
-    def run(x):
-        n = len(x)
-        if n < batch:  # the last, partial batch: padded
-            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
-        if inp["dtype"] == np.uint8:
-            x = np.clip(np.round(x), 0, 255).astype(np.uint8)
-        it.set_tensor(inp["index"], x.astype(inp["dtype"]))
-        it.invoke()
-        y = it.get_tensor(out["index"])
-        if out["dtype"] in (np.uint8, np.int8):
-            scale, zero = out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        return y[:n]
-
-    return run
+    if art.format == "tflite":
+        return tflite_runner(art.path, batch)
+    return runner_for(art)
 
 
 def _load(samples, size) -> np.ndarray:

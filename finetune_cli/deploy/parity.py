@@ -47,22 +47,7 @@ def runner_for(artifact: Artifact):
         serve = loaded.signatures["serve"]
         return lambda x: serve(pixels=tf.constant(x))["probabilities"].numpy()
     if artifact.format == "tflite":
-        it = tflite_interpreter(artifact.path)
-        it.allocate_tensors()
-        inp, out = it.get_input_details()[0], it.get_output_details()[0]
-
-        def run(x):
-            if inp["dtype"] == np.uint8:
-                x = np.clip(np.round(x), 0, 255).astype(np.uint8)
-            it.set_tensor(inp["index"], x.astype(inp["dtype"]))
-            it.invoke()
-            y = it.get_tensor(out["index"])
-            if out["dtype"] in (np.uint8, np.int8):
-                scale, zero = out["quantization"]
-                y = (y.astype(np.float32) - zero) * scale
-            return y
-
-        return run
+        return tflite_runner(artifact.path)
     if artifact.format == "onnx":
         import onnxruntime as ort
 
@@ -72,6 +57,34 @@ def runner_for(artifact: Artifact):
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x.astype(np.float32)})[0]
     raise ValueError(artifact.format)
+
+
+def tflite_runner(path, batch: int | None = None):
+    """float pixels [n, H, W, 3] -> probabilities through a TFLite model:
+    batch 1 as converted, or `batch` images a call (a shorter last batch is
+    padded). int8 models take uint8 pixels and give dequantised scores."""
+    it = tflite_interpreter(path)
+    if batch is not None:
+        inp = it.get_input_details()[0]
+        it.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+
+    def run(x):
+        n = len(x)
+        if batch is not None and n < batch:
+            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
+        if inp["dtype"] == np.uint8:
+            x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        it.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        it.invoke()
+        y = it.get_tensor(out["index"])
+        if out["dtype"] in (np.uint8, np.int8):
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y[:n]
+
+    return run
 
 
 def size_of(path: Path) -> int:
