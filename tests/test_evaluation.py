@@ -145,10 +145,11 @@ def test_report_explains_the_worst_mistakes_and_a_few_correct_per_class(run_dir)
     for name in names:
         with Image.open(out / "gradcam" / name) as im:
             assert im.format == "PNG" and len(im.convert("RGB").getcolors(1 << 20)) > 50
-    # Re-evaluating into the same folder leaves no overlay of the last one.
+    # Re-evaluating into the same folder (named: without a name a new one is
+    # taken) leaves no overlay of the last one.
     stale = out / "gradcam" / "999-mistake-gone.png"
     stale.write_bytes(b"")
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--plain"])
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--name", "test", "--plain"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "gradcam").iterdir()) == names
 
