@@ -17,6 +17,7 @@ from finetune_cli.deploy import parity as parity_lib
 from finetune_cli.model import build as model_lib
 from finetune_cli.cli.main import app
 from finetune_cli.errors import EXIT_GATE
+from finetune_cli.errors import GateError
 
 from conftest import lively_weights
 from conftest import tiny_config
@@ -345,6 +346,14 @@ def test_quantized_gate_is_on_accuracy_not_agreement(monkeypatch, n):
     assert failure.startswith("int8_worse: accuracy") and "--max-accuracy-drop" in (
         failure
     )
+    # The hint is a value that would accept it, not the default that failed.
+    drop = rows["int8_worse"]["accuracy_drop"]
+    hint = float(failure.split("to accept it: --max-accuracy-drop ")[1].split(";")[0])
+    assert hint > drop and hint != 0.02
+    with pytest.raises(GateError) as e:
+        parity_lib.raise_on_failures(report, Path("runs/x/export"))
+    assert "kept in runs/x/export for inspection" in str(e.value)
+    assert "do not serve them" in str(e.value)
     # Too few images for a 2-point gate to mean much: said, with the fix.
     assert bool(report["notes"]) == (n < parity_lib.MIN_GATE_IMAGES)
     assert all("--parity-images 250" in note for note in report["notes"])
