@@ -102,10 +102,11 @@ def export_(
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
-    """Write .keras, SavedModel, TFLite and ONNX artifacts and check each
-    against the original model (exit 4 when the parity check fails; the
-    files are then kept for inspection, marked failed in
-    export_report.json).
+    """Write .keras, SavedModel, TFLite and ONNX artifacts, each checked.
+
+    Each artifact is checked against the original model (the parity
+    check); exit 4 when one fails, the files then kept for inspection and
+    marked failed in export_report.json.
 
     Example: finetune-cli export runs/flowers/latest --quantize int8
     """
