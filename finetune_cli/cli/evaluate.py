@@ -91,7 +91,11 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Which split of the data.")] = "test",
     out_dir: Annotated[
         Optional[Path],
-        typer.Option("--out", help="Output folder. Default: RUN/eval/<name or split>."),
+        typer.Option(
+            "--out",
+            help="Output folder. Default: RUN/eval/<name>, or RUN/eval/<split> "
+            "(<split>-2, -3, ... when taken).",
+        ),
     ] = None,
     name: Annotated[
         Optional[str],
