@@ -373,3 +373,11 @@ def sci(value: float) -> str:
     mantissa, exponent = f"{value:.2e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
+
+
+_SHORT_METRICS = {"accuracy": "acc", "val_accuracy": "val_acc"}
+
+
+def short_metric(name: str) -> str:
+    """A metric's name in a narrow column: val_accuracy -> val_acc."""
+    return _SHORT_METRICS.get(name, name)

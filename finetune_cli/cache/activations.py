@@ -130,12 +130,11 @@ def get_activations(
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") == key:
             # One built earlier in this process is not "reused".
-            how = "the cache built above" if folder in _BUILT else "reusing"
+            built = folder in _BUILT
+            how = "the cache built above" if built else "reusing"
             out.info(
                 f"activations at {', '.join(cut.names)}: {how} {folder}",
-                brief=f"activations: {how.removesuffix(' above')}"
-                if folder in _BUILT
-                else "activations: reusing the cache",
+                brief=f"activations: {how if built else 'reusing the cache'}",
             )
             return ActivationSet(folder, manifest)
     preprocess = model_lib.find_preprocessing(model)

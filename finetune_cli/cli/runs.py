@@ -10,6 +10,7 @@ import typer
 import typer.core
 
 from finetune_cli.console import Output
+from finetune_cli.console import short_metric
 from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import DebugOpt
 from finetune_cli.cli.help import Group
@@ -69,7 +70,7 @@ def runs_list(
                     r["state"],
                     "-"
                     if r["best"] is None
-                    else f"{_short(r['monitor'])} {r['best']:.4f}",
+                    else f"{short_metric(r['monitor'])} {r['best']:.4f}",
                     "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}",
                     _run_note(r),
                 ]
@@ -88,7 +89,3 @@ def _run_note(row: dict) -> str:
     if row["state"] in ("interrupted", "failed") and row.get("resumable"):
         return "resumable (below)"
     return (row["reason"] or "")[:40]
-
-
-def _short(monitor: str) -> str:
-    return {"val_accuracy": "val_acc", "accuracy": "acc"}.get(monitor, monitor)

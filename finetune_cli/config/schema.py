@@ -71,6 +71,7 @@ Bool = Annotated[bool, BeforeValidator(_not_number)]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 
 
 def duration_seconds(value) -> float:
@@ -84,8 +85,8 @@ def duration_seconds(value) -> float:
         seconds = float(value)  # a number given as text (the command line)
     else:
         text = str(value).strip().lower()
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
-        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", text).strip():
+        parts = _DURATION_PART.findall(text)
+        if not parts or _DURATION_PART.sub("", text).strip():
             raise ValueError(
                 "expected a duration: seconds, or numbers with units s, m, h, "
                 f"d (e.g. 90s, 30m, 1h30m). Received: {_short(value)}"

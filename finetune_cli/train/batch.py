@@ -18,6 +18,7 @@ it, and a batch that no longer fits there is a config error naming it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -66,6 +67,22 @@ def _worst(plans):
     return max(on_images, key=lambda p: len(p.layer_names), default=None)
 
 
+@contextlib.contextmanager
+def _probing(model, base, plan):
+    """The model set up to train `plan` (compiled, at a rate of 0), its
+    weights put back afterwards whatever the probe did."""
+    saved = [v.numpy() for v in model.variables]
+    try:
+        model_lib.apply_trainable(model, base, plan.layer_names, plan.phase.batchnorm)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy"
+        )
+        yield
+    finally:
+        for v, value in zip(model.variables, saved, strict=True):
+            v.assign(value)
+
+
 def _fits(model, batch: int, num_classes: int) -> bool:
     h, w = model.input_shape[1:3]
     x = np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype("float32")
@@ -88,12 +105,7 @@ def choose(model, base, plans, n_train: int, num_classes: int, gpu: bool) -> dic
             f"the largest power of two up to {MAX_AUTO} and the "
             f"{n_train} training images",
         }
-    saved = [v.numpy() for v in model.variables]
-    try:
-        model_lib.apply_trainable(model, base, plan.layer_names, plan.phase.batchnorm)
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy"
-        )
+    with _probing(model, base, plan):
         if gpu:
             batch = 0
             candidate = 1
@@ -113,9 +125,6 @@ def choose(model, base, plans, n_train: int, num_classes: int, gpu: bool) -> dic
                 f"an image against {CPU_SHARE:.0%} of the "
                 f"{available_memory() / 2**30:,.1f} GiB available, then a step"
             )
-    finally:
-        for v, value in zip(model.variables, saved, strict=True):
-            v.assign(value)
     if batch < 1:
         raise ConfigError(
             "data.batch_size: auto found no batch that fits: not even one "
@@ -142,21 +151,12 @@ def check_recorded(
     plan = _worst(plans)
     if plan is None:
         return
-    saved = [v.numpy() for v in model.variables]
-    try:
-        model_lib.apply_trainable(model, base, plan.layer_names, plan.phase.batchnorm)
+    with _probing(model, base, plan):
         if gpu:
-            model.compile(
-                optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy"
-            )
-            ok = _fits(model, batch, num_classes)
-            need = None
+            ok, need = _fits(model, batch, num_classes), None
         else:
             need = bytes_per_image(model) * batch
             ok = need <= available_memory()
-    finally:
-        for v, value in zip(model.variables, saved, strict=True):
-            v.assign(value)
     if not ok:
         have = available_memory() / 2**30
         where = (

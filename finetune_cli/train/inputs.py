@@ -5,10 +5,10 @@ computed once (`cache/heads.py`: `features` or augmented `views`); a phase
 that trains the top of the base above a single-tensor cut trains on the
 cached activations below it (`cache/activations.py`); any other phase
 trains the whole model on images (`base`). `PhaseInputs` makes that choice
-in one place for the trainer and `lr-find`: `build(plan)` computes the
-caches a phase needs (the caller first sets the weights they are taken
-from), `for_phase(plan, first, end)` gives the model to fit and its
-training and validation data, distributed when a strategy is set.
+in one place for the trainer, `lr-find` and `tune`: `build(plan, weights)`
+computes the cache a phase needs (from `weights`, when given), and
+`for_phase(plan, first, end)` gives the model to fit and its training and
+validation data, distributed when a strategy is set.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import tensorflow as tf
 from finetune_cli.cache import activations
 from finetune_cli.cache import heads as feature_training
 from finetune_cli.data import pipeline
+from finetune_cli.run import state as runstate
 from finetune_cli.runtime import distribute
 
 
@@ -46,16 +47,23 @@ class PhaseInputs:
         self._cached: dict = {}  # CachedData or ActivationData, by cache_key
         self._val_ds = None
 
-    def build(self, plan) -> None:
-        """Compute the cache `plan` trains on, from the model's current
-        weights (an earlier phase may have trained the bottom: the
-        activations are cached per phase; features once per path)."""
+    def build(self, plan, weights=None) -> None:
+        """Compute the cache `plan` trains on, if it needs one it does not
+        have yet (activations: one per phase, since an earlier phase may
+        have trained the bottom; features: once per path). `weights`, when
+        given, are set on the model first: the cache is taken from them."""
         s = self.setup
+        if plan.path == "base" or (
+            plan.path != "activations" and plan.path in self._cached
+        ):
+            return
+        if weights is not None:
+            runstate.assign(s.model.variables, weights, "model")
         if plan.path == "activations":
             self._cached[cache_key(plan)] = activations.activation_datasets(
                 self.cfg, self.out, s.model, s.base, self.index, plan.layer_names
             )
-        elif plan.path != "base" and plan.path not in self._cached:
+        else:
             # Outside the scope: extraction is each worker's local pass.
             self._cached[plan.path] = feature_training.cached_datasets(
                 self.cfg,
@@ -71,11 +79,6 @@ class PhaseInputs:
     def cached(self, plan):
         """The cache `plan` trains on (after `build(plan)`)."""
         return self._cached[cache_key(plan)]
-
-    def needs_build(self, plan) -> bool:
-        return plan.path == "activations" or (
-            plan.path != "base" and plan.path not in self._cached
-        )
 
     def for_phase(
         self,

@@ -8,6 +8,7 @@ on (images, cached features or cached activations) and why.
 from __future__ import annotations
 
 from finetune_cli.console import sci
+from finetune_cli.console import short_metric
 from finetune_cli.model.build import count_params
 
 
@@ -181,7 +182,6 @@ def announce(t) -> None:
 
 # Epochs are rows of a table under a header printed at each phase's start:
 # a line of 80 columns with the usual four metrics.
-_SHORT = {"accuracy": "acc", "val_accuracy": "val_acc"}
 
 
 def _metric_names(logs: dict) -> list[str]:
@@ -189,11 +189,11 @@ def _metric_names(logs: dict) -> list[str]:
 
 
 def _width(name: str) -> int:
-    return max(len(_SHORT.get(name, name)), 6) + 2
+    return max(len(short_metric(name)), 6) + 2
 
 
 def epoch_header(logs: dict) -> str:
-    cells = [f"{_SHORT.get(k, k):>{_width(k)}}" for k in _metric_names(logs)]
+    cells = [f"{short_metric(k):>{_width(k)}}" for k in _metric_names(logs)]
     return f"{'epoch':>5}{''.join(cells)}{'lr':>9}{'time':>8}"
 
 

@@ -130,10 +130,8 @@ class Trainer:
         on = summary.describe_path(plan.path, self.cfg, plan)
         brief = summary.describe_path(plan.path, self.cfg, plan, verbose=False)
         self.out.step(f"{head} ({on})", brief=f"{head} ({brief})")
-        if self.inputs.needs_build(plan):
-            # The caches come from the weights at this phase's start.
-            runstate.assign(self.model.variables, self.state.model, "model")
-            self.inputs.build(plan)
+        # The caches come from the weights at this phase's start.
+        self.inputs.build(plan, weights=self.state.model)
         # Models, compile, optimizer restore and head graft: in the scope.
         with self.topo.strategy.scope():
             self._run_phase_in_scope(plan)
