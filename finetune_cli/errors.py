@@ -13,6 +13,8 @@ no traceback (unless `--debug`). Anything else is a bug and exits with 1.
 | 5 | interrupted; the run can be resumed |
 | 6 | locked: another live run holds the run folder or experiment |
 | 7 | stopped by the time limit; the run can be resumed |
+| 8 | damaged: a file finetune-cli wrote (run, cache, export) is garbled or gone |
+| 9 | storage: a disk is full or read-only; what was written before is intact |
 """
 
 import difflib
@@ -25,6 +27,8 @@ EXIT_GATE = 4
 EXIT_INTERRUPTED = 5
 EXIT_LOCKED = 6
 EXIT_TIME_LIMIT = 7
+EXIT_DAMAGED = 8
+EXIT_STORAGE = 9
 
 
 class FinetuneError(Exception):
@@ -75,6 +79,24 @@ class LockedError(FinetuneError):
 
     exit_code = EXIT_LOCKED
     kind = "locked"
+
+
+class DamagedFile(FinetuneError):
+    """A file finetune-cli wrote earlier (a run's state, model, labels,
+    split record, status, config; a cache or export file) is truncated,
+    emptied, garbled or gone. The message names it and what to do."""
+
+    exit_code = EXIT_DAMAGED
+    kind = "damaged file"
+
+
+class StorageError(FinetuneError):
+    """A write failed because the disk is full or read-only (or not ours to
+    write). Every file is written atomically, so what was there before is
+    intact; a run can be resumed once there is room."""
+
+    exit_code = EXIT_STORAGE
+    kind = "storage error"
 
 
 _REPR = reprlib.Repr()

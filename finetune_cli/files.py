@@ -56,3 +56,109 @@ def write_json(path, obj) -> Path:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+# Reading back what was written. A run folder lives for months: a file in
+# it may be truncated by a full disk, emptied, overwritten or deleted by
+# hand. Readers go through these, so the damage is reported once, naming
+# the file and what to do, instead of surfacing as a JSONDecodeError.
+
+
+def damaged(path, problem: str, todo: str = ""):
+    """A DamagedFile error for `path` (to raise)."""
+    from finetune_cli.errors import DamagedFile
+
+    return DamagedFile(f"{path}: {problem}" + (f"; {todo}" if todo else ""))
+
+
+def read_text(path, *, todo: str = "", missing_ok: bool = False):
+    """The UTF-8 text of a file we wrote, or None when it is missing and
+    `missing_ok`.
+
+    Raises:
+        DamagedFile: missing (unless `missing_ok`), unreadable or not text.
+    """
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise damaged(path, "missing", todo) from None
+    except UnicodeDecodeError:
+        raise damaged(path, "not text (garbled)", todo) from None
+    except IsADirectoryError:
+        raise damaged(path, "a folder where a file belongs", todo) from None
+    except OSError as e:
+        raise damaged(path, f"unreadable ({e.strerror})", todo) from None
+
+
+def read_json(path, *, todo: str = "", missing_ok: bool = False, kind=dict):
+    """A JSON file we wrote, checked to hold a `kind` (a dict by default);
+    None when missing and `missing_ok`.
+
+    Raises:
+        DamagedFile: missing, empty, truncated, garbled or of another shape.
+    """
+    text = read_text(path, todo=todo, missing_ok=missing_ok)
+    if text is None:
+        return None
+    if not text.strip():
+        raise damaged(path, "empty", todo)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise damaged(path, "not valid JSON (truncated or garbled)", todo) from None
+    if not isinstance(value, kind):
+        raise damaged(
+            path, f"expected a JSON {kind.__name__}, found {type(value).__name__}", todo
+        )
+    return value
+
+
+# Writes that fail for want of space or permission. Keras, h5py, NumPy and
+# TensorFlow raise these in their own types, some with the errno only in
+# the text, so both are looked at, along the exception's chain.
+_STORAGE_ERRNOS = {
+    28: "the disk is full",
+    122: "the disk quota is exceeded",
+    30: "the file system is read-only",
+    13: "permission denied",
+    1: "permission denied",
+}
+_STORAGE_TEXTS = {
+    "No space left on device": 28,
+    "Disk quota exceeded": 122,
+    "Read-only file system": 30,
+    "Permission denied": 13,
+}
+
+
+def storage_error(e: BaseException, todo: str = ""):
+    """A StorageError saying what `e` is (disk full, read-only, ...) and
+    naming the path where it is known, or None when `e` is another kind of
+    failure."""
+    import re
+
+    from finetune_cli.errors import StorageError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+        text = str(e)
+        if code not in _STORAGE_ERRNOS:
+            code = next((c for t, c in _STORAGE_TEXTS.items() if t in text), None)
+        if code is not None:
+            where = getattr(e, "filename", None)
+            if not where:
+                m = re.search(r"(?:file|path|name)\s*[=:]?\s*'([^']+)'", text)
+                where = m.group(1) if m else None
+            problem = _STORAGE_ERRNOS[code]
+            head = f"{where}: {problem}" if where else f"{problem} ({text[:160]})"
+            return StorageError(
+                f"{head}; nothing written before was lost (every file is "
+                "written whole or not at all)" + (f"; {todo}" if todo else "")
+            )
+        e = e.__cause__ or e.__context__
+    return None

@@ -14,7 +14,7 @@ ROOT = Path(__file__).parent.parent / "finetune_cli"
 # Bottom up: each folder may import the ground modules and the folders
 # listed for it, nothing above.
 LAYERS = {
-    "ground": set(),  # errors, console, faults, files, demo_summary
+    "ground": set(),  # errors, console, faults, files, signals, demo_summary
     "data": {"ground"},
     "model": {"ground"},
     "runtime": {"ground"},

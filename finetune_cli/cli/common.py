@@ -15,6 +15,7 @@ from finetune_cli.console import Output
 from finetune_cli.errors import EXIT_INTERRUPTED
 from finetune_cli.errors import EXIT_UNEXPECTED
 from finetune_cli.errors import FinetuneError
+from finetune_cli.signals import sigterm_as_interrupt
 
 
 ConfigArg = Annotated[
@@ -112,9 +113,15 @@ def quiet_tensorflow():
 
 
 def run_command(out: Output, debug: bool, fn):
-    """Call `fn`, turning our errors into one message and an exit code."""
+    """Call `fn`, turning our errors into one message and an exit code.
+
+    SIGTERM (a scheduler's or cron's timeout) stops every command as Ctrl-C
+    does: exit 5, with whatever the command had half-written removed by its
+    own cleanup (outputs are written to temporary names and renamed last).
+    """
     try:
-        return fn()
+        with sigterm_as_interrupt():
+            return fn()
     except FinetuneError as e:
         if debug:
             raise
@@ -128,6 +135,12 @@ def run_command(out: Output, debug: bool, fn):
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             raise
+        from finetune_cli.files import storage_error
+
+        storage = storage_error(e, "make room (or a writable folder) and run it again")
+        if storage is not None:
+            out.error(storage.kind, str(storage))
+            raise typer.Exit(storage.exit_code) from None
         out.error(
             "unexpected error",
             f"{type(e).__name__}: {e} "

@@ -312,7 +312,10 @@ def promote(
         from finetune_cli.run.folder import RunDir
 
         thresholds = gates.parse_gates(fail_under, "--fail-under")
-        state = RunDir(run_dir).live_status().get("state")
+        run = RunDir(run_dir)
+        if not run_dir.is_dir():
+            raise_config(f"{run_dir}: not a run folder (no such folder)")
+        state = run.live_status(run.read_status()).get("state")
         if state != "completed":
             raise_config(
                 f"{run_dir}: only a completed run can be promoted "

@@ -57,7 +57,8 @@ def _main(
 
     Exit codes: 0 ok, 1 unexpected error, 2 usage or config error, 3 data
     error, 4 quality gate failed, 5 interrupted (resumable), 6 another run
-    holds the experiment, 7 stopped by the time limit (resumable).
+    holds the experiment, 7 stopped by the time limit (resumable), 8 a
+    file finetune-cli wrote is damaged, 9 disk full or read-only.
 
     Example: finetune-cli init ~/photos --out my.yaml, then finetune my.yaml
     """

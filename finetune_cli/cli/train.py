@@ -105,7 +105,11 @@ def finetune(
         if resume is not None:
             if set_:
                 raise_config("--set cannot change a run being resumed")
-            cfg = load_config_file(resume / "config.yaml", [])
+            from finetune_cli.config import load_run_config
+
+            if not resume.is_dir():
+                raise_config(f"--resume {resume}: no such run folder")
+            cfg = load_run_config(resume)
         else:
             cfg = load_config_file(config, set_)
         if time_limit is not None:

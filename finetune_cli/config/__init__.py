@@ -10,6 +10,7 @@ reads the same wherever it is used.
 from finetune_cli.config.loader import apply_overrides
 from finetune_cli.config.loader import json_schema
 from finetune_cli.config.loader import load_config
+from finetune_cli.config.loader import load_run_config
 from finetune_cli.config.loader import parse_yaml
 from finetune_cli.config.loader import to_yaml
 from finetune_cli.config.loader import validate
@@ -28,6 +29,7 @@ __all__ = [
     "apply_overrides",
     "json_schema",
     "load_config",
+    "load_run_config",
     "parse_yaml",
     "to_yaml",
     "validate",

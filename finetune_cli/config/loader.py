@@ -182,6 +182,34 @@ def load_config(path, overrides=()) -> Config:
     return validate(raw, source=str(path))
 
 
+RUN_CONFIG_TODO = (
+    "it is the config the run ran; restore it from a backup (an unfinished "
+    "run's resume.npz holds a copy), or start a new run from your own config"
+)
+
+
+def load_run_config(run_dir) -> Config:
+    """A run folder's own `config.yaml`.
+
+    Raises:
+        DamagedFile: it is missing, empty, garbled or no longer a valid
+            config (a run's config was valid when the run wrote it).
+    """
+    from finetune_cli.files import damaged
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise damaged(path, "missing", RUN_CONFIG_TODO)
+    if path.stat().st_size == 0:
+        raise damaged(path, "empty", RUN_CONFIG_TODO)
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise damaged(
+            path, f"not a valid config ({short(str(e), 200)})", RUN_CONFIG_TODO
+        ) from None
+
+
 def validate(raw: dict, source: str = "config") -> Config:
     """Validate a raw mapping into a `Config`, or raise one `ConfigError`."""
     try:

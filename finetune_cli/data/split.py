@@ -22,7 +22,6 @@ file that has vanished or changed is named.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +29,9 @@ from typing import Callable, Optional
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import preflight as preflight_lib
 from finetune_cli.errors import DataError
+from finetune_cli.errors import short
+from finetune_cli.files import damaged
+from finetune_cli.files import read_json
 
 FILE = "split.json"
 FORMAT = "finetune-cli-split/2"
@@ -64,19 +66,70 @@ def record(index: data_lib.DataIndex, skipped=()) -> dict:
     }
 
 
+TODO = (
+    "it lists the images the run trained, validated and tested on; restore "
+    "it from a backup, or judge the model on other images with --data DIR"
+)
+
+
 def read(run_dir) -> Optional[dict]:
     """The run's split record, or None for a run that has no file list
-    (written by finetune-cli before 0.2)."""
+    (written by finetune-cli before split records, 2026-11-23).
+
+    Raises:
+        DamagedFile: split.json is missing from a run that wrote one,
+            empty, truncated, garbled or not a split record.
+    """
     path = Path(run_dir) / FILE
-    try:
-        rec = json.loads(path.read_text())
-    except FileNotFoundError:
+    rec = read_json(path, todo=TODO, missing_ok=not _records_split(run_dir))
+    if rec is None:
         return None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable split record: {e}") from None
-    if rec.get("format") != FORMAT or "files" not in rec:
-        return None
+    if rec.get("format") != FORMAT:
+        if "format" not in rec and "files" not in rec and not _records_split(run_dir):
+            return None
+        raise damaged(
+            path,
+            f"not a split record of format {FORMAT!r} (format "
+            f"{short(rec.get('format'))})",
+            TODO,
+        )
+    problem = _malformed(rec)
+    if problem:
+        raise damaged(path, problem, TODO)
     return rec
+
+
+def _records_split(run_dir) -> bool:
+    """Whether the run is of an era that writes split.json (its
+    environment.json has the `runtime` record, which came a day later)."""
+    import json
+
+    try:
+        env = json.loads((Path(run_dir) / "environment.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(env, dict) and "runtime" in env
+
+
+def _malformed(rec: dict) -> str:
+    """What is wrong with a split record's shape ('' when nothing)."""
+    classes, files = rec.get("classes"), rec.get("files")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of class names"
+    if not isinstance(files, dict):
+        return "'files' is not a mapping of split to files"
+    for split, rows in files.items():
+        if not isinstance(rows, list):
+            return f"'files.{split}' is not a list"
+        for row in rows:
+            if (
+                not isinstance(row, list)
+                or len(row) != 3
+                or not all(isinstance(x, str) for x in row)
+                or row[1] not in classes
+            ):
+                return f"'files.{split}' holds a malformed entry {short(row)}"
+    return ""
 
 
 def load(

@@ -39,7 +39,6 @@ coarse to mean much, and the report says so.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -56,6 +55,7 @@ from finetune_cli.model import saved as runmodel
 from finetune_cli.run import tracking
 from finetune_cli.errors import ConfigError
 from finetune_cli.files import atomic_write
+from finetune_cli.files import read_json
 from finetune_cli.files import write_json
 from finetune_cli.deploy.formats import TFLITE_NAMES
 from finetune_cli.deploy.formats import Artifact
@@ -133,11 +133,11 @@ def export(
             f"{out} already exists; pass --force to replace it "
             "or --out to choose another folder"
         )
+    model = runmodel.load_model(target)  # checks labels.txt first
     needs_data = check or "int8" in quantize
     val = train = None
     if needs_data:
         val, train = _data_for(target, data)
-    model = runmodel.load_model(target)
     size = runmodel.model_image_size(model)
     say = progress or (lambda msg: None)
 
@@ -225,7 +225,7 @@ def _data_for(target, data):
         pairs, _, _ = evaluation.resolve_data(target, data=data, split="val")
         samples = evaluation.align_labels(pairs, target.labels)
         return samples, samples
-    if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
+    if target.run_dir is None:
         raise ConfigError(
             "the parity check and int8 calibration need images: "
             "pass --data DIR|CSV (or export a run folder)"
@@ -237,7 +237,7 @@ def _data_for(target, data):
     # these: any that vanished are simply not used).
     index = split_lib.load(target.run_dir, ["val", "train"], allow_missing=True)
     if index is None:
-        cfg = config_lib.load_config(target.run_dir / "config.yaml")
+        cfg = config_lib.load_run_config(target.run_dir)
         index = data_lib.index_data(cfg.data, cfg.experiment.seed)
     to_model = lambda split: evaluation.align_labels(  # noqa: E731
         [(p, index.class_names[lb]) for p, lb in index.splits[split]], target.labels
@@ -252,16 +252,20 @@ def metadata(target, model, artifacts) -> dict:
     run_metrics = None
     preprocess = None
     if target.run_dir is not None:
-        mpath = target.run_dir / "metrics.json"
-        if mpath.is_file():
-            run_metrics = json.loads(mpath.read_text())
+        run_metrics = read_json(
+            target.run_dir / "metrics.json",
+            missing_ok=True,
+            todo="it holds the run's metrics copied into the export's "
+            "metadata; restore it, or export the model file itself "
+            "(export RUN/best.keras --data DIR)",
+        )
         cpath = target.run_dir / "config.yaml"
         if cpath.is_file():
             from finetune_cli.model import applications
             from finetune_cli import config as config_lib
 
             # Through the schema, like every other reader of a config.
-            cfg = config_lib.load_config(cpath)
+            cfg = config_lib.load_run_config(target.run_dir)
             app = applications.get(cfg.model.name)
             preprocess = {
                 "application": app.name,

@@ -69,7 +69,7 @@ def resolve_data(
         index = data_lib.index_data(section, seed if seed is not None else 42)
         return _pairs(index, split), str(data), split
     if config is None:
-        if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
+        if target.run_dir is None:
             raise ConfigError(
                 "no data to evaluate on: pass --data DIR|CSV or "
                 "--config CONFIG (or a run folder)"
@@ -95,7 +95,7 @@ def resolve_data(
                 "older finetune-cli): splitting its data folder again, which "
                 "is only the same split if the folder has not changed"
             )
-        config = config_lib.load_config(target.run_dir / "config.yaml")
+        config = config_lib.load_run_config(target.run_dir)
     index = data_lib.index_data(config.data, config.experiment.seed)
     if split not in index.splits:
         raise DataError(
@@ -172,14 +172,8 @@ def evaluate(
     )
     if not pairs:
         raise DataError(f"no images to evaluate in {source} ({split})")
+    model = load_model(target)  # checks labels.txt against the outputs first
     samples = align_labels(pairs, target.labels)
-    model = load_model(target)
-    n_out = int(model.output_shape[-1])
-    if n_out != len(target.labels):
-        raise DataError(
-            f"{target.model_path} has {n_out} outputs but labels.txt "
-            f"lists {len(target.labels)} classes"
-        )
     files = [p for p, _ in samples]
     labels = np.array([lb for _, lb in samples])
     probs = predict_files(model, files, batch_size)

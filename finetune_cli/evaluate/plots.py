@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +57,36 @@ def confusion_matrix_png(cm: np.ndarray, classes, path) -> Path:
     return _save(fig, path, plt)
 
 
+def read_history(history_csv) -> tuple[list[dict], list[int]]:
+    """The rows of a run's history.csv and their epochs.
+
+    Raises:
+        DamagedFile: the file is not text, or a row lacks a number.
+    """
+    from finetune_cli.files import damaged
+    from finetune_cli.files import read_text
+
+    todo = "it is rewritten from the run's state by `finetune --resume`"
+    rows = list(csv.DictReader(io.StringIO(read_text(history_csv, todo=todo))))
+    try:
+        epochs = [int(r["epoch"]) for r in rows]
+        for r in rows:
+            for k, v in r.items():
+                if k is None or v is None:
+                    raise ValueError("a row with too many or too few fields")
+                if k != "phase" and v != "":
+                    float(v)
+    except (KeyError, TypeError, ValueError):
+        raise damaged(history_csv, "a row is truncated or not numbers", todo) from None
+    return rows, epochs
+
+
 def curves_png(history_csv, path) -> Path:
     """Loss and accuracy per epoch, train and val, phase boundaries marked."""
     plt = _pyplot()
     from matplotlib import ticker
 
-    rows = list(csv.DictReader(open(history_csv, newline="")))
-    epochs = [int(r["epoch"]) for r in rows]
+    rows, epochs = read_history(history_csv)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):

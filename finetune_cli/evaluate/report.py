@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from finetune_cli import faults
+from finetune_cli.errors import DamagedFile
 from finetune_cli.evaluate import plots
 from finetune_cli.files import atomic_write
 from finetune_cli.files import write_json
@@ -93,8 +94,10 @@ def write_report(ev: Evaluation, target: Target) -> None:
     history = target.run_dir / "history.csv" if target.run_dir else None
     curves = None
     if history is not None and history.is_file():
-        curves = out / "curves.png"
-        plots.curves_png(history, curves)
+        try:
+            curves = plots.curves_png(history, out / "curves.png")
+        except DamagedFile as e:  # a view of the run; the metrics stand
+            curves = str(e)
     written = set()
     for i, ov in enumerate(ev.overlays):
         written.add(atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png).name)
@@ -164,7 +167,8 @@ def worst_mistakes(ev: Evaluation, limit: int = 24):
     ]
 
 
-def render_html(ev: Evaluation, curves: Optional[Path]) -> str:
+def render_html(ev: Evaluation, curves: "Optional[Path] | str") -> str:
+    """The report page; `curves` is the plot, or why there is none."""
     m = ev.metrics
     s = m["summary"]
     classes = m["classes"]
@@ -193,7 +197,9 @@ def render_html(ev: Evaluation, curves: Optional[Path]) -> str:
         or "<p>No misclassified images.</p>"
     )
     curves_html = (
-        _img_tag(curves, "training curves")
+        f"<p>No training curves: {e(curves)}</p>"
+        if isinstance(curves, str)
+        else _img_tag(curves, "training curves")
         if curves is not None
         else "<p>No training history (not a run folder).</p>"
     )

@@ -15,6 +15,19 @@ from typing import Optional
 import keras
 
 from finetune_cli.errors import ConfigError
+from finetune_cli.files import damaged
+from finetune_cli.files import read_text
+
+# What to do about a damaged model or labels file of a run folder.
+RETRAIN = (
+    "restore it from a backup, or train again with "
+    "`finetune-cli finetune {run}/config.yaml`"
+)
+LABELS_TODO = (
+    "it must hold the class names, one per line, in the model's output order "
+    '(a run\'s classes are also listed under "classes" in its split.json); '
+    "restore it"
+)
 
 
 @dataclasses.dataclass
@@ -36,28 +49,60 @@ def resolve_target(path) -> Target:
     if path.is_dir():
         model_path = path / "best.keras"
         if not model_path.is_file():
+            if _finished(path):
+                raise damaged(model_path, "missing", RETRAIN.format(run=path))
             raise ConfigError(f"{path} is not a finished run folder: no best.keras")
         run_dir = path
     elif path.is_file() and path.suffix == ".keras":
         model_path, run_dir = path, None
-        if (path.parent / "config.yaml").is_file():
+        if any(
+            (path.parent / f).is_file()
+            for f in ("config.yaml", "status.json", "split.json")
+        ):
             run_dir = path.parent
     else:
         raise ConfigError(f"expected a run folder or a .keras file. Received: {path}")
     labels_path = model_path.parent / "labels.txt"
+    if not labels_path.exists() and path.is_dir():
+        raise damaged(labels_path, "missing", LABELS_TODO)
     if not labels_path.is_file():
         raise ConfigError(
             f"no labels.txt beside {model_path}; the class names "
             "are needed to read the model's outputs"
         )
-    labels = [la.strip() for la in labels_path.read_text().splitlines() if la.strip()]
+    text = read_text(labels_path, todo=LABELS_TODO)
+    labels = [la.strip() for la in text.splitlines() if la.strip()]
+    if not labels:
+        raise damaged(labels_path, "empty", LABELS_TODO)
+    if len(set(labels)) != len(labels):
+        raise damaged(labels_path, "a class name appears twice", LABELS_TODO)
     return Target(model_path, labels, run_dir)
 
 
-def load_model(target: Target):
+def _finished(run: Path) -> bool:
+    """Whether a folder without best.keras was a run that finished (so the
+    model file was lost, not never written)."""
+    import json
 
     try:
-        return keras.saving.load_model(target.model_path, compile=False, safe_mode=True)
+        status = json.loads((run / "status.json").read_text())
+    except (OSError, ValueError):
+        return (run / "metrics.json").is_file()
+    return isinstance(status, dict) and status.get("state") == "completed"
+
+
+def load_model(target: Target):
+    """The model in safe mode, checked against its labels.
+
+    Raises:
+        ConfigError: a model with Python code in it (refused).
+        DamagedFile: a model file that does not load (truncated, garbled),
+            or labels.txt with another count than the model's outputs.
+    """
+    try:
+        model = keras.saving.load_model(
+            target.model_path, compile=False, safe_mode=True
+        )
     except Exception as e:  # noqa: BLE001 - report any load failure plainly
         text = str(e)
         if "safe_mode" in text or "Lambda" in text:
@@ -68,9 +113,27 @@ def load_model(target: Target):
                 "runs. Rebuild the model from standard Keras layers (as "
                 "finetune-cli's own models are) and save it again"
             ) from None
-        raise ConfigError(
-            f"cannot load {target.model_path}: {text.splitlines()[0] if text else e}"
+        import zipfile
+
+        first = text.splitlines()[0] if text else type(e).__name__
+        if not zipfile.is_zipfile(target.model_path):
+            first = "not a .keras archive: truncated or garbled"
+        todo = (
+            RETRAIN.format(run=target.run_dir)
+            if target.run_dir is not None
+            else "expected a model saved by Keras 3 (model.save('x.keras'))"
+        )
+        raise damaged(
+            target.model_path, f"not a loadable Keras model ({first[:120]})", todo
         ) from None
+    outputs = model.output_shape[-1]
+    if outputs != len(target.labels):
+        raise damaged(
+            target.model_path.parent / "labels.txt",
+            f"{len(target.labels)} class names for a model with {outputs} outputs",
+            LABELS_TODO,
+        )
+    return model
 
 
 def model_image_size(model) -> tuple[int, int]:

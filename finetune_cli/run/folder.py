@@ -80,6 +80,21 @@ class RunDir:
         except (OSError, ValueError):
             return {}
 
+    def read_status(self) -> dict:
+        """The status, for a command that depends on it (promote).
+
+        Raises:
+            DamagedFile: status.json is missing, empty or garbled.
+        """
+        from finetune_cli.files import read_json
+
+        return read_json(
+            self.path / STATUS_FILE,
+            todo="it says whether the run completed; if its log.txt ends "
+            "with 'done', restore the file from a backup, else resume or "
+            "rerun the run",
+        )
+
     def live_status(self, record: dict | None = None) -> dict:
         """The status, with a `running` run whose process is gone read as
         `interrupted` (resumable when its state file is there)."""

@@ -30,15 +30,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from zipfile import BadZipFile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from finetune_cli.errors import ConfigError
+from finetune_cli.errors import short
+from finetune_cli.files import damaged
 from finetune_cli.files import atomic_path
 
 FILE = "resume.npz"
+TODO = (
+    "the run cannot continue from it (the models it saved, best.keras and "
+    "last.keras, may still be evaluated); start a new run with "
+    "`finetune-cli finetune RUN/config.yaml`"
+)
 FORMAT = 2
 _ARRAYS = ("model", "opt", "best_phase", "best_run")
 
@@ -160,6 +168,8 @@ def load(path, *, config: dict, versions: dict, normalize=None) -> RunState:
     """
     path = Path(path)
     if not path.is_file():
+        if (path.parent / "status.json").is_file():
+            raise damaged(path, "missing", TODO)
         raise ConfigError(
             f"--resume: {path.parent} has no {FILE}; it is not "
             "a run folder finetune-cli can resume"
@@ -178,10 +188,8 @@ def load(path, *, config: dict, versions: dict, normalize=None) -> RunState:
             arrays = {
                 p: [z[f"{p}_{i}"] for i in range(meta[f"n_{p}"])] for p in _ARRAYS
             }
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"--resume: {path} is unreadable ({e}); the run cannot be resumed"
-        ) from None
+    except (OSError, ValueError, KeyError, EOFError, TypeError, BadZipFile) as e:
+        raise damaged(path, f"unreadable ({short(str(e), 80)})", TODO) from None
     saved = meta.get("config") or {}
     if normalize is not None:
         saved = normalize(saved)

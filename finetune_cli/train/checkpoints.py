@@ -92,6 +92,9 @@ class Checkpoints:
         """Rewrite the files that are views of the state (a crash may have
         come between the state commit and them)."""
         st = self.t.state
+        # The class names are the recorded split's (a damaged labels.txt
+        # would only be found at the end-of-run report).
+        self.run.write_text("labels.txt", "\n".join(self.t.index.class_names) + "\n")
         if st.best_run_weights:
             self.save_model("best.keras", st.best_run_weights)
         if st.phase_started:

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -51,6 +50,7 @@ from finetune_cli.run.folder import RunDir
 from finetune_cli.run.lock import LOCK_FILE
 from finetune_cli.run.lock import Lock
 from finetune_cli.run.lock import pid_alive
+from finetune_cli.signals import sigterm_as_interrupt
 from finetune_cli.runtime import distribute
 from finetune_cli.train.budget import Budget
 from finetune_cli.train.trainer import FinetuneResult
@@ -103,7 +103,7 @@ def finetune(
     # A run that never starts leaves no folder behind, not even the lock's.
     made = [p for p in (Path(exp.output_dir), exp_dir) if not p.exists()]
     try:
-        with lock, _sigterm_as_interrupt():
+        with lock, sigterm_as_interrupt():
             if lock.took_over:
                 out.warn(
                     f"the previous run of {exp.name!r} (process "
@@ -137,7 +137,7 @@ def _finetune_worker(cfg, out, argv, resume, topo) -> FinetuneResult:
                 ),
             }
         )
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             trainer = Trainer.prepare(
                 private,
                 out,
@@ -156,24 +156,6 @@ def _remove_dead_workers_folders() -> None:
         pid = p.name.split("-")[2]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (cron timeouts, schedulers) stops the run like Ctrl-C."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_guarded(t: Trainer) -> FinetuneResult:
