@@ -87,14 +87,18 @@ class Output:
 
     def close(self) -> None:
         if self._log_file is not None:
-            self._log_file.close()
+            with contextlib.suppress(OSError):  # a full disk: what fit stays
+                self._log_file.close()
             self._log_file, self._log = None, None
 
     def _emit(self, renderable, *, style=None, always=False, log=None):
         if not self.quiet or always:
             self.console.print(renderable, style=None if self.plain else style)
         if self._log is not None:
-            self._log.print(renderable if log is None else log)
+            try:
+                self._log.print(renderable if log is None else log)
+            except OSError:  # the disk filled: the terminal still has it
+                self.close()
 
     def pick(self, full: str, brief: Optional[str]) -> str:
         """What the console shows of a message that has a short form."""

@@ -134,10 +134,11 @@ _STORAGE_TEXTS = {
 }
 
 
-def storage_error(e: BaseException, todo: str = ""):
+def storage_error(e: BaseException, todo: str = "", where=None):
     """A StorageError saying what `e` is (disk full, read-only, ...) and
-    naming the path where it is known, or None when `e` is another kind of
-    failure."""
+    naming the path where it is known (else `where`, the file or folder
+    being written), or None when `e` is another kind of failure."""
+    fallback = where
     import re
 
     from finetune_cli.errors import StorageError
@@ -153,7 +154,7 @@ def storage_error(e: BaseException, todo: str = ""):
             where = getattr(e, "filename", None)
             if not where:
                 m = re.search(r"(?:file|path|name)\s*[=:]?\s*'([^']+)'", text)
-                where = m.group(1) if m else None
+                where = m.group(1) if m else fallback
             problem = _STORAGE_ERRNOS[code]
             head = f"{where}: {problem}" if where else f"{problem} ({text[:160]})"
             return StorageError(

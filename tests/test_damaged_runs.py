@@ -177,9 +177,7 @@ def test_a_damaged_run_file_is_named_and_nothing_is_made_worse(
     _check(command, name, how, fatal, source, tmp_path, shapes_dir)
 
 
-def test_the_resumed_run_rewrites_its_views_and_completes(
-    interrupted_run, tmp_path
-):
+def test_the_resumed_run_rewrites_its_views_and_completes(interrupted_run, tmp_path):
     run = copy_run(interrupted_run, tmp_path / "run")
     (run / "labels.txt").write_text("garbage\n")
     result = runner.invoke(app, ["finetune", "--resume", str(run), "--plain"])

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -51,8 +49,13 @@ from finetune_cli.cache import store
 from finetune_cli.model import build as model_lib
 from finetune_cli.data import pipeline
 from finetune_cli.run.folder import remove_dead_temporaries
+from finetune_cli.files import storage_error
 from finetune_cli.files import write_json
 from finetune_cli.cache.cut import Cut
+from finetune_cli.cache.rows import ActivationSet
+from finetune_cli.cache.rows import Rows
+from finetune_cli.cache.rows import intact
+from finetune_cli.cache.rows import write_rows
 from finetune_cli.cache.cut import find_cut
 from finetune_cli.cache.cut import training_model
 
@@ -81,35 +84,6 @@ def key_fields(cfg, cut: Cut, samples, views: int, dtype: str) -> dict:
     return fields
 
 
-@dataclasses.dataclass
-class ActivationSet:
-    """One cache folder: per-view training rows and validation rows."""
-
-    folder: Path
-    manifest: dict
-
-    def file(self, split: str, view: int = 0) -> Path:
-        return self.folder / (
-            f"train-view{view}.npy" if split == "train" else "val.npy"
-        )
-
-
-def _write_rows(path: Path, n: int, dim: int, dtype: str, batches) -> None:
-    """Stream [rows, dim] batches into a .npy file (no memory map)."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_2_0(
-            f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n, dim)}
-        )
-        written = 0
-        for rows in batches:
-            f.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
-            written += len(rows)
-        if written != n:
-            raise RuntimeError(f"{path}: wrote {written} rows, expected {n}")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # Cache folders this process wrote (so a later phase says "built above").
 _BUILT: set = set()
 
@@ -125,9 +99,8 @@ def get_activations(
     key = store.content_key(fields)
     root = extract_lib.cache_root(cfg) / "activations"
     folder = root / key[:16]
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+    manifest = intact(folder)
+    if manifest is not None:
         if manifest.get("key") == key:
             # One built earlier in this process is not "reused".
             built = folder in _BUILT
@@ -144,102 +117,70 @@ def get_activations(
     tmp = root / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    names = [("train", v, train) for v in range(views)] + [("val", 0, val)]
-    total = len(train) * views + len(val)
-    done = 0
-    label = out.pick(f"activations at {', '.join(cut.names)}", "activations")
-    with out.counter(total, label) as progress:
+    try:
+        names = [("train", v, train) for v in range(views)] + [("val", 0, val)]
+        total = len(train) * views + len(val)
+        done = 0
+        label = out.pick(f"activations at {', '.join(cut.names)}", "activations")
+        with out.counter(total, label) as progress:
 
-        def rows_of(samples, view, split):
-            nonlocal done
-            ds = pipeline.make_dataset(
-                samples,
-                len(index.class_names),
-                cfg.data.image_size,
-                cfg.data.batch_size,
-                seed=cfg.experiment.seed,
-                augmenter=augmenter if split == "train" else None,
-                deterministic=True,
-                view=view,
-            )
-            for images, _ in ds:
-                outs = extractor.predict_on_batch(images)
-                outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                flat = np.concatenate(
-                    [np.reshape(o, (len(images), -1)) for o in outs], axis=1
+            def rows_of(samples, view, split):
+                nonlocal done
+                ds = pipeline.make_dataset(
+                    samples,
+                    len(index.class_names),
+                    cfg.data.image_size,
+                    cfg.data.batch_size,
+                    seed=cfg.experiment.seed,
+                    augmenter=augmenter if split == "train" else None,
+                    deterministic=True,
+                    view=view,
                 )
-                done += len(flat)
-                progress(done)
-                faults.point("extract")
-                yield flat
+                for images, _ in ds:
+                    outs = extractor.predict_on_batch(images)
+                    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                    flat = np.concatenate(
+                        [np.reshape(o, (len(images), -1)) for o in outs], axis=1
+                    )
+                    done += len(flat)
+                    progress(done)
+                    faults.point("extract")
+                    yield flat
 
-        for split, view, samples in names:
-            target = ActivationSet(tmp, {}).file(split, view)
-            _write_rows(
-                target, len(samples), cut.row_size, dtype, rows_of(samples, view, split)
-            )
-    manifest = {
-        "format": FORMAT,
-        "views": views,
-        "rows": {"train": len(train), "val": len(val)},
-        "dim": cut.row_size,
-        "dtype": dtype,
-        "cut": cut.names,
-        "shapes": [list(s) for s in cut.shapes],
-        "class_names": list(index.class_names),
-        "key": key,
-        "key_fields": fields,
-    }
-    write_json(tmp / "manifest.json", manifest)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+            for split, view, samples in names:
+                target = ActivationSet(tmp, {}).file(split, view)
+                write_rows(
+                    target,
+                    len(samples),
+                    cut.row_size,
+                    dtype,
+                    rows_of(samples, view, split),
+                )
+        manifest = {
+            "format": FORMAT,
+            "views": views,
+            "rows": {"train": len(train), "val": len(val)},
+            "dim": cut.row_size,
+            "dtype": dtype,
+            "cut": cut.names,
+            "shapes": [list(s) for s in cut.shapes],
+            "class_names": list(index.class_names),
+            "key": key,
+            "key_fields": fields,
+        }
+        write_json(tmp / "manifest.json", manifest)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException as e:
+        # A full disk, a signal, a bug: the half-built cache goes.
+        shutil.rmtree(tmp, ignore_errors=True)
+        storage = storage_error(e, "make room and run it again", where=folder)
+        if storage is None:
+            raise
+        raise storage from None
     _BUILT.add(folder)
     return ActivationSet(folder, manifest)
-
-
-class _Rows:
-    """Reads rows of a .npy file by index with pread (no memory map, so
-    resident memory stays one batch)."""
-
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = read(f)
-            self.offset = f.tell()
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
-        self.row_bytes = self.dtype.itemsize * shape[1]
-
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 in one read."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            buf = os.pread(
-                fd,
-                (stop - start) * self.row_bytes,
-                self.offset + start * self.row_bytes,
-            )
-        finally:
-            os.close(fd)
-        return np.frombuffer(buf, self.dtype).reshape(stop - start, self.shape[1])
-
-    def read(self, indices) -> np.ndarray:
-        out = np.empty((len(indices), self.shape[1]), self.dtype)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for j, i in enumerate(indices):
-                buf = os.pread(
-                    fd, self.row_bytes, self.offset + int(i) * self.row_bytes
-                )
-                out[j] = np.frombuffer(buf, self.dtype)
-        finally:
-            os.close(fd)
-        return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -269,7 +210,7 @@ class ActivationData:
         views = self.cache.manifest["views"]
         onehot = np.eye(self.num_classes, dtype="float32")[self.labels[split]]
         readers = [
-            _Rows(self.cache.file(split, v))
+            Rows(self.cache.file(split, v))
             for v in range(views if split == "train" else 1)
         ]
         batch = self.batch_size
@@ -348,7 +289,7 @@ class DerivedFeatures:
         paths = [p for p, _ in samples]
         n, step = len(samples), self.batch_size
         for view in range(views if split == "train" else 1):
-            reader = _Rows(self.cache.file(split, view))
+            reader = Rows(self.cache.file(split, view))
             for at in range(0, n, step):
                 stop = min(at + step, n)
                 rows = reader.read_range(at, stop).astype("float32")

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,8 @@ from finetune_cli.data import preflight as preflight_lib
 from finetune_cli import faults
 from finetune_cli.run import folder as rundir
 from finetune_cli.files import atomic_path
+from finetune_cli.files import damaged
+from finetune_cli.files import storage_error
 from finetune_cli.files import write_json
 
 
@@ -122,10 +125,17 @@ class FeatureSet:
         """(features [views, n, d], labels [n], paths [n]) in data order."""
         feats, labels, paths = [], [], []
         for shard in self.manifest["shards"]:
-            with np.load(self.folder / shard) as z:
-                feats.append(z["features"])
-                labels.append(z["labels"])
-                paths.append(z["paths"])
+            try:
+                with np.load(self.folder / shard) as z:
+                    feats.append(z["features"])
+                    labels.append(z["labels"])
+                    paths.append(z["paths"])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                raise damaged(
+                    self.folder / shard,
+                    "unreadable cached features",
+                    f"delete the cache folder {self.folder}; the next run rebuilds it",
+                ) from None
         v, n = self.manifest["views"], self.manifest["num_images"]
         f = np.concatenate(feats).reshape(v, n, -1)
         return (
@@ -152,6 +162,10 @@ def open_cache(folder, fields) -> tuple[Optional[FeatureSet], Optional[str]]:
     missing = [s for s in manifest["shards"] if not (folder / s).is_file()]
     if missing:
         return None, f"shard files are missing ({missing[0]})"
+    sizes = manifest.get("shard_bytes") or []
+    for shard, size in zip(manifest["shards"], sizes, strict=False):
+        if (folder / shard).stat().st_size != size:
+            return None, f"shard {shard} is damaged (truncated or overwritten)"
     return FeatureSet(folder, manifest), None
 
 
@@ -176,6 +190,31 @@ def write_features(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        return _write(
+            batches,
+            folder,
+            tmp,
+            fields,
+            class_names,
+            num_images,
+            views,
+            shard_size,
+            progress,
+        )
+    except BaseException as e:
+        # A full disk, a signal, a bug: the half-written cache goes, and
+        # the folder keeps the cache it had (or none).
+        shutil.rmtree(tmp, ignore_errors=True)
+        storage = storage_error(e, "make room and run it again", where=folder)
+        if storage is None:
+            raise
+        raise storage from None
+
+
+def _write(
+    batches, folder, tmp, fields, class_names, num_images, views, shard_size, progress
+):
     total = num_images * views
     shards, buf_f, buf_l, buf_p, buf_v = [], [], [], [], []
     dim = None
@@ -222,6 +261,7 @@ def write_features(
         "dtype": "float32",
         "class_names": list(class_names),
         "shards": shards,
+        "shard_bytes": [(tmp / s).stat().st_size for s in shards],
         "key": content_key(fields),
         "key_fields": fields,
     }

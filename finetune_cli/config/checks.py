@@ -63,7 +63,8 @@ def _kind(path: Path) -> str:
 
 
 def check_output_dir(path, key: str) -> None:
-    """A folder that exists or can be created: no file in the way."""
+    """A folder that exists or can be created: no file in the way, and
+    writable (a read-only disk is found before anything runs)."""
     path = Path(path)
     for p in [*reversed(path.parents), path]:
         if p.exists() and not p.is_dir():
@@ -72,6 +73,31 @@ def check_output_dir(path, key: str) -> None:
                 f"{key}: {path} {where} a file; expected a "
                 "folder (it is created when missing)"
             )
+    check_writable(path, key)
+
+
+def check_writable(path, what: str) -> None:
+    """`path`, or the folder it would be created in, can be written.
+
+    Raises:
+        StorageError: on a read-only file system or without permission.
+    """
+    import os
+
+    from finetune_cli.errors import StorageError
+
+    path = Path(path)
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable"
+        where = path if existing == path else f"{existing} (where {path} would go)"
+        raise StorageError(
+            f"{what}: {where} {why}; choose a writable folder. Received: {what}={path}"
+        )
 
 
 def check_data_dir(root: Path) -> None:

@@ -38,6 +38,7 @@ coarse to mean much, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -54,8 +55,12 @@ from finetune_cli.evaluate import evaluation
 from finetune_cli.model import saved as runmodel
 from finetune_cli.run import tracking
 from finetune_cli.errors import ConfigError
+from finetune_cli import faults
 from finetune_cli.files import atomic_write
 from finetune_cli.files import read_json
+from finetune_cli.files import storage_error
+from finetune_cli.run.lock import Lock
+from finetune_cli.run.lock import run_lock
 from finetune_cli.files import write_json
 from finetune_cli.deploy.formats import TFLITE_NAMES
 from finetune_cli.deploy.formats import Artifact
@@ -128,84 +133,102 @@ def export(
             ) from None
     base_dir = target.run_dir or target.model_path.parent
     out = Path(out) if out is not None else Path(base_dir) / "export"
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(
-            f"{out} already exists; pass --force to replace it "
-            "or --out to choose another folder"
+    # Not while another command writes into the run folder, nor while
+    # another export writes this folder (each waits for nothing: exit 6).
+    with contextlib.ExitStack() as locks:
+        if target.run_dir is not None:
+            locks.enter_context(run_lock(target.run_dir))
+        locks.enter_context(
+            Lock(out.parent / f".{out.name}.lock", f"export folder {out}")
         )
-    model = runmodel.load_model(target)  # checks labels.txt first
-    needs_data = check or "int8" in quantize
-    val = train = None
-    if needs_data:
-        val, train = _data_for(target, data)
-    size = runmodel.model_image_size(model)
-    say = progress or (lambda msg: None)
+        if out.exists() and any(out.iterdir()) and not force:
+            raise ConfigError(
+                f"{out} already exists; pass --force to replace it "
+                "or --out to choose another folder"
+            )
+        model = runmodel.load_model(target)  # checks labels.txt first
+        needs_data = check or "int8" in quantize
+        val = train = None
+        if needs_data:
+            val, train = _data_for(target, data)
+        size = runmodel.model_image_size(model)
+        say = progress or (lambda msg: None)
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    artifacts: list[Artifact] = []
-    try:
-        if "keras" in formats:
-            say("writing model.keras")
-            write_keras(model, tmp / "model.keras")
-            artifacts.append(Artifact("keras", "keras", tmp / "model.keras"))
-        if "saved_model" in formats:
-            say("writing saved_model/")
-            write_saved_model(model, tmp / "saved_model", target.labels)
-            artifacts.append(
-                Artifact("saved_model", "saved_model", tmp / "saved_model")
-            )
-        if "tflite" in formats:
-            calib = None
-            if "int8" in quantize:
-                calib, _ = _images(train, size, calibration_images, seed=1)
-            for q in quantize:
-                say(f"writing {TFLITE_NAMES[q]}")
-                write_tflite(model, tmp / TFLITE_NAMES[q], q, calib)
-                artifacts.append(
-                    Artifact(
-                        "tflite" + ("" if q == "none" else f"_{q}"),
-                        "tflite",
-                        tmp / TFLITE_NAMES[q],
-                        quantized=q != "none",
-                    )
-                )
-        if "onnx" in formats:
-            say("writing model.onnx")
-            write_onnx(model, tmp / "model.onnx", opset)
-            artifacts.append(Artifact("onnx", "onnx", tmp / "model.onnx"))
-        atomic_write(tmp / "labels.txt", "\n".join(target.labels) + "\n")
-        write_json(tmp / "metadata.json", metadata(target, model, artifacts))
-        report = None
-        if check:
-            say(f"parity check on {min(parity_images, len(val))} images")
-            images, labels = _images(val, size, parity_images, seed=0)
-            report = check_parity(
-                model,
-                artifacts,
-                images,
-                labels,
-                tolerance=tolerance,
-                max_accuracy_drop=max_accuracy_drop,
-                min_agreement=min_agreement,
-            )
-            write_json(tmp / "export_report.json", report)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-    arts = [dataclasses.replace(a, path=out / a.path.name) for a in artifacts]
-    if report is not None:
-        for row in report["artifacts"]:
-            row["path"] = str(out / row["path"])
-    result = ExportResult(out, arts, report)
-    if target.run_dir is not None:
-        _track(result, target.run_dir, warn)
-    return result
+        tmp.mkdir(parents=True)
+        artifacts: list[Artifact] = []
+        try:
+            if "keras" in formats:
+                say("writing model.keras")
+                write_keras(model, tmp / "model.keras")
+                artifacts.append(Artifact("keras", "keras", tmp / "model.keras"))
+                faults.point("export_written")
+            if "saved_model" in formats:
+                say("writing saved_model/")
+                write_saved_model(model, tmp / "saved_model", target.labels)
+                artifacts.append(
+                    Artifact("saved_model", "saved_model", tmp / "saved_model")
+                )
+            if "tflite" in formats:
+                calib = None
+                if "int8" in quantize:
+                    calib, _ = _images(train, size, calibration_images, seed=1)
+                for q in quantize:
+                    say(f"writing {TFLITE_NAMES[q]}")
+                    write_tflite(model, tmp / TFLITE_NAMES[q], q, calib)
+                    artifacts.append(
+                        Artifact(
+                            "tflite" + ("" if q == "none" else f"_{q}"),
+                            "tflite",
+                            tmp / TFLITE_NAMES[q],
+                            quantized=q != "none",
+                        )
+                    )
+            if "onnx" in formats:
+                say("writing model.onnx")
+                write_onnx(model, tmp / "model.onnx", opset)
+                artifacts.append(Artifact("onnx", "onnx", tmp / "model.onnx"))
+            atomic_write(tmp / "labels.txt", "\n".join(target.labels) + "\n")
+            write_json(tmp / "metadata.json", metadata(target, model, artifacts))
+            report = None
+            if check:
+                say(f"parity check on {min(parity_images, len(val))} images")
+                images, labels = _images(val, size, parity_images, seed=0)
+                report = check_parity(
+                    model,
+                    artifacts,
+                    images,
+                    labels,
+                    tolerance=tolerance,
+                    max_accuracy_drop=max_accuracy_drop,
+                    min_agreement=min_agreement,
+                )
+                write_json(tmp / "export_report.json", report)
+            # --force: the old export steps aside, the new one takes its
+            # name, then the old one goes (never a moment with neither).
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        except Exception as e:
+            storage = storage_error(e, "make room and export again", where=out)
+            if storage is None:
+                raise
+            raise storage from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        arts = [dataclasses.replace(a, path=out / a.path.name) for a in artifacts]
+        if report is not None:
+            for row in report["artifacts"]:
+                row["path"] = str(out / row["path"])
+        result = ExportResult(out, arts, report)
+        if target.run_dir is not None:
+            _track(result, target.run_dir, warn)
+        return result
 
 
 def _track(result: ExportResult, run_dir, warn) -> None:
@@ -256,22 +279,21 @@ def metadata(target, model, artifacts) -> dict:
             target.run_dir / "metrics.json",
             missing_ok=True,
             todo="it holds the run's metrics copied into the export's "
-            "metadata; restore it, or export the model file itself "
-            "(export RUN/best.keras --data DIR)",
+            "metadata; restore it, or copy best.keras and labels.txt to a "
+            "folder of their own and export that with --data DIR",
         )
-        cpath = target.run_dir / "config.yaml"
-        if cpath.is_file():
-            from finetune_cli.model import applications
-            from finetune_cli import config as config_lib
+        from finetune_cli.model import applications
+        from finetune_cli import config as config_lib
 
-            # Through the schema, like every other reader of a config.
-            cfg = config_lib.load_run_config(target.run_dir)
-            app = applications.get(cfg.model.name)
-            preprocess = {
-                "application": app.name,
-                "mode": app.preprocess,
-                "inside_model": True,
-            }
+        # Through the schema, like every other reader of a config (the
+        # preprocessing it names goes into the metadata: required).
+        cfg = config_lib.load_run_config(target.run_dir)
+        app = applications.get(cfg.model.name)
+        preprocess = {
+            "application": app.name,
+            "mode": app.preprocess,
+            "inside_model": True,
+        }
     return {
         "class_names": target.labels,
         "input": {

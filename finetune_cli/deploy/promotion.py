@@ -34,6 +34,7 @@ from finetune_cli.data import split as split_lib
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import GateError
 from finetune_cli.run.lock import Lock
+from finetune_cli.run.lock import run_lock
 from finetune_cli.files import now
 from finetune_cli.files import write_json
 
@@ -268,7 +269,16 @@ def run_promotion(
             f"process {holder.get('pid')})"
         ),
     )
-    with lock:
+    # The run's own lock first (its evaluation writes into it; a
+    # finetune still writing it is waited for), then the target's.
+    run = run_lock(
+        run_dir,
+        wait=wait,
+        on_wait=lambda holder: out.info(
+            f"waiting for {run_dir} (in use by process {holder.get('pid')})"
+        ),
+    )
+    with run, lock:
         faults.point("promotion_locked")
         recover(link, out)
         ok, reasons, record = decide(

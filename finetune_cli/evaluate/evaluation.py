@@ -8,6 +8,8 @@ default `RUN_DIR/eval/<name or split>/`). Gates live in `gates.py`.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +25,7 @@ from finetune_cli.evaluate.prediction import predict_files
 from finetune_cli.evaluate.report import write_report
 from finetune_cli.model.saved import Target
 from finetune_cli.model.saved import load_model
+from finetune_cli.run.lock import run_lock
 from finetune_cli.model.saved import resolve_target
 from finetune_cli.evaluate.report import Evaluation
 
@@ -162,34 +165,41 @@ def evaluate(
     end-of-run report is `eval/test`).
     """
     target = resolve_target(target_path)
-    pairs, source, split = resolve_data(
-        target,
-        config=config,
-        data=data,
-        split=split,
-        allow_missing=allow_missing,
-        warn=warn,
+    # Writing into a run folder: not while another command writes there.
+    lock = (
+        run_lock(target.run_dir)
+        if write and target.run_dir is not None
+        else contextlib.nullcontext()
     )
-    if not pairs:
-        raise DataError(f"no images to evaluate in {source} ({split})")
-    model = load_model(target)  # checks labels.txt against the outputs first
-    samples = align_labels(pairs, target.labels)
-    files = [p for p, _ in samples]
-    labels = np.array([lb for _, lb in samples])
-    probs = predict_files(model, files, batch_size)
-    metrics = compute_metrics(labels, probs, target.labels, top_k)
-    metrics.update(model=str(target.model_path), data=source, split=split)
-    if out is None:
-        base = Path(target.run_dir or target.model_path.parent) / "eval"
-        out = base / name if name is not None else _unused(base, split)
-    out = Path(out)
-    result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
-    if write:
-        result.overlays = report_overlays(model, files, labels, probs)
-        write_report(result, target)
-        if track and target.run_dir is not None:
-            _track(result, target.run_dir, warn)
-    return result
+    with lock:
+        pairs, source, split = resolve_data(
+            target,
+            config=config,
+            data=data,
+            split=split,
+            allow_missing=allow_missing,
+            warn=warn,
+        )
+        if not pairs:
+            raise DataError(f"no images to evaluate in {source} ({split})")
+        model = load_model(target)  # checks labels.txt against the outputs first
+        samples = align_labels(pairs, target.labels)
+        files = [p for p, _ in samples]
+        labels = np.array([lb for _, lb in samples])
+        probs = predict_files(model, files, batch_size)
+        metrics = compute_metrics(labels, probs, target.labels, top_k)
+        metrics.update(model=str(target.model_path), data=source, split=split)
+        if out is None:
+            base = Path(target.run_dir or target.model_path.parent) / "eval"
+            out = base / name if name is not None else _unused(base, split)
+        out = Path(out)
+        result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
+        if write:
+            result.overlays = report_overlays(model, files, labels, probs)
+            write_report(result, target)
+            if track and target.run_dir is not None:
+                _track(result, target.run_dir, warn)
+        return result
 
 
 def _unused(base: Path, split: str) -> Path:

@@ -19,6 +19,8 @@ import dataclasses
 import csv
 import html
 import io
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Optional
@@ -29,6 +31,8 @@ from finetune_cli import faults
 from finetune_cli.errors import DamagedFile
 from finetune_cli.evaluate import plots
 from finetune_cli.files import atomic_write
+from finetune_cli.files import storage_error
+from finetune_cli.run.folder import remove_dead_temporaries
 from finetune_cli.files import write_json
 
 if TYPE_CHECKING:
@@ -50,8 +54,32 @@ class Evaluation:
 
 
 def write_report(ev: Evaluation, target: Target) -> None:
+    """Write the report folder `ev.out_dir` whole or not at all: it is
+    filled under a hidden temporary name and renamed into place (over the
+    one it replaces), so an evaluation stopped by a signal, a crash or a
+    full disk never leaves a half report that reads as done."""
     out = ev.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out.parent, f".{out.name}.partial-*")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_into(tmp, ev, target)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        storage = storage_error(e, "make room and evaluate again", where=out)
+        if storage is None:
+            raise
+        raise storage from None
+
+
+def _write_into(out: Path, ev: Evaluation, target: Target) -> None:
     m = ev.metrics
     classes = m["classes"]
     write_json(out / "metrics.json", m)
@@ -98,14 +126,9 @@ def write_report(ev: Evaluation, target: Target) -> None:
             curves = plots.curves_png(history, out / "curves.png")
         except DamagedFile as e:  # a view of the run; the metrics stand
             curves = str(e)
-    written = set()
     for i, ov in enumerate(ev.overlays):
-        written.add(atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png).name)
-    # A re-evaluation into the same folder must not leave the last one's.
-    for old in (out / "gradcam").glob("*.png"):
-        if old.name not in written:
-            old.unlink()
-    atomic_write(out / "report.html", render_html(ev, curves))
+        atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png)
+    atomic_write(out / "report.html", render_html(ev, curves, out))
 
 
 def overlay_name(i: int, ov) -> str:
@@ -167,8 +190,10 @@ def worst_mistakes(ev: Evaluation, limit: int = 24):
     ]
 
 
-def render_html(ev: Evaluation, curves: "Optional[Path] | str") -> str:
-    """The report page; `curves` is the plot, or why there is none."""
+def render_html(ev: Evaluation, curves: "Optional[Path] | str", folder=None) -> str:
+    """The report page; `curves` is the plot, or why there is none;
+    `folder` holds its images (default `ev.out_dir`)."""
+    folder = Path(folder or ev.out_dir)
     m = ev.metrics
     s = m["summary"]
     classes = m["classes"]
@@ -223,7 +248,7 @@ img {{ max-width: 100%; }}
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>
 {per_class}</table>
 <h2 id="confusion">Confusion matrix</h2>
-{_img_tag(ev.out_dir / "confusion_matrix.png", "confusion matrix")}
+{_img_tag(folder / "confusion_matrix.png", "confusion matrix")}
 <h2 id="most-confused">Most confused pairs</h2>
 <table><tr><th>true</th><th>predicted</th><th>count</th><th>fraction of true</th></tr>
 {confused}</table>

@@ -126,6 +126,8 @@ class RunDir:
         file or folder in the run folder is one)."""
         removed = []
         for p in sorted(self.path.rglob(".*"), reverse=True):
+            if p.parent == self.path and p.name == ".lock":
+                continue  # held by this process (run_lock), not a leftover
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

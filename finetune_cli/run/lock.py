@@ -1,8 +1,20 @@
-"""The experiment lock: one live run per experiment.
+"""Locks: one live run per experiment, one command at a time in a run
+folder, one export into a folder.
 
-`Lock` holds an exclusive `flock` on `<experiment>/.lock` with a record of
-its owner (pid, host, start); a second run is refused with exit 6 naming
-the holder, and the lock of a process that died is taken over (and said).
+`Lock` holds an exclusive `flock` with a record of its owner (pid, host,
+start, command); a second taker is refused with exit 6 naming the holder
+(or waits, where the caller says so), and the lock of a process that died
+is taken over (and said). The locks:
+
+- `<experiment>/.lock`: held by `finetune` for the whole run;
+- `<run>/.lock` (`run_lock`): held by `finetune` (new or resumed) and by
+  `evaluate`, `export`, `explain` and `promote` of that run, so none of
+  them writes into a run folder another is writing; `predict` and `runs
+  list` only read files that are replaced atomically and take no lock;
+- `.<folder>.lock` beside an export folder, and beside a promotion link.
+
+A process may take a lock it already holds (the run's own end-of-run
+evaluation, a promotion's evaluation): it is counted, not refused.
 """
 
 from __future__ import annotations
@@ -16,6 +28,13 @@ from finetune_cli.files import now
 
 
 LOCK_FILE = ".lock"
+# Locks this process holds, by path: taken again, they are counted.
+_HELD: dict[str, int] = {}
+
+
+def run_lock(run_dir, *, wait: float = 0.0, on_wait=None) -> "Lock":
+    """The lock on one run folder (see the module docstring)."""
+    return Lock(Path(run_dir) / LOCK_FILE, f"run folder {run_dir}", wait, on_wait)
 
 
 def _owner_alive(record: dict) -> bool:
@@ -69,6 +88,11 @@ class Lock:
 
         from finetune_cli.errors import LockedError
 
+        key = os.path.abspath(self.path)
+        if key in _HELD:
+            _HELD[key] += 1
+            self.held, self._fd = True, None
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.wait
         announced = False
@@ -85,10 +109,12 @@ class Lock:
                     announced = True
                     time.sleep(0.05)
                     continue
+                doing = f" ({holder['command']})" if holder.get("command") else ""
                 raise LockedError(
-                    f"{self.what} is in use by process {holder.get('pid')} on "
-                    f"{holder.get('host')} since {holder.get('since')} "
-                    f"(lock {self.path}); wait for it to finish"
+                    f"{self.what} is in use by process {holder.get('pid')}"
+                    f"{doing} on {holder.get('host')} since "
+                    f"{holder.get('since')} (lock {self.path}); wait for it "
+                    "to finish"
                 ) from None
             # The holder we waited for may have removed the file: then our
             # lock is on a file nobody else will open; take a fresh one.
@@ -102,16 +128,28 @@ class Lock:
             previous = _read_record(fd)
             if previous:
                 self.took_over = previous
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+            me = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": now(),
+                "command": _command(),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
             os.fsync(fd)
             self._fd = fd
             self.held = True
+            _HELD[key] = 1
             return self
 
     def release(self) -> None:
-        if self.held:
+        key = os.path.abspath(self.path)
+        if self.held and _HELD.get(key, 0) > 1:
+            _HELD[key] -= 1
+            self.held = False
+            return
+        _HELD.pop(key, None)
+        if self.held and self._fd is not None:
             # Unlink while still holding it, so the next taker locks a
             # fresh file.
             with contextlib.suppress(FileNotFoundError):
@@ -126,6 +164,15 @@ class Lock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _command() -> str:
+    """What this process is doing, for the holder's record: the command
+    and its first argument (`finetune --resume`, `evaluate`, ...)."""
+    import sys
+
+    words = [w for w in sys.argv[1:3] if "/" not in w]
+    return " ".join(words)[:60]
 
 
 def _read_record(fd: int) -> dict:

@@ -50,7 +50,9 @@ from finetune_cli.run.folder import RunDir
 from finetune_cli.run.lock import LOCK_FILE
 from finetune_cli.run.lock import Lock
 from finetune_cli.run.lock import pid_alive
+from finetune_cli.run.lock import run_lock
 from finetune_cli.signals import sigterm_as_interrupt
+from finetune_cli.files import storage_error
 from finetune_cli.runtime import distribute
 from finetune_cli.train.budget import Budget
 from finetune_cli.train.trainer import FinetuneResult
@@ -160,6 +162,11 @@ def _remove_dead_workers_folders() -> None:
 
 def run_guarded(t: Trainer) -> FinetuneResult:
     """`t.run_all()`, with the run's status kept truthful whatever happens."""
+    with run_lock(t.run.path):
+        return _run_locked(t)
+
+
+def _run_locked(t: Trainer) -> FinetuneResult:
     run = t.run
     if t.resumed:
         run.remove_temporaries()
@@ -207,12 +214,31 @@ def run_guarded(t: Trainer) -> FinetuneResult:
         t.out.log_only(e.kind, str(e))
         raise
     except Exception as e:
-        run.set_status("failed", reason=f"{type(e).__name__}: {e}", resumable=True)
-        t.out.log_only("failed", f"{type(e).__name__}: {e}")
-        raise
+        storage = storage_error(
+            e,
+            "once there is room, resume with: finetune-cli finetune --resume "
+            f"{run.path}",
+        )
+        if storage is None:
+            _try_status(run, "failed", f"{type(e).__name__}: {e}")
+            t.out.log_only("failed", f"{type(e).__name__}: {e}")
+            raise
+        ended = "KILLED"
+        # The state of the last epoch is intact (written atomically).
+        _try_status(run, "interrupted", str(storage))
+        t.out.log_only(storage.kind, str(storage))
+        raise storage from None
     finally:
         t.tracking.close(ended)
         t.out.close()
+
+
+def _try_status(run, state: str, reason: str) -> None:
+    """Record how the run ended, if the disk lets us: on a full disk the
+    old status stays (written atomically), and reads as interrupted once
+    this process is gone."""
+    with contextlib.suppress(OSError):
+        run.set_status(state, reason=reason, resumable=True)
 
 
 def _not_deterministic(t: Trainer, e) -> Exception:
