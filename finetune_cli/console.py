@@ -75,7 +75,7 @@ class Output:
 
     def attach_log(self, path) -> None:
         """Also write everything, plain, to `path` (appending)."""
-        self._log_file = open(path, "a", encoding="utf-8")
+        self._log_file = open(path, "a", encoding="utf-8", errors="backslashreplace")
         self._log = Console(
             file=self._log_file,
             no_color=True,

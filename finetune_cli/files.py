@@ -21,7 +21,9 @@ def atomic_write(path, data) -> Path:
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     with atomic_path(path) as tmp:
-        with open(tmp, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+        # File names that are not UTF-8 go back out as the bytes they were.
+        text = {"encoding": "utf-8", "errors": "surrogateescape"}
+        with open(tmp, mode, **({} if mode == "wb" else text)) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

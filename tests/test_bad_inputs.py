@@ -936,7 +936,7 @@ CASES = {
         (
             "resume a folder that is not a run",
             C,
-            ["config file not found"],
+            ["--resume", "no such run folder"],
             args("finetune", "--resume", "{t}/nothing"),
         ),
         (

@@ -81,7 +81,7 @@ def test_root_help_lists_every_exit_code():
     result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     text = " ".join(result.stdout.split())
     codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
-    assert codes == {1, 2, 3, 4, 5, 6, 7}
+    assert codes == {1, 2, 3, 4, 5, 6, 7, 8, 9}
     for code in codes | {0}:
         assert re.search(rf"[:,] {code} [a-z]", text), code
 

@@ -66,6 +66,10 @@ def _main(
 
 def main():
     """Console-script entry point (Click's usage errors also exit 2)."""
+    # A file name that is not UTF-8 is shown escaped, never a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if "--debug" not in sys.argv:
         from finetune_cli.console import filter_native_stderr
 

@@ -96,9 +96,22 @@ def _is_image(path: Path) -> bool:
 
 def _class_files(folder: Path, key: str) -> list[Path]:
     """Every image in a class folder, subfolders included (they belong to
-    the class); hidden files and folders are left out."""
+    the class); hidden files and folders are left out.
+
+    Links are followed (a data folder may be assembled from links to other
+    disks), but a link back into a folder already on the way (a loop: to
+    the class folder, the data folder or one above) is an error naming it.
+    """
+    _check_name(folder, key)
     files, strays = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        real = os.path.realpath(here)
+        if any(os.path.realpath(p) == real for p in here.parents):
+            raise DataError(
+                f"{key}: {here} is a link back to {real}, a folder it lies "
+                "in (a symlink loop); remove the link"
+            )
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -113,6 +126,22 @@ def _class_files(folder: Path, key: str) -> list[Path]:
             f" in a class folder: {shown}{more}"
         )
     return sorted(files)
+
+
+def _check_name(folder: Path, key: str) -> None:
+    """A class name must survive labels.txt (one per line) and JSON."""
+    name = folder.name
+    bad = any(c in name for c in "\n\r\t") or name != name.strip()
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = True
+    if bad:
+        raise DataError(
+            f"{key}: class folder {os.fsencode(folder)!r}: a class name must be "
+            "UTF-8 text without line breaks, tabs or surrounding spaces "
+            "(it is written one per line in labels.txt); rename the folder"
+        )
 
 
 def _class_dirs(root: Path) -> list[Path]:

@@ -9,21 +9,23 @@ import re
 import keras
 import tensorflow as tf
 
-from finetune_cli.data.preflight import check_image
+from finetune_cli.data.decode import decode
+from finetune_cli.data.decode import tf_path
+from finetune_cli.data.preflight import pillow_verdict
 
 
 def load_image(path, image_size):
-    """Read, decode (to RGB) and resize one image: float32, 0-255, [H, W, 3]."""
-    raw = tf.io.read_file(path)
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return tf.image.resize(image, image_size)
+    """Read, decode (`decode.decode`) and resize one image: float32,
+    0-255, [H, W, 3]. `path` may be bytes (file names that are not UTF-8)."""
+    if isinstance(path, str):
+        path = tf_path(path)
+    return tf.image.resize(decode(tf.io.read_file(path)), image_size)
 
 
 def decode_failure(path, error) -> str:
     """Why TensorFlow could not decode `path`, in words (TensorFlow's own
     message names graph nodes, not the problem)."""
-    reason = check_image(str(path))
+    reason = pillow_verdict(str(path))
     if reason is not None:
         return reason
     text = (getattr(error, "message", None) or str(error)).strip()
@@ -40,9 +42,7 @@ def find_unreadable(paths, limit: int = 5) -> list[tuple[str, str]]:
     bad = []
     for path in paths:
         try:
-            tf.io.decode_image(
-                tf.io.read_file(path), channels=3, expand_animations=False
-            )
+            decode(tf.io.read_file(tf_path(path)))
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
             bad.append((path, decode_failure(path, e)))
             if len(bad) >= limit:
@@ -94,7 +94,7 @@ def make_dataset(
             function of (seed, view, b) alone. The augmentation runs in the
             input pipeline, overlapping the model's forward pass.
     """
-    paths = [p for p, _ in samples]
+    paths = [tf_path(p) for p, _ in samples]
     labels = [lb for _, lb in samples]
     n = len(samples)
     size = tuple(image_size)

@@ -4,7 +4,8 @@
 leaving bad images out (`data.on_bad_image: skip`) or stopping on the
 first (`error`, the default). Verdicts are cached by path, size and mtime
 (`PREFLIGHT_CACHE` in the feature cache folder), so a rerun decodes only
-new or changed files. Pillow only: no TensorFlow here.
+new or changed files. Pillow, then TensorFlow's decoder (imported when
+needed, not at import).
 """
 
 from __future__ import annotations
@@ -42,7 +43,19 @@ def scan_images(index, cfg, out):
 
 
 def check_image(path: str) -> str | None:
-    """Why an image cannot be used, or None when it decodes completely."""
+    """Why an image cannot be used, or None when it decodes completely:
+    Pillow decodes every byte (a truncated file fails), and then the
+    decoder training uses (`decode.verdict`, TensorFlow) must read it too,
+    so what passes here never fails later in the pipeline."""
+    reason = pillow_verdict(path)
+    if reason is None:
+        from finetune_cli.data.decode import verdict
+
+        reason = verdict(path)
+    return reason
+
+
+def pillow_verdict(path: str) -> str | None:
     from PIL import Image
 
     try:
@@ -161,8 +174,9 @@ def preflight(
             cache_file,
             progress,
         )
+    conflicting: set[str] = set()
     for split, samples in index.splits.items():
-        for path, _ in samples:
+        for path, label in samples:
             reason, digest = verdicts[path]
             if reason is not None:
                 if on_bad_image == "error":
@@ -174,6 +188,19 @@ def preflight(
                 continue
             digests[path] = digest
             other = seen.get(digest)
+            if other is not None and other[2] != label:
+                # Which label is right cannot be told: neither copy is used.
+                if on_bad_image == "error":
+                    raise DataError(
+                        f"the same image is labelled twice: {other[0]} "
+                        f"({index.class_names[other[2]]}) and {path} "
+                        f"({index.class_names[label]}); keep the copy "
+                        "under the right class (or set data.on_bad_image: "
+                        "skip to leave both out)"
+                    )
+                bad.append((path, f"the same image as {other[0]}, another class"))
+                conflicting.add(other[0])
+                continue
             if other is not None and other[1] != split:
                 if on_bad_image == "error":
                     raise DataError(
@@ -185,7 +212,8 @@ def preflight(
                 # Splits are indexed train first: the held-out copy goes.
                 bad.append((path, f"duplicate of {other[0]} ({other[1]})"))
                 continue
-            seen.setdefault(digest, (path, split))
+            seen.setdefault(digest, (path, split, label))
+    bad += [(p, "the same image is under another class too") for p in conflicting]
     if not bad:
         if save is not None:
             save()

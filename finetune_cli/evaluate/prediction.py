@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -77,7 +79,7 @@ def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
     paths = [str(p) for p in paths]
     size = model_image_size(model)
     ds = (
-        tf.data.Dataset.from_tensor_slices(paths)
+        tf.data.Dataset.from_tensor_slices([pipeline.tf_path(p) for p in paths])
         .map(
             lambda p: (p, pipeline.load_image(p, size)),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -91,7 +93,7 @@ def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
     for names, images in ds:
         probs = np.asarray(model.predict_on_batch(images), dtype=np.float64)
         for name, p in zip(names.numpy(), probs, strict=True):
-            name = name.decode()
+            name = os.fsdecode(name)
             # Decoding is deterministic, so a path equal to the next one
             # expected is that file; any expected before it failed.
             while paths[i] != name:
@@ -205,7 +207,9 @@ def write_rows(rows, out, fmt: str) -> Iterator[dict]:
         sys.stdout.flush()
         return
     with atomic_path(Path(out)) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with open(
+            tmp, "w", encoding="utf-8", errors="surrogateescape", newline=""
+        ) as f:
             writer = writer_cls(f)
             for r in rows:
                 writer.write(r)

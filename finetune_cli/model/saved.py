@@ -123,6 +123,10 @@ def load_model(target: Target):
             if target.run_dir is not None
             else "expected a model saved by Keras 3 (model.save('x.keras'))"
         )
+        if target.run_dir is None:  # the user's own file, not one we wrote
+            raise ConfigError(
+                f"cannot load {target.model_path}: {first[:120]}; {todo}"
+            ) from None
         raise damaged(
             target.model_path, f"not a loadable Keras model ({first[:120]})", todo
         ) from None

@@ -34,7 +34,13 @@ _HELD: dict[str, int] = {}
 
 def run_lock(run_dir, *, wait: float = 0.0, on_wait=None) -> "Lock":
     """The lock on one run folder (see the module docstring)."""
-    return Lock(Path(run_dir) / LOCK_FILE, f"run folder {run_dir}", wait, on_wait)
+    return Lock(
+        Path(run_dir) / LOCK_FILE,
+        f"run folder {run_dir}",
+        wait,
+        on_wait,
+        reentrant=True,
+    )
 
 
 def _owner_alive(record: dict) -> bool:
@@ -71,13 +77,18 @@ class Lock:
         wait: seconds to wait for a live holder before giving up (0: fail
             at once with LockedError).
         on_wait: called once with the holder's record when waiting starts.
+        reentrant: this process may take it again while it holds it (the
+            second taking is counted, not refused).
     """
 
-    def __init__(self, path, what: str, wait: float = 0.0, on_wait=None):
+    def __init__(
+        self, path, what: str, wait: float = 0.0, on_wait=None, reentrant=False
+    ):
         self.path = Path(path)
         self.what = what
         self.wait = wait
         self.on_wait = on_wait
+        self.reentrant = reentrant
         self.held = False
         self.took_over: dict | None = None
         self._fd: int | None = None
@@ -89,7 +100,7 @@ class Lock:
         from finetune_cli.errors import LockedError
 
         key = os.path.abspath(self.path)
-        if key in _HELD:
+        if self.reentrant and key in _HELD:
             _HELD[key] += 1
             self.held, self._fd = True, None
             return self
