@@ -15,6 +15,7 @@ from pathlib import Path
 import contextlib
 import hashlib
 
+from finetune_cli import faults
 from finetune_cli.errors import DataError
 from finetune_cli.data.index import DataIndex
 
@@ -131,6 +132,7 @@ def image_verdicts(paths, cache_file=None, progress=None):
                 fresh[path] = entry
             if progress is not None:
                 progress(done, len(unique))
+            faults.point("preflight")
 
     def save():
         if cache_file is None or fresh == {p: cache.get(p) for p in fresh}:

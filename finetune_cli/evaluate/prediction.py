@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
+from finetune_cli import faults
 from finetune_cli.errors import DataError
 from finetune_cli.files import atomic_path
 from finetune_cli.model.saved import load_model
@@ -213,5 +214,6 @@ def write_rows(rows, out, fmt: str) -> Iterator[dict]:
             writer = writer_cls(f)
             for r in rows:
                 writer.write(r)
+                faults.point("predict_row")
                 yield r
             writer.close()

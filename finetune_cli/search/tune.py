@@ -49,6 +49,7 @@ from finetune_cli.errors import ConfigError
 from finetune_cli.errors import FinetuneError
 from finetune_cli.errors import short
 from finetune_cli.run.lock import Lock
+from finetune_cli.files import read_json
 from finetune_cli.files import atomic_write
 from finetune_cli.files import write_json
 from finetune_cli.search.trials import CachedTrials
@@ -152,7 +153,11 @@ def tune(
     fingerprint = _fingerprint(cfg, algorithm)
     meta_path = tune_dir / "tune.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(
+            meta_path,
+            todo="it records which search the folder holds; remove the folder "
+            "(or choose another --out) to start the search again",
+        )
         if meta.get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{tune_dir} holds a search of another config or algorithm "
