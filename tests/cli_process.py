@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -34,6 +35,9 @@ _CTX.set_forkserver_preload(
 
 
 def _child(argv, env, cwd, out, err):
+    # A process started from a terminal has Ctrl-C's default handler; one
+    # forked from a pytest-xdist worker inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)

@@ -13,7 +13,6 @@ format below it. The files are never changed or removed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +30,8 @@ from finetune_cli.errors import DataError
 from finetune_cli.errors import GateError
 from finetune_cli.evaluate import evaluation
 from finetune_cli.files import write_json
+from finetune_cli.files import damaged
+from finetune_cli.files import read_json
 from finetune_cli.model.saved import resolve_target
 
 FILE = "benchmark.json"
@@ -74,7 +75,7 @@ def benchmark(
         )
     pairs = [(p, index.class_names[lb]) for p, lb in samples]
     samples = evaluation.align_labels(pairs, target.labels)
-    meta = json.loads((folder / "metadata.json").read_text())
+    meta = read_json(folder / "metadata.json", todo="export again with --force")
     size = tuple(meta["input"]["shape"][1:3])
     rows = []
     for art in artifacts:
@@ -115,13 +116,11 @@ def _artifacts(folder: Path, run_dir: Path) -> list[Artifact]:
             f"{folder}: no export here (no metadata.json); run "
             f"finetune-cli export {run_dir} first"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-        listed = meta["artifacts"]
-    except (ValueError, KeyError) as e:
-        raise ConfigError(
-            f"{meta_path}: unreadable export metadata ({e}); export again with --force"
-        ) from None
+    todo = f"export again with: finetune-cli export {run_dir} --force"
+    meta = read_json(meta_path, todo=todo)
+    listed = meta.get("artifacts")
+    if not isinstance(listed, list):
+        raise damaged(meta_path, "no list of artifacts", todo)
     artifacts = []
     for a in listed:
         path = folder / a["file"]

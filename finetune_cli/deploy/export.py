@@ -59,6 +59,7 @@ from finetune_cli import faults
 from finetune_cli.files import atomic_write
 from finetune_cli.files import read_json
 from finetune_cli.files import storage_error
+from finetune_cli.run.folder import remove_dead_temporaries
 from finetune_cli.run.lock import Lock
 from finetune_cli.run.lock import run_lock
 from finetune_cli.files import write_json
@@ -155,6 +156,8 @@ def export(
         say = progress or (lambda msg: None)
 
         tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        remove_dead_temporaries(out.parent, f".{out.name}.partial-*")
+        remove_dead_temporaries(out.parent, f".{out.name}.old-*")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
