@@ -12,6 +12,8 @@ is promised (`run/lock.py`):
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from finetune_cli.cli.main import app
@@ -118,6 +120,7 @@ def test_a_run_being_trained_is_not_evaluated_or_exported_under_it(
     assert result.exit_code == 0, result.output  # free once it is done
 
 
+@pytest.mark.heavy  # a run to interrupt, then two commands on it
 def test_a_run_being_evaluated_is_not_resumed_under_it(
     shapes_dir, tmp_path, monkeypatch
 ):

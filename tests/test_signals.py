@@ -70,7 +70,14 @@ def _case(command, tmp_path, shapes_dir, run):
     raise AssertionError(command)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+# SIGTERM in the quick suite; Ctrl-C (SIGINT) takes the same path, heavy.
+SIGNALS = [
+    pytest.param(signal.SIGTERM, id="term"),
+    pytest.param(signal.SIGINT, id="int", marks=pytest.mark.heavy),
+]
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize(
     "command", ["preflight", "extract", "export", "evaluate", "predict", "tune"]
 )

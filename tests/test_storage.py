@@ -178,8 +178,8 @@ def test_an_export_to_a_full_or_read_only_disk_leaves_no_export(
     assert not [p for p in disk.path.iterdir() if p.name != "ballast"]
 
 
-@pytest.mark.parametrize("command", ["evaluate", "predict"])
-def test_evaluate_and_predict_outputs_on_a_read_only_disk(
+@pytest.mark.parametrize("command", ["evaluate", "predict", "promote"])
+def test_evaluate_predict_and_promote_outputs_on_a_read_only_disk(
     command, disk, finished_run, tmp_path
 ):
     run = copy_run(finished_run.run, tmp_path / "run")
@@ -188,6 +188,7 @@ def test_evaluate_and_predict_outputs_on_a_read_only_disk(
     argv = {
         "evaluate": ["evaluate", str(run), "--out", str(disk.path / "ev")],
         "predict": ["predict", str(run), str(image), "--out", str(disk.path / "p.csv")],
+        "promote": ["promote", str(run), "--to", str(disk.path / "live")],
     }[command]
     before = _files(run)
     result = runner.invoke(app, [*argv, "--plain"])

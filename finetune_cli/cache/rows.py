@@ -51,8 +51,9 @@ def intact(folder: Path) -> Optional[dict]:
         cache = ActivationSet(folder, manifest)
         for split, rows in manifest["rows"].items():
             for view in range(manifest["views"] if split == "train" else 1):
-                path = cache.file(split, view)
-                if path.stat().st_size < rows * manifest["dim"] * itemsize:
+                f = Rows(cache.file(split, view))  # reads the header
+                whole = f.offset + rows * manifest["dim"] * itemsize
+                if f.shape != (rows, manifest["dim"]) or f.path.stat().st_size != whole:
                     return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

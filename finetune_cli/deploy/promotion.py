@@ -54,8 +54,9 @@ def check_target(promote_to) -> None:
     """Refuse, before any training, a --promote-to path we cannot use.
 
     Raises:
-        ConfigError: the path (or a parent) is a file, the path exists and
-            is not a promotion link of ours, or its folder is not writable.
+        ConfigError: the path (or a parent) is a file, or the path exists
+            and is not a promotion link of ours.
+        StorageError: its folder is on a read-only disk or not writable.
     """
     link = Path(promote_to)
     for parent in reversed(link.parents):
@@ -77,9 +78,9 @@ def check_target(promote_to) -> None:
                 "holds no model.keras; it was not made by "
                 "finetune-cli, choose another path"
             )
-    existing = next(p for p in [link.parent, *link.parent.parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--promote-to {link}: {existing} is not writable")
+    from finetune_cli.config.checks import check_writable
+
+    check_writable(link.parent, "--promote-to")  # read-only disks too: exit 9
 
 
 def current(promote_to) -> Optional[Path]:
