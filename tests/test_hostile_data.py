@@ -13,6 +13,7 @@
   export's parity check see the same upright image.
 """
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_the_same_image_under_two_classes_is_named(data, tmp_path):
     assert sorted(skipped) == sorted([one.name, "copied.png"])
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("orientation", [2, 5, 6, 7])
 def test_exif_orientation_is_applied_the_same_everywhere(
     orientation, tmp_path, finished_run
 ):
@@ -188,3 +189,26 @@ def test_exif_orientation_is_applied_the_same_everywhere(
     model = load_model(resolve_target(finished_run.run))
     rows = list(prediction.iter_probabilities(model, [str(path), str(straight)]))
     assert np.abs(rows[0][1] - rows[1][1]).max() < 0.02
+
+
+@pytest.mark.parametrize("endian", ["<", ">"], ids=["II", "MM"])
+def test_the_orientation_tag_is_read_as_pillow_reads_it(endian, tmp_path):
+    from finetune_cli.data.decode import exif_orientation
+
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif.endian = endian
+        exif[0x0110] = "camera"  # another tag first: the walk must skip it
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        # An APP0 (JFIF) segment precedes APP1, as most cameras write.
+        Image.new("RGB", (8, 4)).save(buf, "JPEG", exif=exif.tobytes())
+        data = buf.getvalue()
+        assert Image.open(io.BytesIO(data)).getexif()[0x0112] == orientation
+        assert int(exif_orientation(data)) == orientation, (endian, orientation)
+    for fmt in ("PNG", "GIF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 4)).save(buf, fmt)
+        assert int(exif_orientation(buf.getvalue())) == 1
+    assert int(exif_orientation(b"\xff\xd8\xff\xe1garbage")) == 1
+    assert int(exif_orientation(b"")) == 1
