@@ -130,7 +130,7 @@ def test_unknown_keys_get_did_you_mean(tmp_path):
                 else r.update(runtime={"mixed_precision": "yes"})
             ),
             "runtime.mixed_precision",
-            "'auto', 'on' or 'off'",
+            "'auto', 'on', 'off' or 'bfloat16'",
         ),
     ],
 )

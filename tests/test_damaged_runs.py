@@ -7,8 +7,8 @@ where the command does not need that file, or rewrites it), a message
 naming the file at fault and what to do, no traceback, and every file of
 the folder byte-identical afterwards when the command failed.
 
-The quick suite runs every (command, file) pair with one damage, the four
-damages rotating over the files; the heavy suite runs all four on all.
+The quick suite runs three files of each command with one damage each,
+the four damages rotating; the heavy suite runs all four on every file.
 """
 
 import itertools
@@ -85,7 +85,11 @@ def _cases(all_damages):
     cases = []
     turn = itertools.cycle(DAMAGES)
     for command, files in READS.items():
-        for name, fatal in files.items():
+        # Quick suite: the first two files of each command (the ones it
+        # cannot do without, then one it does without or rewrites).
+        names = list(files) if all_damages else list(files)[:2] + list(files)[-1:]
+        for name in names:
+            fatal = files[name]
             for how in DAMAGES if all_damages else (next(turn),):
                 heavy = all_damages
                 cases.append(

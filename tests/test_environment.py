@@ -188,6 +188,8 @@ def test_an_op_without_a_deterministic_kernel_is_named_as_a_config_error(
         ("auto", True, "mixed_float16"),
         ("off", True, "float32"),
         ("on", False, "mixed_float16"),
+        ("bfloat16", False, "mixed_bfloat16"),
+        ("bfloat16", True, "mixed_bfloat16"),
     ],
 )
 def test_mixed_precision_auto_follows_the_device(
@@ -202,7 +204,8 @@ def test_mixed_precision_auto_follows_the_device(
     try:
         chosen = environment.configure_runtime(config_lib.validate(raw), gpu)
         assert keras.mixed_precision.global_policy().name == policy
-        assert chosen["mixed_precision"] == (policy == "mixed_float16")
+        assert chosen["mixed_precision"] == (policy != "float32")
+        assert chosen["policy"] == policy
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

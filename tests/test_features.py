@@ -320,3 +320,43 @@ def test_extract_then_finetune_reuse_one_cache_with_skipped_images(setup, tmp_pa
         assert (root / s / "manifest.json").read_bytes() == before, s
     skipped = (tmp_path / "runs" / "t" / "latest" / "skipped_images.txt").read_text()
     assert "broken.png" in skipped
+
+
+def test_alternating_two_configs_keeps_both_entries_within_the_size_bound(
+    shapes_dir, tmp_path
+):
+    """A new user alternating a 32 px and a 48 px config: each computes its
+    features once; the cache folder keeps both until `max_size` says no."""
+
+    def run(size, **cache):
+        raw = tiny_config(shapes_dir, tmp_path)
+        raw["data"]["image_size"] = size
+        raw["feature_cache"].update(cache)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        store.USED.clear()  # each command is a process of its own
+        result = CliRunner().invoke(
+            app, ["extract", str(tmp_path / "c.yaml"), "--plain"]
+        )
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "computed" in run(32) and "computed" in run(48)
+    for size in (32, 48, 32):
+        out = run(size)
+        assert "computed" not in out and "reusing" in out, out
+    entries = sorted(
+        p.parent.name for p in (tmp_path / "features").rglob("manifest.json")
+    )
+    assert len(entries) == 6  # train, val, test at each size
+
+    # A bound that fits one size's entries: the least recently used go
+    # (32 px, used last, is kept while in use; 48 px, used now, stays).
+    one = sum(
+        f.stat().st_size
+        for f in (tmp_path / "features" / "t").rglob("*")
+        if f.is_file() and "." not in f.parent.name
+    )
+    out = run(48, max_size=one + 100)
+    assert "removed the least recently used entry" in out, out
+    left = list((tmp_path / "features").rglob("manifest.json"))
+    assert len(left) == 3 and "computed" not in out  # 48 px reused, 32 px gone

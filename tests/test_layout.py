@@ -37,7 +37,8 @@ LAYERS = {
         "ground",
         *("data", "model", "runtime", "run", "config", "cache", "evaluate", "train"),
     },
-    "cli": {"ground", *("config", "data", "run", "cache", "evaluate", "train")}
+    "cli": {"ground", *("config", "data", "model", "run", "cache", "evaluate")}
+    | {"train"}
     | {"deploy", "search"},
     "entry": {"cli"},  # __main__
 }

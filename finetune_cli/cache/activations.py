@@ -109,6 +109,7 @@ def get_activations(
                 f"activations at {', '.join(cut.names)}: {how} {folder}",
                 brief=f"activations: {how if built else 'reusing the cache'}",
             )
+            store.used(folder)
             return ActivationSet(folder, manifest)
     preprocess = model_lib.find_preprocessing(model)
     extractor = features.extractor_from(cut.bottom, preprocess, cfg.data.image_size)
@@ -180,6 +181,8 @@ def get_activations(
             raise
         raise storage from None
     _BUILT.add(folder)
+    store.used(folder)
+    features.evict(cfg, out)
     return ActivationSet(folder, manifest)
 
 

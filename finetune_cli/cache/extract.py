@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import preflight as preflight_lib
+from finetune_cli.cache import features
 from finetune_cli.cache.features import ExtractResult
 from finetune_cli.cache.features import build_extractor
 from finetune_cli.cache.features import get_features
@@ -46,6 +47,7 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
     for s in splits:
         _, r = get_features(cfg, extractor, index, s, root / s, out)
         results.append(r)
+    features.evict(cfg, out)
     return results
 
 

@@ -39,9 +39,9 @@ import tensorflow as tf
 
 from finetune_cli.model import applications
 from finetune_cli.data import pipeline
+from finetune_cli.cache import store
 from finetune_cli.cache.store import FeatureSet
 from finetune_cli.cache.store import key_fields
-from finetune_cli.cache.store import open_cache
 from finetune_cli.cache.store import write_features
 
 
@@ -136,6 +136,18 @@ class ExtractResult:
     reason: Optional[str]
 
 
+def evict(cfg, out) -> None:
+    """Keep the cache folder within `feature_cache.max_size`, once a command
+    has all the entries it needs (those it used are kept)."""
+    root = Path(cfg.feature_cache.dir)
+    limit = int(cfg.feature_cache.max_size)
+    for folder in store.enforce_limit(root, limit, store.USED):
+        out.info(
+            f"feature cache over {cfg.feature_cache.max_size.human_readable()}: "
+            f"removed the least recently used entry {folder}"
+        )
+
+
 def get_features(
     cfg,
     extractor,
@@ -169,19 +181,19 @@ def get_features(
         dtype=dtype,
     )
     t0 = time.monotonic()
-    cached, why = open_cache(folder, fields)
+    cached, why = store.lookup(folder, fields)
     if cached is None and derived is not None:
         fields = {**fields, "derived_from": derived.source}
-        cached, why = open_cache(folder, fields)
+        cached, why = store.lookup(folder, fields)
     if cached is not None:
         out.info(
-            f"features [{split}]: reusing {folder} ({cached.num_rows} rows, "
+            f"features [{split}]: reusing {cached.folder} ({cached.num_rows} rows, "
             f"key {cached.manifest['key'][:12]})",
             brief=f"features [{split}]: reusing the cache ({cached.num_rows} rows)",
         )
         return cached, ExtractResult(
             split,
-            Path(folder),
+            Path(cached.folder),
             len(samples),
             cached.manifest["feature_dim"],
             0.0,
@@ -189,7 +201,8 @@ def get_features(
             None,
         )
     if why != "no cache yet":
-        out.info(f"features [{split}]: recomputing, cache out of date: {why}")
+        out.info(f"features [{split}]: cache out of date: {why}; computing a new entry")
+    store.set_aside(folder, fields)
     total = len(samples) * views
     if derived is not None:
         batches = derived.batches(split, views)
@@ -224,6 +237,7 @@ def get_features(
                 progress=progress,
             )
     seconds = time.monotonic() - t0
+    store.used(fs.folder)
     return fs, ExtractResult(
         split,
         Path(folder),

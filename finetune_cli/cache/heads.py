@@ -153,6 +153,7 @@ def cached_datasets(
     val_fs, _ = features.get_features(
         cfg, extractor, index, "val", root / "val", out, derived=derived
     )
+    features.evict(cfg, out)
     f, labels, _ = train_fs.load()
     vf, vlabels, _ = val_fs.load()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():

@@ -7,6 +7,7 @@ files) decide reuse; `explain_mismatch` says why an entry is not reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -273,3 +274,89 @@ def _write(
     if old.exists():
         shutil.rmtree(old)
     return FeatureSet(folder, manifest)
+
+
+# Several entries per slot. `<root>/<split>` holds the newest entry of a
+# split; when a config with another key needs that slot, the entry there
+# steps aside to `<root>/<split>.<key12>` instead of being replaced, and a
+# later config with that key finds it there. The whole cache folder is
+# bounded by `feature_cache.max_size`: the entries used least recently (a
+# reuse touches its manifest) go first.
+
+
+def entry_for(folder, fields) -> Path:
+    """Where the entry for `fields` of the slot `folder` waits when it is
+    not the slot's newest."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}.{content_key(fields)[:12]}")
+
+
+def lookup(folder, fields) -> tuple[Optional[FeatureSet], Optional[str]]:
+    """The cached set for `fields`: in the slot, else stepped aside."""
+    cached, why = open_cache(folder, fields)
+    if cached is None:
+        aside, _ = open_cache(entry_for(folder, fields), fields)
+        if aside is not None:
+            cached, why = aside, None
+    if cached is not None:
+        used(cached.folder)
+    return cached, why
+
+
+def set_aside(folder, fields) -> None:
+    """Move the slot's entry to its own name, out of the way of the entry
+    for `fields` about to be written there (an entry of that same key is
+    a damaged copy: it is replaced instead)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        key = manifest["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing there, or nothing worth keeping: replaced
+    if key == content_key(fields):
+        return
+    target = folder.with_name(f"{folder.name}.{key[:12]}")
+    shutil.rmtree(target, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.rename(target)
+
+
+# Entries this process used or wrote: eviction leaves them alone.
+USED: set = set()
+
+
+def used(folder) -> None:
+    """Mark an entry as just used (its manifest's mtime), for eviction."""
+    USED.add(Path(folder))
+    with contextlib.suppress(OSError):
+        os.utime(Path(folder) / "manifest.json")
+
+
+def enforce_limit(root, max_bytes: int, keep=()) -> list[Path]:
+    """Remove the least recently used cache entries under `root` (feature
+    sets and activation caches: folders holding a manifest.json) until
+    they take at most `max_bytes`; `keep` is never removed. Returns the
+    removed folders."""
+    root = Path(root)
+    keep = {Path(k).resolve() for k in keep}
+    entries = []
+    for manifest in root.rglob("manifest.json"):
+        folder = manifest.parent
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue  # a temporary being written
+        try:
+            size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+            entries.append((manifest.stat().st_mtime, size, folder))
+        except OSError:
+            continue
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, folder in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if folder.resolve() in keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        removed.append(folder)
+    return removed

@@ -17,6 +17,7 @@ import typer.core
 
 from finetune_cli.cli import deploy
 from finetune_cli.cli import evaluate
+from finetune_cli.cli import models
 from finetune_cli.cli import prepare
 from finetune_cli.cli import runs
 from finetune_cli.cli import train
@@ -34,6 +35,7 @@ app.add_typer(train.app)
 app.add_typer(evaluate.app)
 app.add_typer(deploy.app)
 app.add_typer(runs.app)
+app.add_typer(models.app)
 
 
 def _version(value: bool):

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator
 from pydantic import BaseModel
 from pydantic import BeforeValidator
+from pydantic import ByteSize
 from pydantic import Strict
 from pydantic import ConfigDict
 from pydantic import Discriminator
@@ -527,13 +528,20 @@ class FeatureCache(_Strict):
     # bottom's outputs, computed once (activations.py).
     activations: Bool = True
     activation_dtype: Literal["float16", "float32"] = "float16"
+    # Every base/size/weights keeps its own entry (alternating two configs
+    # recomputes nothing); the least recently used entries of the whole
+    # folder go once it holds more than this: bytes, or 500MB, 10GB, 2GiB.
+    max_size: Annotated[ByteSize, BeforeValidator(_not_bool)] = ByteSize(10 * 10**9)
 
 
 class Runtime(_Strict):
     """Where and how the run computes (docs/scale-out.md)."""
 
-    # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise.
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    # auto: mixed_float16 when TensorFlow finds a GPU, float32 otherwise;
+    # on: mixed_float16; bfloat16: mixed_bfloat16 (GPUs from Ampere on, TPUs:
+    # bfloat16 needs no loss scaling); off: float32. The output layer stays
+    # float32 under either.
+    mixed_precision: Literal["auto", "on", "off", "bfloat16"] = "auto"
     # auto: XLA when TensorFlow finds a GPU (and runs are not deterministic),
     # off on CPU, where it slowed training and inference (bench/throughput.py).
     xla: Union[Literal["auto"], Bool] = "auto"

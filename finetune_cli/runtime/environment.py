@@ -86,13 +86,16 @@ def configure_runtime(cfg, gpu: bool) -> dict:
 
         tf_config.disable_op_determinism()
     mp = cfg.runtime.mixed_precision
-    mixed = mp == "on" or (mp == "auto" and gpu)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    mixed = mp in ("on", "bfloat16") or (mp == "auto" and gpu)
+    policy = {"bfloat16": "mixed_bfloat16"}.get(mp, "mixed_float16")
+    policy = policy if mixed else "float32"
+    keras.mixed_precision.set_global_policy(policy)
     xla = cfg.runtime.xla
     if xla == "auto":
         xla = gpu and not deterministic
     return {
         "mixed_precision": mixed,
+        "policy": policy,
         "xla": xla,
         "deterministic": deterministic,
     }

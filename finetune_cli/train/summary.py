@@ -142,9 +142,11 @@ def announce(t) -> None:
             else "CPU only (no GPU found by TensorFlow)"
         )
     )
+    policy = t.runtime.get("policy") or (
+        "mixed_float16" if t.runtime["mixed_precision"] else "float32"
+    )
     out.info(
-        f"precision: "
-        f"{'mixed_float16' if t.runtime['mixed_precision'] else 'float32'}"
+        f"precision: {policy}"
         f"; XLA: {'on' if t.runtime['xla'] else 'off'}"
         f"; deterministic: {'on' if t.runtime['deterministic'] else 'off'}"
     )
