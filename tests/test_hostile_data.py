@@ -212,3 +212,52 @@ def test_the_orientation_tag_is_read_as_pillow_reads_it(endian, tmp_path):
         assert int(exif_orientation(buf.getvalue())) == 1
     assert int(exif_orientation(b"\xff\xd8\xff\xe1garbage")) == 1
     assert int(exif_orientation(b"")) == 1
+
+
+def test_the_exported_bytes_signature_turns_photos_upright_too(tmp_path):
+    """serve_bytes decodes in the exported graph with the same decoder:
+    a photo stored turned with an EXIF tag scores as its upright copy, and
+    not as the pixels as stored (a model that sees where things are)."""
+    import keras
+    import tensorflow as tf
+    from PIL import ImageOps
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    keras.Model(inputs, outputs).save(folder / "model.keras")
+    (folder / "labels.txt").write_text("a\nb\nc\nd\n")
+    result = runner.invoke(
+        app,
+        [
+            *("export", str(folder / "model.keras"), "--format", "saved_model"),
+            *("--no-check", "--out", str(tmp_path / "e"), "--plain"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    a = np.zeros((32, 48, 3), np.uint8)
+    a[..., 1] = np.linspace(0, 255, 48, dtype=np.uint8)[None, :]
+    a[:4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = tmp_path / "turned.jpg"
+    Image.fromarray(a).save(turned, exif=exif.tobytes(), quality=95)
+    # The pixels as TensorFlow decodes them (Pillow's JPEG decoder rounds
+    # differently), and turned upright as exif_transpose turns tag 6.
+    stored = tf.cast(tf.io.decode_jpeg(turned.read_bytes(), channels=3), tf.float32)
+    upright = tf.image.rot90(stored, 3)
+    assert upright.shape[:2] == ImageOps.exif_transpose(Image.open(turned)).size[::-1]
+    sm = tf.saved_model.load(str(tmp_path / "e" / "saved_model"))
+
+    def serve(pixels):
+        resized = tf.image.resize(pixels[None], (32, 32))
+        return sm.signatures["serve"](pixels=resized)["probabilities"].numpy()
+
+    by_bytes = sm.signatures["serve_bytes"](
+        image_bytes=tf.constant([turned.read_bytes()])
+    )["probabilities"].numpy()
+    assert np.abs(by_bytes - serve(upright)).max() < 1e-5
+    assert np.abs(by_bytes - serve(stored)).max() > 1e-3

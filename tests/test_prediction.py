@@ -168,3 +168,55 @@ def test_a_damaged_jpeg_is_named_once_without_the_decoders_own_lines(model, tmp_
     assert "Improper call to JPEG library" not in proc.stderr
     assert "Corrupt JPEG data" not in proc.stderr
     assert "half.jpg" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flip_tta_averages_each_image_and_its_mirror(finished_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune_cli.evaluate import prediction
+    from finetune_cli.model.saved import load_model
+    from finetune_cli.model.saved import resolve_target
+
+    import keras
+
+    # A model that sees left from right (a dense layer on the pixels).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    keras.Model(inputs, outputs).save(folder / "model.keras")
+    (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
+    model = load_model(resolve_target(folder / "model.keras"))
+    src = sorted(p for p in finished_run.data.rglob("*.png"))[:3]
+    mirrors = []
+    for p in src:
+        m = tmp_path / f"mirror-{p.name}"
+        Image.open(p).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(m)
+        mirrors.append(str(m))
+    plain = prediction.predict_files(model, [str(p) for p in src])
+    mirrored = prediction.predict_files(model, mirrors)
+    tta = prediction.predict_files(model, [str(p) for p in src], tta="flip")
+    np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-6)  # the mirror did count
+
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli.main import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(finished_run.run),
+            "--tta",
+            "flip",
+            "--json",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert '"tta": "flip"' in result.output

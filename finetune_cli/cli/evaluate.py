@@ -30,6 +30,14 @@ app = typer.Typer()
 
 
 Metric = Enum("Metric", {k: k for k in METRIC_KEYS}, type=str)
+Tta = Enum("Tta", {"none": "none", "flip": "flip"}, type=str)
+TtaOpt = Annotated[
+    Tta,
+    typer.Option(
+        help="Test-time augmentation: flip averages each image and its "
+        "mirror (two passes)."
+    ),
+]
 
 
 def _render_evaluation(out: Output, ev) -> None:
@@ -152,6 +160,7 @@ def evaluate(
             "changed (named in a warning) instead of stopping.",
         ),
     ] = False,
+    tta: TtaOpt = Tta.none,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -189,6 +198,7 @@ def evaluate(
             top_k=5 if top_k is None else top_k,
             allow_missing=allow_missing,
             warn=out.warn,
+            tta=tta.value,
         )
         k = ev.metrics["top_k"]
         if top_k is not None and k != top_k:
@@ -266,6 +276,7 @@ def predict(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per inference batch.")
     ] = 32,
+    tta: TtaOpt = Tta.none,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
@@ -302,7 +313,9 @@ def predict(
                 f"extension: {', '.join(prediction.IMAGE_EXTENSIONS)}): {shown}"
             )
         # The model loads here: what follows times the inference alone.
-        rows = prediction.predict(target, files, top_k=top_k, batch_size=batch_size)
+        rows = prediction.predict(
+            target, files, top_k=top_k, batch_size=batch_size, tta=tta.value
+        )
         if kind is not None:
             rows = prediction.write_rows(rows, out_file, kind)
         t0 = time.monotonic()

@@ -8,7 +8,8 @@
 | `model.onnx` | ONNX (tf2onnx) | onnxruntime; input `pixels` |
 
 (1) signatures `serve` (float pixels [batch, H, W, 3], 0-255) and
-`serve_bytes` (encoded JPEG/PNG/BMP/GIF strings [batch]); both return
+`serve_bytes` (encoded JPEG/PNG/BMP/GIF strings [batch], decoded as
+training decodes them, EXIF orientation applied); both return
 `probabilities`, `class_index`, `label`. (2) `model.tflite`,
 `model_float16.tflite`, `model_dynamic.tflite`, `model_int8.tflite`.
 (3) int8 takes uint8 pixels and returns uint8 scores (see its quantization
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from finetune_cli.data import decode as decode_lib
 
 from finetune_cli.model import saved as runmodel
 from finetune_cli.errors import ConfigError
@@ -79,9 +82,9 @@ def write_saved_model(model, path: Path, labels: list[str]) -> None:
         return outputs(model(pixels, training=False))
 
     def decode(raw):
-        image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
-        return tf.image.resize(image, size)
+        # The decoder training used, EXIF orientation included (TensorFlow
+        # ops only, so it is part of the exported graph).
+        return tf.image.resize(decode_lib.decode(raw), size)
 
     def serve_bytes(image_bytes):
         pixels = tf.map_fn(

@@ -150,8 +150,11 @@ def evaluate(
     allow_missing=False,
     warn=None,
     track=True,
+    tta="none",
 ) -> Evaluation:
     """Evaluate a run or model on held-out images and write the report.
+
+    `tta="flip"` scores each image as the mean of it and its mirror image.
 
     A run folder is evaluated on its recorded split (see `resolve_data`);
     `allow_missing` leaves out recorded files that vanished or changed
@@ -186,9 +189,9 @@ def evaluate(
         samples = align_labels(pairs, target.labels)
         files = [p for p, _ in samples]
         labels = np.array([lb for _, lb in samples])
-        probs = predict_files(model, files, batch_size)
+        probs = predict_files(model, files, batch_size, tta)
         metrics = compute_metrics(labels, probs, target.labels, top_k)
-        metrics.update(model=str(target.model_path), data=source, split=split)
+        metrics.update(model=str(target.model_path), data=source, split=split, tta=tta)
         if out is None:
             base = Path(target.run_dir or target.model_path.parent) / "eval"
             out = base / name if name is not None else _unused(base, split)

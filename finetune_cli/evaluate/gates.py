@@ -114,7 +114,12 @@ def compare_unseen(
         ), record
     labels = np.asarray(ev.labels)[keep]
     new = compute_metrics(labels, ev.probs[keep], other.labels, ev.metrics["top_k"])
-    probs = predict_files(load_model(other), [ev.files[i] for i in keep], batch_size)
+    probs = predict_files(
+        load_model(other),
+        [ev.files[i] for i in keep],
+        batch_size,
+        ev.metrics.get("tta", "none"),  # both scored the same way
+    )
     old = compute_metrics(labels, probs, other.labels, ev.metrics["top_k"])
     record.update(
         value=old["summary"][metric],

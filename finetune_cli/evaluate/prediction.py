@@ -70,12 +70,19 @@ def _why_unreadable(path: str) -> str:
     return bad[0][1] if bad else "cannot decode"
 
 
-def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
+TTA = ("none", "flip")
+
+
+def iter_probabilities(
+    model, paths, batch_size: int = 32, tta: str = "none"
+) -> Iterator[tuple]:
     """(path, probabilities or None, error or None) for each path, in order.
 
     Decoding runs in parallel ahead of the model; one batch of images is in
     memory at a time. Files that fail to decode are dropped by the pipeline
-    and reported here by name, with the reason.
+    and reported here by name, with the reason. `tta="flip"` averages the
+    probabilities of each image and its left-right mirror (test-time
+    augmentation: two forward passes).
     """
     paths = [str(p) for p in paths]
     size = model_image_size(model)
@@ -93,6 +100,9 @@ def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
     i = 0
     for names, images in ds:
         probs = np.asarray(model.predict_on_batch(images), dtype=np.float64)
+        if tta == "flip":
+            mirrored = model.predict_on_batch(tf.image.flip_left_right(images))
+            probs = (probs + np.asarray(mirrored, dtype=np.float64)) / 2
         for name, p in zip(names.numpy(), probs, strict=True):
             name = os.fsdecode(name)
             # Decoding is deterministic, so a path equal to the next one
@@ -106,14 +116,14 @@ def iter_probabilities(model, paths, batch_size: int = 32) -> Iterator[tuple]:
         yield path, None, _why_unreadable(path)
 
 
-def predict_files(model, paths, batch_size: int = 32) -> np.ndarray:
+def predict_files(model, paths, batch_size: int = 32, tta: str = "none") -> np.ndarray:
     """Probabilities for every file, [n, classes].
 
     Raises:
         DataError: files that could not be decoded, named with the reason.
     """
     probs, bad = [], []
-    for path, p, error in iter_probabilities(model, paths, batch_size):
+    for path, p, error in iter_probabilities(model, paths, batch_size, tta):
         if error is not None:
             bad.append((path, error))
         else:
@@ -127,18 +137,20 @@ def predict_files(model, paths, batch_size: int = 32) -> np.ndarray:
     return np.stack(probs) if probs else np.zeros((0, model.output_shape[-1]))
 
 
-def predict(target_path, files, *, top_k=3, batch_size=32) -> Iterator[dict]:
+def predict(
+    target_path, files, *, top_k=3, batch_size=32, tta="none"
+) -> Iterator[dict]:
     """Rows of file, label, confidence, top_k (label and probability) and
     error, one per file, streamed. The model is loaded (and any error about
     it raised) before this returns; the rows come as they are iterated."""
     target = resolve_target(target_path)
     model = load_model(target)
-    return _rows(target, model, files, top_k, batch_size)
+    return _rows(target, model, files, top_k, batch_size, tta)
 
 
-def _rows(target, model, files, top_k, batch_size) -> Iterator[dict]:
+def _rows(target, model, files, top_k, batch_size, tta) -> Iterator[dict]:
     k = min(top_k, len(target.labels))
-    for path, p, error in iter_probabilities(model, files, batch_size):
+    for path, p, error in iter_probabilities(model, files, batch_size, tta):
         if error is not None:
             yield {
                 "file": path,
