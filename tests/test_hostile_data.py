@@ -154,9 +154,7 @@ def test_the_same_image_under_two_classes_is_named(data, tmp_path):
 
 
 @pytest.mark.parametrize("orientation", [2, 5, 6, 7])
-def test_exif_orientation_is_applied_the_same_everywhere(
-    orientation, tmp_path, finished_run
-):
+def test_exif_orientation_is_applied_the_same_everywhere(orientation, tmp_path):
     from PIL import ImageOps
 
     from finetune_cli.data import pipeline
@@ -180,15 +178,53 @@ def test_exif_orientation_is_applied_the_same_everywhere(
 
     x, _ = export._images([(str(path), 0)], upright.size[::-1], 1, seed=0)
     assert np.abs(x[0] - ours).max() < 1e-3
+    # References decoded as TensorFlow decodes (Pillow's JPEG decoder
+    # rounds differently), turned by Pillow's own table for the tag.
+    import tensorflow as tf
+
+    stored_px = tf.io.decode_jpeg(path.read_bytes(), channels=3).numpy()
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }[orientation]
     straight = tmp_path / "upright.png"
-    upright.save(straight)
+    Image.fromarray(stored_px).transpose(method).save(straight)
     from finetune_cli.evaluate import prediction
     from finetune_cli.model.saved import load_model
     from finetune_cli.model.saved import resolve_target
 
-    model = load_model(resolve_target(finished_run.run))
-    rows = list(prediction.iter_probabilities(model, [str(path), str(straight)]))
-    assert np.abs(rows[0][1] - rows[1][1]).max() < 0.02
+    as_stored = tmp_path / "as-stored.png"
+    Image.fromarray(stored_px).save(as_stored)  # the pixels, EXIF dropped
+    model = load_model(resolve_target(_positional_model(tmp_path / "m")))
+    files = [str(path), str(straight), str(as_stored)]
+    turned, right, stored = (
+        p for _, p, _ in prediction.iter_probabilities(model, files)
+    )
+    assert np.abs(turned - right).max() < 1e-5
+    assert np.abs(turned - stored).max() > 1e-3  # the turn changed what it saw
+
+
+def _positional_model(folder):
+    """A saved model that tells left from right and top from bottom (a
+    dense layer on the pixels, sharpened), with labels.txt."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
+    dense = keras.layers.Dense(4, activation="softmax")
+    outputs = dense(x)
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel * 3, bias])  # sharper, not saturated
+    folder.mkdir()
+    keras.Model(inputs, outputs).save(folder / "model.keras")
+    (folder / "labels.txt").write_text("a\nb\nc\nd\n")
+    return folder / "model.keras"
 
 
 @pytest.mark.parametrize("endian", ["<", ">"], ids=["II", "MM"])
@@ -218,22 +254,14 @@ def test_the_exported_bytes_signature_turns_photos_upright_too(tmp_path):
     """serve_bytes decodes in the exported graph with the same decoder:
     a photo stored turned with an EXIF tag scores as its upright copy, and
     not as the pixels as stored (a model that sees where things are)."""
-    import keras
     import tensorflow as tf
     from PIL import ImageOps
 
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
-    outputs = keras.layers.Dense(4, activation="softmax")(x)
-    folder = tmp_path / "m"
-    folder.mkdir()
-    keras.Model(inputs, outputs).save(folder / "model.keras")
-    (folder / "labels.txt").write_text("a\nb\nc\nd\n")
+    model_file = _positional_model(tmp_path / "m")
     result = runner.invoke(
         app,
         [
-            *("export", str(folder / "model.keras"), "--format", "saved_model"),
+            *("export", str(model_file), "--format", "saved_model"),
             *("--no-check", "--out", str(tmp_path / "e"), "--plain"),
         ],
     )
