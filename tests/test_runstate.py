@@ -177,7 +177,9 @@ def test_resume_refuses_a_changed_config_and_names_the_key(tmp_path):
     assert loaded.epoch == 3
     assert loaded.versions == {"finetune_cli": "x"}  # what wrote it
     edited = {"phases": [{"epochs": 3}], "data": {"batch_size": 8}}
-    with pytest.raises(ConfigError, match=r"phases\.0\.epochs \(5 -> 3\)"):
+    from finetune_cli.errors import DamagedFile
+
+    with pytest.raises(DamagedFile, match=r"phases\.0\.epochs \(5 -> 3\)"):
         runstate.load(path, config=edited, versions={})
 
 

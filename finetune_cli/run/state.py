@@ -163,8 +163,9 @@ def load(path, *, config: dict, versions: dict, normalize=None) -> RunState:
             real changes count.
 
     Raises:
-        ConfigError: no state, a state of another format, or a config that
-            changed since the run started (the changed keys are named).
+        ConfigError: no state, or a state of another format.
+        DamagedFile: the run's config.yaml differs from the config the
+            state records (edited or damaged; the changed keys are named).
     """
     path = Path(path)
     if not path.is_file():
@@ -195,10 +196,14 @@ def load(path, *, config: dict, versions: dict, normalize=None) -> RunState:
         saved = normalize(saved)
     changed = [c for c in diff_config(saved, config) if not c.startswith(SESSION_KEYS)]
     if changed:
-        raise ConfigError(
-            f"--resume: the config changed since the run started: "
-            f"{'; '.join(changed[:5])}. A resumed run must run the config "
-            "it started with; start a new run for a new config"
+        # A resume reads the run's own config.yaml: a difference from the
+        # config recorded in the state is that file edited or damaged.
+        raise damaged(
+            path.parent / "config.yaml",
+            f"differs from the config the run started with (recorded in "
+            f"{FILE}): {'; '.join(changed[:5])}",
+            "a resumed run must run the config it started with: restore the "
+            "file, or start a new run for a new config",
         )
     fields = {f.name for f in dataclasses.fields(RunState)}
     state = RunState(**{k: v for k, v in meta.items() if k in fields})
