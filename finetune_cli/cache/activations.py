@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import shutil
 
 import keras
 import numpy as np
@@ -49,7 +47,7 @@ from finetune_cli.cache import store
 from finetune_cli.model import build as model_lib
 from finetune_cli.data import pipeline
 from finetune_cli.run.folder import remove_dead_temporaries
-from finetune_cli.files import storage_error
+from finetune_cli.run.folder import staged_folder
 from finetune_cli.files import write_json
 from finetune_cli.cache.cut import Cut
 from finetune_cli.cache.rows import ActivationSet
@@ -114,11 +112,9 @@ def get_activations(
     preprocess = model_lib.find_preprocessing(model)
     extractor = features.extractor_from(cut.bottom, preprocess, cfg.data.image_size)
     root.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(root, ".*.partial-*")
-    tmp = root / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    remove_dead_temporaries(root, ".*.partial-*")  # every key's leftovers
+    # A full disk, a signal, a bug: the half-built cache goes.
+    with staged_folder(folder, "make room and run it again") as tmp:
         names = [("train", v, train) for v in range(views)] + [("val", 0, val)]
         total = len(train) * views + len(val)
         done = 0
@@ -170,16 +166,6 @@ def get_activations(
             "key_fields": fields,
         }
         write_json(tmp / "manifest.json", manifest)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException as e:
-        # A full disk, a signal, a bug: the half-built cache goes.
-        shutil.rmtree(tmp, ignore_errors=True)
-        storage = storage_error(e, "make room and run it again", where=folder)
-        if storage is None:
-            raise
-        raise storage from None
     _BUILT.add(folder)
     store.used(folder)
     features.evict(cfg, out)

@@ -26,7 +26,6 @@ from finetune_cli import faults
 from finetune_cli.run import folder as rundir
 from finetune_cli.files import atomic_path
 from finetune_cli.files import damaged
-from finetune_cli.files import storage_error
 from finetune_cli.files import write_json
 
 
@@ -185,14 +184,10 @@ def write_features(
     order, into shards of a new cache folder `folder` (replaced atomically;
     at most one shard is held in memory)."""
     folder = Path(folder)
-    # Half-written caches of this folder left by killed processes.
-    rundir.remove_dead_temporaries(folder.parent, f".{folder.name}.*-*")
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        return _write(
+    # A full disk, a signal, a bug: the half-written cache goes, and the
+    # folder keeps the cache it had (or none).
+    with rundir.staged_folder(folder, "make room and run it again") as tmp:
+        manifest = _write(
             batches,
             folder,
             tmp,
@@ -203,14 +198,7 @@ def write_features(
             shard_size,
             progress,
         )
-    except BaseException as e:
-        # A full disk, a signal, a bug: the half-written cache goes, and
-        # the folder keeps the cache it had (or none).
-        shutil.rmtree(tmp, ignore_errors=True)
-        storage = storage_error(e, "make room and run it again", where=folder)
-        if storage is None:
-            raise
-        raise storage from None
+    return FeatureSet(folder, manifest)
 
 
 def _write(
@@ -267,13 +255,7 @@ def _write(
         "key_fields": fields,
     }
     write_json(tmp / "manifest.json", manifest)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
-    return FeatureSet(folder, manifest)
+    return manifest
 
 
 # Several entries per slot. `<root>/<split>` holds the newest entry of a

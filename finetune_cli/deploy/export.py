@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -58,8 +56,7 @@ from finetune_cli.errors import ConfigError
 from finetune_cli import faults
 from finetune_cli.files import atomic_write
 from finetune_cli.files import read_json
-from finetune_cli.files import storage_error
-from finetune_cli.run.folder import remove_dead_temporaries
+from finetune_cli.run.folder import staged_folder
 from finetune_cli.run.lock import Lock
 from finetune_cli.run.lock import run_lock
 from finetune_cli.files import write_json
@@ -155,14 +152,10 @@ def export(
         size = runmodel.model_image_size(model)
         say = progress or (lambda msg: None)
 
-        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        remove_dead_temporaries(out.parent, f".{out.name}.partial-*")
-        remove_dead_temporaries(out.parent, f".{out.name}.old-*")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
         artifacts: list[Artifact] = []
-        try:
+        # --force: the old export steps aside, the new one takes its name,
+        # then the old one goes (never a moment with neither).
+        with staged_folder(out, "make room and export again") as tmp:
             if "keras" in formats:
                 say("writing model.keras")
                 write_keras(model, tmp / "model.keras")
@@ -209,21 +202,6 @@ def export(
                     min_agreement=min_agreement,
                 )
                 write_json(tmp / "export_report.json", report)
-            # --force: the old export steps aside, the new one takes its
-            # name, then the old one goes (never a moment with neither).
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        except Exception as e:
-            storage = storage_error(e, "make room and export again", where=out)
-            if storage is None:
-                raise
-            raise storage from None
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         arts = [dataclasses.replace(a, path=out / a.path.name) for a in artifacts]
         if report is not None:
             for row in report["artifacts"]:

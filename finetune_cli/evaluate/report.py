@@ -19,8 +19,6 @@ import dataclasses
 import csv
 import html
 import io
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Optional
@@ -31,8 +29,7 @@ from finetune_cli import faults
 from finetune_cli.errors import DamagedFile
 from finetune_cli.evaluate import plots
 from finetune_cli.files import atomic_write
-from finetune_cli.files import storage_error
-from finetune_cli.run.folder import remove_dead_temporaries
+from finetune_cli.run.folder import staged_folder
 from finetune_cli.files import write_json
 
 if TYPE_CHECKING:
@@ -58,25 +55,8 @@ def write_report(ev: Evaluation, target: Target) -> None:
     filled under a hidden temporary name and renamed into place (over the
     one it replaces), so an evaluation stopped by a signal, a crash or a
     full disk never leaves a half report that reads as done."""
-    out = ev.out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(out.parent, f".{out.name}.partial-*")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(ev.out_dir, "make room and evaluate again") as tmp:
         _write_into(tmp, ev, target)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        storage = storage_error(e, "make room and evaluate again", where=out)
-        if storage is None:
-            raise
-        raise storage from None
 
 
 def _write_into(out: Path, ev: Evaluation, target: Target) -> None:

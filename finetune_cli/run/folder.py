@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from finetune_cli.files import atomic_write
 from finetune_cli.files import now
+from finetune_cli.files import storage_error
 from finetune_cli.files import write_json
 from finetune_cli.run.lock import _owner_alive
 from finetune_cli.run.lock import pid_alive
@@ -165,6 +166,41 @@ class RunDir:
             os.replace(tmp, link)
         except OSError:  # file systems without symlinks: a text pointer
             atomic_write(self.path.parent / "latest.txt", self.path.name + "\n")
+
+
+@contextlib.contextmanager
+def staged_folder(target, todo: str = ""):
+    """Fill a folder of outputs whole or not at all (a cache entry, an
+    export, an evaluation report).
+
+    Yields `.<name>.partial-<pid>` beside `target`. When the block ends, it
+    takes `target`'s name in renames: the old folder steps aside, the new
+    one is renamed in, then the old one goes, so there is never a moment
+    with neither. When the block fails (a signal, a bug, a full disk), the
+    partial folder is removed and `target` is left as it was; a full or
+    read-only disk is a StorageError naming `target`, with `todo`. What
+    killed processes left beside `target` is removed first.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(target.parent, f".{target.name}.partial-*")
+    remove_dead_temporaries(target.parent, f".{target.name}.old-*")
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        storage = storage_error(e, todo, where=target)
+        if storage is None:
+            raise
+        raise storage from None
 
 
 def remove_dead_temporaries(parent, pattern: str) -> None:
