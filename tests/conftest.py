@@ -223,3 +223,42 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
+
+
+def stopped_run(data_dir, tmp) -> Path:
+    """A run stopped by its time limit after epoch 2 of 3 (exit 7,
+    resumable), under a fake clock: interrupted, deterministically."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from finetune_cli import faults
+    from finetune_cli.cli.main import app
+
+    raw = tiny_config(data_dir, tmp, phases=[{"name": "head", "epochs": 3}])
+    raw["experiment"]["time_limit"] = "150s"
+    (tmp / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_CLI_CLOCK_STEP", "60")
+        mp.setattr(faults, "_ticks", [0])
+        result = CliRunner().invoke(app, ["finetune", str(tmp / "c.yaml"), "--plain"])
+    assert result.exit_code == 7, result.output
+    (run,) = [p for p in (tmp / "runs" / "t").iterdir() if p.name[0] == "2"]
+    return run
+
+
+def positional_model(folder) -> Path:
+    """A saved model that tells left from right and top from bottom (a
+    dense layer on the pixels, sharpened, not saturated), with labels.txt."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
+    dense = keras.layers.Dense(4, activation="softmax")
+    outputs = dense(x)
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel * 3, bias])
+    folder.mkdir()
+    keras.Model(inputs, outputs).save(folder / "model.keras")
+    (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
+    return folder / "model.keras"

@@ -22,6 +22,7 @@ from finetune_cli.cli.main import app
 from finetune_cli.errors import EXIT_DAMAGED
 
 from conftest import copy_run
+from conftest import stopped_run
 from conftest import tiny_config
 
 runner = CliRunner()
@@ -106,28 +107,8 @@ def _cases(all_damages):
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory, shapes_dir, monkeypatch_module):
-    """A run stopped by its time limit after epoch 2 of 3 (resumable)."""
-    from finetune_cli import faults
-
-    tmp = tmp_path_factory.mktemp("interrupted")
-    raw = tiny_config(shapes_dir, tmp)
-    raw["phases"] = [{"name": "head", "epochs": 3}]
-    raw["experiment"]["time_limit"] = "150s"
-    (tmp / "c.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch_module.setenv("FINETUNE_CLI_CLOCK_STEP", "60")
-    monkeypatch_module.setattr(faults, "_ticks", [0])
-    result = runner.invoke(app, ["finetune", str(tmp / "c.yaml"), "--plain"])
-    monkeypatch_module.delenv("FINETUNE_CLI_CLOCK_STEP")
-    assert result.exit_code == 7, result.output
-    (run,) = [p for p in (tmp / "runs" / "t").iterdir() if not p.is_symlink()]
-    return run
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+def interrupted_run(tmp_path_factory, shapes_dir):
+    return stopped_run(shapes_dir, tmp_path_factory.mktemp("interrupted"))
 
 
 def _argv(command, run, tmp_path, image):

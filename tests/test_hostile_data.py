@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from finetune_cli.cli.main import app
 from finetune_cli.errors import EXIT_DATA
 
+from conftest import positional_model
 from conftest import tiny_config
 
 runner = CliRunner()
@@ -200,31 +201,13 @@ def test_exif_orientation_is_applied_the_same_everywhere(orientation, tmp_path):
 
     as_stored = tmp_path / "as-stored.png"
     Image.fromarray(stored_px).save(as_stored)  # the pixels, EXIF dropped
-    model = load_model(resolve_target(_positional_model(tmp_path / "m")))
+    model = load_model(resolve_target(positional_model(tmp_path / "m")))
     files = [str(path), str(straight), str(as_stored)]
     turned, right, stored = (
         p for _, p, _ in prediction.iter_probabilities(model, files)
     )
     assert np.abs(turned - right).max() < 1e-5
     assert np.abs(turned - stored).max() > 1e-3  # the turn changed what it saw
-
-
-def _positional_model(folder):
-    """A saved model that tells left from right and top from bottom (a
-    dense layer on the pixels, sharpened), with labels.txt."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
-    dense = keras.layers.Dense(4, activation="softmax")
-    outputs = dense(x)
-    kernel, bias = dense.get_weights()
-    dense.set_weights([kernel * 3, bias])  # sharper, not saturated
-    folder.mkdir()
-    keras.Model(inputs, outputs).save(folder / "model.keras")
-    (folder / "labels.txt").write_text("a\nb\nc\nd\n")
-    return folder / "model.keras"
 
 
 @pytest.mark.parametrize("endian", ["<", ">"], ids=["II", "MM"])
@@ -257,7 +240,7 @@ def test_the_exported_bytes_signature_turns_photos_upright_too(tmp_path):
     import tensorflow as tf
     from PIL import ImageOps
 
-    model_file = _positional_model(tmp_path / "m")
+    model_file = positional_model(tmp_path / "m")
     result = runner.invoke(
         app,
         [

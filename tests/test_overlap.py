@@ -21,6 +21,7 @@ from finetune_cli.errors import EXIT_LOCKED
 
 import cli_process
 from conftest import copy_run
+from conftest import stopped_run
 from test_rundir import wait_for
 
 runner = CliRunner()
@@ -48,26 +49,6 @@ def _refused(result, pid, doing):
     assert result.exit_code == EXIT_LOCKED, out
     assert f"process {pid} ({doing})" in out, out
     assert "Traceback" not in out
-
-
-def _interrupted(shapes_dir, tmp_path, monkeypatch):
-    """A run stopped by its time limit after epoch 2 of 3 (resumable)."""
-    import yaml
-
-    from finetune_cli import faults
-
-    from conftest import tiny_config
-
-    raw = tiny_config(shapes_dir, tmp_path, phases=[{"name": "head", "epochs": 3}])
-    raw["experiment"]["time_limit"] = "150s"
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    with monkeypatch.context() as mp:
-        mp.setenv("FINETUNE_CLI_CLOCK_STEP", "60")
-        mp.setattr(faults, "_ticks", [0])
-        result = runner.invoke(app, ["finetune", str(tmp_path / "c.yaml"), "--plain"])
-    assert result.exit_code == 7, result.output
-    (run,) = [p for p in (tmp_path / "runs" / "t").iterdir() if p.name[0] == "2"]
-    return run
 
 
 def test_a_run_being_trained_is_not_evaluated_or_exported_under_it(
@@ -121,10 +102,8 @@ def test_a_run_being_trained_is_not_evaluated_or_exported_under_it(
 
 
 @pytest.mark.heavy  # a run to interrupt, then two commands on it
-def test_a_run_being_evaluated_is_not_resumed_under_it(
-    shapes_dir, tmp_path, monkeypatch
-):
-    run = _interrupted(shapes_dir, tmp_path, monkeypatch)
+def test_a_run_being_evaluated_is_not_resumed_under_it(shapes_dir, tmp_path):
+    run = stopped_run(shapes_dir, tmp_path)
     state = (run / "resume.npz").read_bytes()
     # Held after the metrics are computed, before the report is renamed in.
     proc, release = _hold(["evaluate", str(run), "--name", "x"], "report", tmp_path)

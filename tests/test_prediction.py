@@ -178,18 +178,9 @@ def test_flip_tta_averages_each_image_and_its_mirror(finished_run, tmp_path):
     from finetune_cli.model.saved import load_model
     from finetune_cli.model.saved import resolve_target
 
-    import keras
+    from conftest import positional_model
 
-    # A model that sees left from right (a dense layer on the pixels).
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
-    outputs = keras.layers.Dense(4, activation="softmax")(x)
-    folder = tmp_path / "m"
-    folder.mkdir()
-    keras.Model(inputs, outputs).save(folder / "model.keras")
-    (folder / "labels.txt").write_text("circle\nsquare\nstar\ntriangle\n")
-    model = load_model(resolve_target(folder / "model.keras"))
+    model = load_model(resolve_target(positional_model(tmp_path / "m")))
     src = sorted(p for p in finished_run.data.rglob("*.png"))[:3]
     mirrors = []
     for p in src:
