@@ -38,21 +38,24 @@ def missing(args) -> bool:
     return True
 
 
-def run_cli(*args, cwd) -> tuple[float, float]:
+def run_cli(*args, cwd, stdout: bool = False):
     """Run `finetune-cli ARGS --plain` (this checkout) in a process of its
-    own; (wall seconds, its peak RSS in MiB). Exits when it fails."""
+    own; (wall seconds, its peak RSS in MiB), and its standard output as a
+    third item with `stdout`. Exits when it fails."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "finetune_cli", *map(str, args), "--plain"],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
     )
+    text = proc.stdout.read().decode() if stdout else None
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"finetune-cli {' '.join(map(str, args))} failed: exit {code}")
-    return time.monotonic() - t0, usage.ru_maxrss / 1024
+    wall, rss = time.monotonic() - t0, usage.ru_maxrss / 1024
+    return (wall, rss, text) if stdout else (wall, rss)
 
 
 def test_accuracy(run_dir) -> float:

@@ -8,8 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from finetune_cli.cli.common import ConfigArg
 from finetune_cli.cli.common import DebugOpt
 from finetune_cli.cli.common import PlainOpt
+from finetune_cli.cli.common import QuietOpt
+from finetune_cli.cli.common import SetOpt
+from finetune_cli.cli.common import load_config_file
 from finetune_cli.cli.common import quiet_tensorflow
 from finetune_cli.cli.common import raise_config
 from finetune_cli.cli.common import run_command
@@ -108,3 +112,149 @@ def models_list(
         out.info("         download = fetched by Keras on first use")
 
     run_command(out, debug, job)
+
+
+@app.command(cls=Command)
+def select(
+    config: ConfigArg,
+    models: Annotated[
+        list[str],
+        typer.Option(
+            "--models",
+            "-m",
+            help="Candidate applications (repeatable, or space-separated in "
+            "one quoted value).",
+            show_default=False,
+        ),
+    ],
+    weights: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--weights",
+            "-w",
+            metavar="[MODEL=]WEIGHTS",
+            help="A candidate's weights: MODEL=FILE (or =imagenet, =none); a "
+            "bare value is for every candidate without its own. Default: the "
+            "config's for its model, a no-top file in the Keras cache, else "
+            "imagenet (a download).",
+        ),
+    ] = None,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(
+            min=8,
+            max=4096,
+            help="Image side for every candidate (default: "
+            "the config's, or a model's default where it needs one).",
+        ),
+    ] = None,
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help="The winner's config (default: CONFIG's name + .select.yaml, "
+            "beside it).",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the ranking as JSON.")
+    ] = False,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Rank backbones for a config's data: each base's features cached once,
+    a logistic-regression probe on them, validation accuracy beside speed,
+    parameters and exported size; writes the winner's config.
+
+    The test split is not read. Exit codes: 0 ranked (a candidate that
+    could not be built is listed as left out), 2 bad option or config, 3
+    data error.
+
+    Example: finetune-cli select flowers.yaml -m MobileNetV2 -m ResNet50
+    """
+    out = Output(quiet=quiet or json_out, plain=plain)
+
+    def job():
+        cfg = load_config_file(config, set_)
+        target = out_file or config.with_name(f"{config.stem}.select.yaml")
+        _check_out(target, force)
+        names = [n for value in models for n in value.replace(",", " ").split()]
+        named, default = _parse_weights(weights or [])
+        quiet_tensorflow()
+        from finetune_cli.config import recipe
+        from finetune_cli.config.loader import parse_yaml
+        from finetune_cli.search import backbones
+
+        candidates = backbones.candidate_configs(cfg, names, named, default, image_size)
+        ranked = backbones.select(cfg, candidates, out)
+        winner = ranked[0]
+        raw = parse_yaml(config.read_text(encoding="utf-8"), str(config)) or {}
+        from finetune_cli.config.loader import apply_overrides
+
+        text, _ = backbones.winner_config(
+            apply_overrides(raw, set_ or []), winner, str(config)
+        )
+        recipe.write(target, text, force=force)
+        if json_out:
+            typer.echo(
+                json.dumps(
+                    {"ranking": [c.as_dict() for c in ranked], "config": str(target)},
+                    indent=2,
+                )
+            )
+            return
+        out.table(
+            "backbones (probe on frozen features; val accuracy, base speed here)",
+            ["#", "model", "px", "val acc", "img/s", "params", "export"],
+            [_row(i, c) for i, c in enumerate(ranked, 1)],
+            right=("#", "px", "val acc", "img/s", "params", "export"),
+        )
+        out.success(
+            f"wrote {target}: {winner.name}. Next: finetune-cli finetune {target}"
+        )
+
+    run_command(out, debug, job)
+
+
+def _row(i, c) -> list:
+    if c.error:
+        return [i, c.name, c.image_size, "left out", "-", "-", "-"]
+    return [
+        i,
+        c.name,
+        c.image_size,
+        f"{c.val_accuracy:.4f}",
+        f"{c.images_per_s:.1f}",
+        f"{c.params / 1e6:.1f}M",
+        f"{c.export_bytes / 1e6:.1f} MB",
+    ]
+
+
+def _check_out(target: Path, force: bool) -> None:
+    if target.is_dir():
+        raise_config(f"--out: {target} is a folder; expected a file path")
+    if target.exists() and not force:
+        raise_config(f"--out: {target} exists; pass --force to replace it")
+
+
+def _parse_weights(values) -> tuple[dict, Optional[str]]:
+    """--weights values -> ({model: weights}, the weights for the rest)."""
+    named, default = {}, None
+    for v in values:
+        model, sep, w = v.partition("=")
+        if not sep:
+            if default is not None:
+                raise_config(
+                    "--weights: one bare value (for every candidate) at most; "
+                    f"name the model for the others (MODEL=FILE). Received: {v}"
+                )
+            default = v
+        elif not model or not w:
+            raise_config(f"--weights: expected MODEL=WEIGHTS. Received: {v}")
+        else:
+            named[model.strip()] = w.strip()
+    return named, default

@@ -366,7 +366,13 @@ _OPTIMIZER_PARAMS = {
 }
 
 
-_COMMON_OPTIMIZER_PARAMS = {"clipnorm", "clipvalue", "global_clipnorm"}
+_COMMON_OPTIMIZER_PARAMS = {
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+}
 
 
 class Optimizer(_Strict):
@@ -385,6 +391,10 @@ class Optimizer(_Strict):
     clipnorm: Optional[Float] = Field(None, gt=0)
     clipvalue: Optional[Float] = Field(None, gt=0)
     global_clipnorm: Optional[Float] = Field(None, gt=0)
+    # Keras' exponential moving average of the weights (Polyak averaging):
+    # validation, the best epoch and the phase's result use the average.
+    use_ema: Optional[Bool] = None
+    ema_momentum: Optional[Float] = Field(None, gt=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -393,6 +403,11 @@ class Optimizer(_Strict):
 
     @model_validator(mode="after")
     def _params_fit(self):
+        if self.ema_momentum is not None and not self.use_ema:
+            raise ValueError(
+                "ema_momentum needs use_ema: true. Received: "
+                f"ema_momentum={self.ema_momentum}, use_ema={self.use_ema}"
+            )
         allowed = _OPTIMIZER_PARAMS[self.name] | _COMMON_OPTIMIZER_PARAMS
         given = self.params()
         bad = sorted(set(given) - allowed)

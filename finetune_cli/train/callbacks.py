@@ -48,6 +48,37 @@ def phase_callbacks(phase, tensorboard_dir=None) -> list:
     return cbs
 
 
+def uses_ema(model) -> bool:
+    return bool(getattr(model.optimizer, "use_ema", False))
+
+
+def ema_callbacks(model) -> list:
+    """Validation on the weights' moving average when the optimizer keeps
+    one (`optimizer.use_ema`); the model holds the trained weights again
+    once validation is done, so the state committed after an epoch is
+    what training continues from."""
+    return [keras.callbacks.SwapEMAWeights()] if uses_ema(model) else []
+
+
+def ema_values(variables, optimizer, values) -> list:
+    """`values` (of `variables`) with each trainable variable's value
+    replaced by the optimizer's moving average of it."""
+    import numpy as np
+
+    average = {
+        id(v): a
+        for v, a in zip(
+            optimizer._trainable_variables,
+            optimizer._model_variables_moving_average,
+            strict=True,
+        )
+    }
+    return [
+        np.array(average[id(v)].numpy(), copy=True) if id(v) in average else x
+        for v, x in zip(variables, values, strict=True)
+    ]
+
+
 # Counters that make EarlyStopping and ReduceLROnPlateau continue where
 # they were after a resume.
 _CALLBACK_FIELDS = {

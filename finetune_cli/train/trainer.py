@@ -158,7 +158,7 @@ class Trainer:
         )
         tb = self.run / "tensorboard" if self.cfg.experiment.tensorboard else None
         callbacks = callbacks_lib.phase_callbacks(phase, tb)
-        extra = []
+        extra = callbacks_lib.ema_callbacks(fit_model)
         if mid_phase:
             fit_model.optimizer.build(fit_model.trainable_variables)
             runstate.assign(fit_model.optimizer.variables, st.opt, "optimizer")
@@ -254,7 +254,13 @@ class Trainer:
         }
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         st.history.append(row)
-        weights = runstate.values(self.model.variables)
+        trained = runstate.values(self.model.variables)
+        # With EMA, validation scored the average: it is what is kept.
+        weights = trained
+        if callbacks_lib.uses_ema(fit_model):
+            weights = callbacks_lib.ema_values(
+                self.model.variables, fit_model.optimizer, trained
+            )
         value = logs.get(monitor)
         if improved(monitor, row, st.history, st.best_phase_epoch):
             st.best_phase, st.best_phase_epoch = float(value), epoch + 1
@@ -265,14 +271,15 @@ class Trainer:
             st.best_run_weights = weights
         st.epoch = epoch + 1
         st.phase_finished = bool(fit_model.stop_training) or (epoch + 1 >= phase_end)
-        st.model = weights
+        st.model = trained
         st.opt = runstate.values(fit_model.optimizer.variables)
         st.callbacks = [callbacks_lib.callback_state(cb) for cb in callbacks]
         self.files.commit()
         faults.point("epoch_saved")
+        kept = None if weights is trained else weights
         if run_improved:
-            self.files.save_model("best.keras")
-        self.files.save_model("last.keras")
+            self.files.save_model("best.keras", kept)
+        self.files.save_model("last.keras", kept)
         self.files.write_history()
         self.tracking.epoch(self)
         if not self._header_shown:
