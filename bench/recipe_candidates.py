@@ -14,6 +14,12 @@ Prints, per candidate, test accuracy per seed, the mean and the spread
     python bench/recipe_candidates.py                       # all, seeds 1 2 3
     python bench/recipe_candidates.py --only blocks11 --seeds 1 2 3 4 5
     python bench/recipe_candidates.py --only head-only --views 4
+    python bench/recipe_candidates.py --holdout-share 0.2 --only blocks11-h20-e2-lr2 \
+        blocks11-h20-e2-lr2-ema     # chosen on the pool; the holdout is never read
+
+With `--holdout-share`, the candidates see only the pool left after the
+holdout (the same draw as bench/recipe.py --holdout-share): choose here,
+then score the one chosen once on the holdout with bench/recipe.py.
 """
 
 from __future__ import annotations
@@ -108,6 +114,14 @@ CANDIDATES = {
         **_head_then_blocks("block_11_expand", 20, 2, lr=1e-4),
         "data": {"batch_size": 16},
     },
+    # Keras' weight EMA (optimizer.use_ema) in both phases: validation, the
+    # best epoch and the result are the moving average of the weights.
+    "blocks11-h20-e2-lr2-ema": {
+        "phases": [
+            {**p, "optimizer": {"name": "adam", "use_ema": True, "ema_momentum": 0.9}}
+            for p in _head_then_blocks("block_11_expand", 20, 2, lr=2e-4)["phases"]
+        ]
+    },
     "blocks11-h20-e2-lr2-b16": {
         **_head_then_blocks("block_11_expand", 20, 2, lr=2e-4),
         "data": {"batch_size": 16},
@@ -121,11 +135,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=sorted(CANDIDATES))
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--work", help="Folder to run in (default: a new temporary one).")
+    _assets.holdout_args(p)
     args = p.parse_args(argv)
     if _assets.missing(args):
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recipes-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.holdout:
+        raise SystemExit("--holdout is for bench/recipe.py; here --holdout-share")
+    args.data, holdout = _assets.resolve_holdout(args, work)
     shipped = yaml.safe_load((_assets.ROOT / "configs" / "flowers.yaml").read_text())
     names = args.only or list(CANDIDATES)
     results = {name: [] for name in names}
@@ -165,9 +183,15 @@ def main(argv=None) -> int:
             + [f"{statistics.mean(accs):.4f}", f"{sd:.4f}"]
             + [f"{statistics.mean(w for _, w in rows):.0f} s"]
         )
+    kept = (
+        ""
+        if holdout is None
+        else f", on the pool left after a {args.holdout_share:.0%} holdout "
+        f"(seed {args.holdout_seed}) that no candidate saw"
+    )
     _results.report(
         "recipe_candidates",
-        "Recipe candidates over seeds (test accuracy of each seed's split)",
+        f"Recipe candidates over seeds (test accuracy of each seed's split{kept})",
         ["candidate", *(f"seed {s}" for s in args.seeds)]
         + ["mean", "spread (sd)", "mean wall"],
         table,
