@@ -64,3 +64,30 @@ def test_every_benchmark_records_its_results():
     assert len(scripts) >= 14
     for p in scripts:
         assert "_results.report(" in p.read_text(), p.name
+
+
+def test_a_carved_holdout_is_disjoint_stratified_and_the_same_every_time(tmp_path):
+    import _assets
+
+    data = tmp_path / "data"
+    for cls, n in (("a", 10), ("b", 20)):
+        (data / cls).mkdir(parents=True)
+        for i in range(n):
+            (data / cls / f"{i}.jpg").write_bytes(b"x")
+
+    def carve(work, seed=0):
+        pool, held = _assets.carve_holdout(data, 0.2, seed, tmp_path / work)
+        return {
+            part.name: {str(p.relative_to(part)) for p in part.rglob("*.jpg")}
+            for part in (pool, held)
+        }
+
+    first = carve("w1")
+    assert not first["pool"] & first["holdout"]
+    assert first["pool"] | first["holdout"] == {
+        str(p.relative_to(data)) for p in data.rglob("*.jpg")
+    }
+    held = sorted(p.split("/")[0] for p in first["holdout"])
+    assert held == ["a"] * 2 + ["b"] * 4  # 20% of every class
+    assert carve("w2") == first  # the same draw in every script
+    assert carve("w3", seed=1)["holdout"] != first["holdout"]

@@ -303,3 +303,101 @@ def test_a_fraction_keeps_that_share_of_every_class_of_every_split(tmp_path):
 def test_a_fraction_outside_0_1_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="data.fraction"):
         config_lib.validate({"data": {"dir": "d", "fraction": bad}, "phases": []})
+
+
+def _augmentation(*ops):
+    raw = {"data": {"dir": "x"}, "phases": [{"name": "a", "epochs": 1}]}
+    return config_lib.validate({**raw, "augmentation": list(ops)}).augmentation
+
+
+def test_mixing_mixes_labels_as_it_mixes_inputs_and_repeats_per_batch():
+    """MixUp over cached rows [B, D] and images [B, H, W, C]: every label is
+    a convex mix of two one-hot labels, the rows are the same mix of two
+    rows, and batch b of epoch e mixes the same way however often it is
+    made (a resume), differently in another epoch."""
+    import tensorflow as tf
+
+    mixer = pipeline.build_mixer(_augmentation({"type": "mixup", "alpha": 1.0}), 3)
+    assert pipeline.build_augmenter(_augmentation({"type": "mixup"}), 3) is None
+    rng = np.random.default_rng(0)
+    for shape in ((16, 6), (16, 4, 4, 3)):
+        x = rng.uniform(0, 1, shape).astype("float32")
+        y = np.eye(4, dtype="float32")[np.arange(16) % 4]
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+        def epoch(e, ds=ds):
+            made = mixer.apply(ds, lambda b: (tf.constant(e, tf.int64), b))
+            return list(made.as_numpy_iterator())
+
+        first, again, other = epoch(5), epoch(5), epoch(6)
+        for (mx, my), (ax, _) in zip(first, again, strict=True):
+            np.testing.assert_array_equal(mx, ax)
+            np.testing.assert_allclose(my.sum(axis=1), 1.0, rtol=1e-6)
+            assert (my < 1 - 1e-3).any()  # labels really were mixed
+        assert not np.allclose(first[0][0], other[0][0])
+        # Each mixed row is w * its row + (1 - w) * another row of the batch,
+        # w being the weight its label gives its own class.
+        mx, my = first[0]
+        own = y[:8].argmax(1)
+        w = my[np.arange(8), own]
+        rest = (mx - w.reshape(-1, *[1] * (x.ndim - 1)) * x[:8]).reshape(8, -1)
+        partners = x[:8].reshape(8, -1)
+        for i in range(8):
+            if w[i] < 0.999:
+                mix = rest[i] / (1 - w[i])
+                assert min(np.abs(partners - mix).max(1)) < 1e-3
+
+
+def test_randaugment_and_cutmix_options_are_checked():
+    aug = _augmentation({"type": "randaugment"}, {"type": "cutmix"})
+    assert (aug[0].num_ops, aug[0].factor, aug[1].alpha) == (2, 0.5, 1.0)
+    assert config_lib.per_image(aug) == aug[:1] and config_lib.mixing(aug) == aug[1:]
+    layers = pipeline.build_augmenter(aug, 0).layers
+    assert [type(la).__name__ for la in layers] == ["RandAugment"]
+    with pytest.raises(ConfigError, match=r"mixup takes `alpha`, not `factor`"):
+        _augmentation({"type": "mixup", "factor": 0.5})
+    with pytest.raises(ConfigError, match="augmentation.0.num_ops"):
+        _augmentation({"type": "randaugment", "num_ops": 0})
+
+
+def test_batches_carry_uint8_pixels_that_the_model_casts_at_its_input(shapes_dir):
+    """A quarter of float32's bytes leave the host; the model (float32
+    input, as exported) scores them as it scores the float pixels."""
+    import keras
+
+    from conftest import make_config
+    from finetune_cli.model import build as model_lib
+
+    index = data_lib.index_data(data_cfg(dir=str(shapes_dir)), seed=0)
+    samples = index.splits["train"][:6]
+    ds = pipeline.make_dataset(samples, 4, (32, 32), 6)
+    assert ds.element_spec[0].dtype.name == "uint8"
+    ((x, _),) = list(ds)
+    floats = np.stack(
+        [np.asarray(pipeline.load_image(p, (32, 32))) for p, _ in samples]
+    )
+    np.testing.assert_array_equal(np.asarray(x), np.clip(np.round(floats), 0, 255))
+    ((xf, _),) = list(pipeline.make_dataset(samples, 4, (32, 32), 6, pixels="float32"))
+    assert xf.dtype.name == "float32"
+    # Augmented and mixed batches are rounded last, still uint8.
+    aug = pipeline.build_augmenter(
+        config_lib.validate(
+            {
+                "data": {"dir": "x"},
+                "phases": [{"name": "a", "epochs": 1}],
+                "augmentation": [{"type": "brightness", "factor": 0.5}],
+            }
+        ).augmentation,
+        0,
+    )
+    ds = pipeline.make_dataset(samples, 4, (32, 32), 6, shuffle=True, augmenter=aug)
+    assert ds.element_spec[0].dtype.name == "uint8"
+    cfg = make_config(shapes_dir, Path("/tmp"))
+    keras.utils.set_random_seed(0)
+    model, _ = model_lib.build_model(cfg, 4)
+    assert model.input.dtype == "float32"
+    np.testing.assert_allclose(
+        model.predict(np.asarray(x), verbose=0),
+        model.predict(np.asarray(x).astype("float32"), verbose=0),
+        rtol=1e-6,
+    )

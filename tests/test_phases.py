@@ -172,3 +172,21 @@ def test_class_weight_auto_and_by_name(shapes_dir, tmp_path):
         phases_lib.resolve_class_weight(
             config_lib.Phase(name="p", epochs=1, class_weight={"stra": 3}), 2, index
         )
+
+
+def test_cutmix_on_a_cached_phase_is_a_config_error_naming_it(built):
+    from finetune_cli.errors import ConfigError
+
+    phases = [{"name": "head", "epochs": 1}]
+    aug = [{"type": "flip"}, {"type": "cutmix"}]
+    cfg, model, base = built(phases, augmentation=aug)
+    with pytest.raises(
+        ConfigError, match=r"augmentation\.1: cutmix .* phase 1 \(head\)"
+    ):
+        phases_lib.plan_phases(model, base, cfg)
+    cfg, model, base = built(
+        phases, augmentation=aug, feature_cache={"augmented": "faithful"}
+    )
+    assert [p.path for p in phases_lib.plan_phases(model, base, cfg)] == ["base"]
+    cfg, model, base = built(phases, augmentation=[{"type": "mixup"}])
+    assert [p.path for p in phases_lib.plan_phases(model, base, cfg)] == ["features"]

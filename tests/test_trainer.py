@@ -383,3 +383,37 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(
     assert [float(r["loss"]) for r in history] == pytest.approx(
         [float(r["loss"]) for r in plain_history], rel=1e-5
     )
+
+
+def test_mixing_reaches_every_path_a_phase_trains_on(shapes_dir, tmp_path, monkeypatch):
+    """MixUp mixes the cached augmented views of a head phase and the cached
+    activations of a top phase; CutMix, under feature_cache.augmented:
+    faithful, mixes the images of a phase on the base."""
+    mixed = []
+    apply = pipeline.Mixer.apply
+
+    def spy(self, ds, epoch_and_batch):
+        mixed.append(len(ds.element_spec[0].shape))
+        return apply(self, ds, epoch_and_batch)
+
+    monkeypatch.setattr(pipeline.Mixer, "apply", spy)
+    phases = [
+        {"name": "head", "epochs": 1},
+        {"name": "top", "epochs": 1, "trainable": {"from_layer": "block_16_expand"}},
+    ]
+    aug = [{"type": "flip"}, {"type": "randaugment"}, {"type": "mixup"}]
+    raw = tiny_config(shapes_dir, tmp_path / "a", phases=phases, augmentation=aug)
+    result = trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
+    assert [p["path"] for p in result.metrics["phases"]] == ["views", "activations"]
+    assert mixed == [2, 2]  # pooled features, then flattened activations
+    mixed.clear()
+    raw = tiny_config(
+        shapes_dir,
+        tmp_path / "b",
+        phases=phases[:1],
+        augmentation=[{"type": "cutmix"}],
+    )
+    raw["feature_cache"]["augmented"] = "faithful"
+    result = trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
+    assert [p["path"] for p in result.metrics["phases"]] == ["base"]
+    assert mixed == [4]  # images

@@ -40,6 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune_cli.config.schema import per_image
 from finetune_cli import faults
 from finetune_cli.cache import features
 from finetune_cli.cache import extract as extract_lib
@@ -70,7 +71,7 @@ def _weights_sha(model) -> str:
 
 def key_fields(cfg, cut: Cut, samples, views: int, dtype: str) -> dict:
     fields = store.key_fields(
-        cfg, samples, views=views, augmentation=cfg.augmentation, dtype=dtype
+        cfg, samples, views=views, augmentation=per_image(cfg.augmentation), dtype=dtype
     )
     # The bottom's weights, not the weights file: an earlier phase may have
     # trained them.
@@ -192,6 +193,7 @@ class ActivationData:
     num_classes: int
     batch_size: int
     seed: int
+    mixer: object = None  # a pipeline.Mixer for the training batches
 
     def _dataset(self, split, epochs, per_epoch=None):
         rows_n = self.cache.manifest["rows"][split]
@@ -228,8 +230,17 @@ class ActivationData:
         # A generator's length is unknown to Keras, which then finds the
         # end of every validation pass by running out, and warns that the
         # input "ran out of data" (keras#23360). The length is known here.
-        return ds.apply(
-            tf.data.experimental.assert_cardinality(len(epochs) * -(-per // batch))
+        per_epoch_batches = -(-per // batch)
+        ds = ds.apply(
+            tf.data.experimental.assert_cardinality(len(epochs) * per_epoch_batches)
+        )
+        if split != "train" or self.mixer is None:
+            return ds
+        # Epochs are consecutive: the b-th batch is batch b mod n of epoch
+        # first + b // n, whatever epoch the dataset starts at.
+        first = tf.constant(epochs[0], tf.int64)
+        return self.mixer.apply(
+            ds, lambda b: (first + b // per_epoch_batches, b % per_epoch_batches)
         )
 
     def train_dataset(self, first: int, end: int, per_epoch=None):
@@ -291,7 +302,7 @@ class DerivedFeatures:
 
 
 def _views_and_augmenter(cfg):
-    if not cfg.augmentation:
+    if not per_image(cfg.augmentation):
         return 1, None
     return cfg.feature_cache.views, pipeline.build_augmenter(
         cfg.augmentation, cfg.experiment.seed
@@ -330,4 +341,5 @@ def activation_datasets(cfg, out, model, base, index, layer_names) -> Activation
         len(index.class_names),
         cfg.data.batch_size,
         cfg.experiment.seed,
+        pipeline.build_mixer(cfg.augmentation, cfg.experiment.seed),
     )

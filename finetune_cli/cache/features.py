@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune_cli.config.schema import per_image
 from finetune_cli.model import applications
 from finetune_cli.data import pipeline
 from finetune_cli.cache import store
@@ -177,7 +178,7 @@ def get_features(
         cfg,
         samples,
         views=views,
-        augmentation=cfg.augmentation if views > 1 else None,
+        augmentation=per_image(cfg.augmentation) if views > 1 else None,
         dtype=dtype,
     )
     t0 = time.monotonic()

@@ -44,6 +44,7 @@ def feature_dataset(
     shard=(0, 1),
     per_epoch=None,
     class_weight=None,
+    mixer=None,
 ):
     """Batches of (features, one-hot) from cached features [views, n, d].
 
@@ -54,6 +55,8 @@ def feature_dataset(
             sees the batches an uninterrupted one would. None: one pass in
             data order (validation).
         shard, per_epoch, class_weight: as for `pipeline.make_dataset`.
+        mixer: a `pipeline.Mixer` for the training batches (MixUp mixes
+            pooled features as it mixes pixels).
     """
     onehot = np.eye(num_classes, dtype="float32")[labels]
     views, n = feats.shape[0], feats.shape[1]
@@ -72,9 +75,12 @@ def feature_dataset(
         order = order[shard[0] :: shard[1]]
         if per_epoch is not None:
             order = order[:per_epoch]
-        return tf.data.Dataset.from_tensor_slices(
+        batches = tf.data.Dataset.from_tensor_slices(
             (tf.gather(stacked[view], order), tf.gather(ys, order))
         ).batch(batch_size, drop_remainder=per_epoch is not None)
+        if mixer is None:
+            return batches
+        return mixer.apply(batches, lambda b: (e, b))
 
     ds = tf.data.Dataset.range(first, end).flat_map(epoch_batches)
     if class_weight is not None:
@@ -92,6 +98,7 @@ class CachedData:
     num_classes: int
     batch_size: int
     seed: int
+    mixer: object = None
 
     def train_dataset(self, first: int, end: int, **distributed):
         """Batches of epochs first..end-1; `distributed` as for
@@ -102,6 +109,7 @@ class CachedData:
             distributed.pop("batch_size", self.batch_size),
             seed=self.seed,
             epochs=(first, end),
+            mixer=self.mixer,
             **distributed,
         )
 
@@ -165,4 +173,5 @@ def cached_datasets(
         len(index.class_names),
         cfg.data.batch_size,
         cfg.experiment.seed,
+        pipeline.build_mixer(cfg.augmentation, cfg.experiment.seed),
     )

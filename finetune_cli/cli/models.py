@@ -166,11 +166,12 @@ def select(
     debug: DebugOpt = False,
     plain: PlainOpt = None,
 ):
-    """Rank backbones for a config's data: each base's features cached once,
-    a logistic-regression probe on them, validation accuracy beside speed,
-    parameters and exported size; writes the winner's config.
+    """Rank backbones on a config's data by a probe on cached features.
 
-    The test split is not read. Exit codes: 0 ranked (a candidate that
+    Each base's train and validation features are cached once and a
+    logistic-regression probe is trained on them; the table shows its
+    validation accuracy beside the base's speed, parameters and exported
+    size, and the winner's config is written. The test split is not read. Exit codes: 0 ranked (a candidate that
     could not be built is listed as left out), 2 bad option or config, 3
     data error.
 

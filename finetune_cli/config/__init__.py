@@ -19,6 +19,8 @@ from finetune_cli.config.schema import Data
 from finetune_cli.config.schema import Model
 from finetune_cli.config.schema import Phase
 from finetune_cli.config.schema import TrainableLayers
+from finetune_cli.config.schema import mixing
+from finetune_cli.config.schema import per_image
 
 __all__ = [
     "Config",
@@ -30,6 +32,8 @@ __all__ = [
     "json_schema",
     "load_config",
     "load_run_config",
+    "mixing",
+    "per_image",
     "parse_yaml",
     "to_yaml",
     "validate",

@@ -289,32 +289,81 @@ class HeadLayer(_Strict):
         return self
 
 
-class Augmentation(_Strict):
-    """One Keras preprocessing op applied to training batches only."""
+# Ops that mix pairs of training images and their labels (a batch's worth
+# at a time), after the per-image ops; the others change one image.
+MIXING = ("mixup", "cutmix")
 
-    type: Literal["flip", "rotation", "zoom", "translation", "contrast", "brightness"]
+
+class Augmentation(_Strict):
+    """One Keras preprocessing op applied to training batches only.
+
+    Per image: flip (`mode`), rotation, zoom, translation, contrast,
+    brightness (`factor`), randaugment (`num_ops` ops of strength `factor`,
+    default 2 and 0.5). Mixing pairs of images and their labels, after
+    those: mixup (`alpha`, default 0.2), cutmix (`alpha`, default 1.0).
+    """
+
+    type: Literal[
+        "flip",
+        "rotation",
+        "zoom",
+        "translation",
+        "contrast",
+        "brightness",
+        "randaugment",
+        "mixup",
+        "cutmix",
+    ]
     # Fraction: of a full turn (rotation), of the size (zoom, translation),
-    # of the intensity range (contrast, brightness).
+    # of the intensity range (contrast, brightness), of the strongest
+    # change (randaugment).
     factor: Optional[Float] = Field(None, gt=0, le=1)
     mode: Optional[Literal["horizontal", "vertical", "horizontal_and_vertical"]] = None
+    num_ops: Optional[Int] = Field(None, ge=1, le=16)
+    # The Beta(alpha, alpha) distribution the mixing weights are drawn from.
+    alpha: Optional[Float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _fields_fit_type(self):
+        allowed = {
+            "flip": {"mode"},
+            "randaugment": {"factor", "num_ops"},
+            "mixup": {"alpha"},
+            "cutmix": {"alpha"},
+        }.get(self.type, {"factor"})
+        given = {
+            k
+            for k in ("factor", "mode", "num_ops", "alpha")
+            if getattr(self, k) is not None
+        }
+        extra = sorted(given - allowed)
+        if extra:
+            raise ValueError(
+                f"{self.type} takes {', '.join(f'`{k}`' for k in sorted(allowed))}, "
+                f"not {', '.join(f'`{k}`' for k in extra)}. Received: "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in extra)
+            )
         if self.type == "flip":
-            if self.factor is not None:
-                raise ValueError(
-                    f"flip takes `mode`, not `factor`. Received: factor={self.factor}"
-                )
             self.mode = self.mode or "horizontal"
-        else:
-            if self.mode is not None:
-                raise ValueError(
-                    f"{self.type} takes `factor`, not `mode`. "
-                    f"Received: mode={self.mode!r}"
-                )
-            if self.factor is None:
-                raise ValueError(f"{self.type} needs `factor`. Received: factor=None")
+        elif self.type == "randaugment":
+            self.factor = 0.5 if self.factor is None else self.factor
+            self.num_ops = 2 if self.num_ops is None else self.num_ops
+        elif self.type in MIXING:
+            if self.alpha is None:
+                self.alpha = 0.2 if self.type == "mixup" else 1.0
+        elif self.factor is None:
+            raise ValueError(f"{self.type} needs `factor`. Received: factor=None")
         return self
+
+
+def per_image(augmentation) -> list:
+    """The ops of an `augmentation` list that change one image at a time."""
+    return [a for a in augmentation if a.type not in MIXING]
+
+
+def mixing(augmentation) -> list:
+    """The ops of an `augmentation` list that mix pairs of images."""
+    return [a for a in augmentation if a.type in MIXING]
 
 
 class TrainableLayers(_Strict):

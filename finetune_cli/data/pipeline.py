@@ -22,6 +22,12 @@ def load_image(path, image_size):
     return tf.image.resize(decode(tf.io.read_file(path)), image_size)
 
 
+def to_uint8(pixels):
+    """Float pixels 0-255 as uint8, rounded (values outside 0-255, which
+    brightness or contrast can make, are clipped as a display would)."""
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+
+
 def decode_failure(path, error) -> str:
     """Why TensorFlow could not decode `path`, in words (TensorFlow's own
     message names graph nodes, not the problem)."""
@@ -65,13 +71,26 @@ def make_dataset(
     per_epoch: int | None = None,
     class_weight: dict | None = None,
     view: int | None = None,
+    mixer=None,
+    pixels: str = "uint8",
 ):
-    """A batched `tf.data.Dataset` of (float32 pixels 0-255, one-hot labels).
+    """A batched `tf.data.Dataset` of (pixels 0-255, one-hot labels).
+
+    Pixels are carried as uint8 (`pixels`; "float32" is the old form, kept
+    for the benchmark's baseline): a quarter of the bytes of float32 from
+    host memory to the device, where the model casts them to float32 at
+    its input (Keras casts an input to its `keras.Input`'s dtype inside
+    the compiled step). Decoding, resizing, augmenting and mixing run in
+    float32 in the pipeline; the batch is rounded to whole pixel values
+    last. The model's own input stays float32 pixels 0-255, so exported
+    signatures and `predict` take what they always took.
 
     Args:
         samples: (path, label) pairs.
         shuffle: shuffle the order (training), deterministically per seed.
         augmenter: a Keras layer applied to training batches only.
+        mixer: a `Mixer` (MixUp, CutMix) applied after `augmenter`, to
+            training batches (with `shuffle`).
         epochs: (first, end) to build the batches of epochs first..end-1 in
             one finite dataset, each epoch's order a function of (seed,
             epoch) alone: a resumed run sees the same order as one that was
@@ -108,8 +127,20 @@ def make_dataset(
         ).batch(batch_size, drop_remainder=per_epoch is not None)
         if class_weight is not None:
             ds = with_sample_weights(ds, class_weight, num_classes)
-        if augmenter is None:
-            return ds
+        if augmenter is not None:
+            ds = augmented(ds, epoch)
+        if mixer is not None and shuffle:
+            at = tf.constant(0, tf.int64) if epoch is None else epoch
+            ds = mixer.apply(ds, lambda b: (at, b))
+        if pixels == "uint8":
+            ds = ds.map(
+                lambda x, *rest: (to_uint8(x), *rest),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+        return ds
+
+    def augmented(ds, epoch):
         if deterministic and epoch is not None:
 
             def augment(b, xy):
@@ -178,9 +209,8 @@ def reseed(augmenter, seed: int, epoch, batch) -> list:
 
 
 def build_augmenter(augmentation, seed: int):
-    """A `keras.Sequential` of preprocessing layers, or None when empty."""
-    if not augmentation:
-        return None
+    """A `keras.Sequential` of the per-image preprocessing layers, or None
+    when there are none (the mixing ops are `build_mixer`'s)."""
     layers = []
     for i, a in enumerate(augmentation):
         s = seed + i
@@ -198,4 +228,72 @@ def build_augmenter(augmentation, seed: int):
             layers.append(
                 keras.layers.RandomBrightness(a.factor, value_range=(0, 255), seed=s)
             )
-    return keras.Sequential(layers, name="augmentation")
+        elif a.type == "randaugment":
+            layers.append(
+                keras.layers.RandAugment(
+                    value_range=(0, 255), num_ops=a.num_ops, factor=a.factor, seed=s
+                )
+            )
+    return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+class Mixer:
+    """MixUp and CutMix (Keras' layers) over training batches, after the
+    per-image ops: pairs of images and their one-hot labels mixed.
+
+    Batches may be images [B, H, W, C] or rows [B, D] (cached pooled
+    features, flattened activations: MixUp mixes them as it mixes pixels;
+    CutMix needs images). The randomness of batch b of epoch e is a
+    function of (seed, e, b) alone, as `reseed` makes it for per-image
+    ops, so a resumed run mixes as an uninterrupted one.
+    """
+
+    def __init__(self, augmentation, seed: int):
+        self.seed = seed
+        self.layers = []
+        for i, a in enumerate(augmentation):
+            if a.type == "mixup":
+                layer = keras.layers.MixUp(
+                    alpha=a.alpha, seed=seed + i, dtype="float32"
+                )
+            elif a.type == "cutmix":
+                layer = keras.layers.CutMix(
+                    factor=a.alpha, seed=seed + i, dtype="float32"
+                )
+            else:
+                continue
+            self.layers.append((a.type, layer))
+
+    @property
+    def needs_images(self) -> bool:
+        return any(kind == "cutmix" for kind, _ in self.layers)
+
+    def apply(self, ds, epoch_and_batch):
+        """`ds` of (x, one-hot y, ...) batches, mixed one batch at a time;
+        `epoch_and_batch(b)` gives (epoch, batch within it) of the b-th."""
+
+        def mix(b, batch):
+            x, y, *rest = batch
+            epoch, i = epoch_and_batch(b)
+            for k, (_, layer) in enumerate(self.layers):
+                with tf.control_dependencies(
+                    reseed(layer, self.seed * 31 + 7919 * (k + 1), epoch, i)
+                ):
+                    x, y = _mixed(layer, x, y)
+            return (x, y, *rest)
+
+        return ds.enumerate().map(mix)
+
+
+def _mixed(layer, x, y):
+    flat = len(x.shape) == 2
+    images = tf.reshape(x, [-1, 1, 1, tf.shape(x)[-1]]) if flat else x
+    out = layer({"images": images, "labels": y}, training=True)
+    images = out["images"]
+    return (tf.reshape(images, tf.shape(x)) if flat else images), out["labels"]
+
+
+def build_mixer(augmentation, seed: int):
+    """A `Mixer` for the mixing ops of `augmentation`, or None."""
+    mixer = Mixer(augmentation, seed)
+    return mixer if mixer.layers else None

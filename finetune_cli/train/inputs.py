@@ -44,6 +44,9 @@ class PhaseInputs:
         self.augmenter = pipeline.build_augmenter(
             self.cfg.augmentation, self.cfg.experiment.seed
         )
+        self.mixer = pipeline.build_mixer(
+            self.cfg.augmentation, self.cfg.experiment.seed
+        )
         self._cached: dict = {}  # CachedData or ActivationData, by cache_key
         self._val_ds = None
 
@@ -106,6 +109,7 @@ class PhaseInputs:
                     shuffle=True,
                     seed=cfg.experiment.seed,
                     augmenter=self.augmenter,
+                    mixer=self.mixer,
                     epochs=(first, end),
                     deterministic=deterministic,
                     **{**extra, **distributed},

@@ -60,7 +60,29 @@ def plan_phases(model, base, cfg, distributed: bool = False) -> list[PhasePlan]:
         plans.append(plan)
     for plan, path in zip(plans, feature_paths(cfg, plans, distributed), strict=True):
         plan.path = path
+        check_mixing(cfg, plan)
     return plans
+
+
+def check_mixing(cfg, plan) -> None:
+    """CutMix cuts a box out of one image into another: a phase that
+    trains on cached features or activations has no images to cut.
+
+    Raises:
+        ConfigError: naming the augmentation op and the phase.
+    """
+    if plan.path == "base":
+        return
+    for i, a in enumerate(cfg.augmentation):
+        if a.type == "cutmix":
+            raise ConfigError(
+                f"augmentation.{i}: cutmix mixes boxes of images, and phase "
+                f"{plan.index + 1} ({plan.phase.name}) trains on cached "
+                f"{'activations' if plan.path == 'activations' else 'features'}"
+                "; use mixup (it mixes cached rows too), or set "
+                "feature_cache.augmented: faithful (every phase on images). "
+                "Received: type='cutmix'"
+            )
 
 
 def feature_paths(cfg, plans, distributed: bool = False) -> list[str]:
@@ -75,20 +97,25 @@ def feature_paths(cfg, plans, distributed: bool = False) -> list[str]:
     """
     paths, base_trained = [], False
     fc = cfg.feature_cache
+    # CutMix needs images: under `faithful` it sends phases to them as
+    # per-image ops do (`check_mixing` names the other case).
+    augmented = bool(config_lib.per_image(cfg.augmentation)) or (
+        fc.augmented == "faithful" and any(a.type == "cutmix" for a in cfg.augmentation)
+    )
     for p in plans:
         if (
             fc.enabled
             and fc.activations
             and p.cut is not None
             and not distributed
-            and (not cfg.augmentation or fc.augmented == "views")
+            and (not augmented or fc.augmented == "views")
         ):
             paths.append("activations")
         elif not fc.enabled or p.layer_names or base_trained:
             paths.append("base")
-        elif cfg.augmentation and fc.augmented == "faithful":
+        elif augmented and fc.augmented == "faithful":
             paths.append("base")
-        elif cfg.augmentation:
+        elif augmented:
             paths.append("views")
         else:
             paths.append("features")

@@ -7,6 +7,7 @@ on (images, cached features or cached activations) and why.
 
 from __future__ import annotations
 
+from finetune_cli.config.schema import per_image
 from finetune_cli.console import sci
 from finetune_cli.console import short_metric
 from finetune_cli.model.build import count_params
@@ -23,7 +24,7 @@ def path_notes(plans, cfg) -> list[str]:
             why = p.no_cut
         elif not fc.enabled or not fc.activations:
             continue  # the user's choice
-        elif cfg.augmentation and fc.augmented == "faithful":
+        elif per_image(cfg.augmentation) and fc.augmented == "faithful":
             why = (
                 "augmentation is declared with feature_cache.augmented: "
                 "faithful (views would cache augmented copies)"
@@ -36,7 +37,11 @@ def path_notes(plans, cfg) -> list[str]:
 
 def describe_path(path: str, cfg, plan=None, *, verbose: bool = True) -> str:
     """What a phase trains on; the cut's tensor name only when `verbose`."""
-    views = f", {cfg.feature_cache.views} augmented views" if cfg.augmentation else ""
+    views = (
+        f", {cfg.feature_cache.views} augmented views"
+        if per_image(cfg.augmentation)
+        else ""
+    )
     if path == "features":
         return "cached features"
     if path == "views":
