@@ -122,6 +122,12 @@ CANDIDATES = {
             for p in _head_then_blocks("block_11_expand", 20, 2, lr=2e-4)["phases"]
         ]
     },
+    # MixUp (alpha 0.2) after the per-image ops: on the cached views of the
+    # head phase and the cached activations of the fine-tune phase.
+    "blocks11-h20-e2-lr2-mixup": {
+        **_head_then_blocks("block_11_expand", 20, 2, lr=2e-4),
+        "augmentation": [*AUG, {"type": "mixup", "alpha": 0.2}],
+    },
     "blocks11-h20-e2-lr2-b16": {
         **_head_then_blocks("block_11_expand", 20, 2, lr=2e-4),
         "data": {"batch_size": 16},

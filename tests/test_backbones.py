@@ -72,7 +72,7 @@ def test_select_ranks_writes_the_winner_config_and_reuses_the_cache(
         "select",
         str(config_file),
         "--models",
-        "MobileNetV2 EfficientNetB0",
+        "MobileNetV2 MobileNetV3Small",
         "--weights",
         f"MobileNetV2={weights}",
         "--weights",
@@ -83,7 +83,7 @@ def test_select_ranks_writes_the_winner_config_and_reuses_the_cache(
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     ranking = report["ranking"]
-    assert {r["name"] for r in ranking} == {"MobileNetV2", "EfficientNetB0"}
+    assert {r["name"] for r in ranking} == {"MobileNetV2", "MobileNetV3Small"}
     accs = [r["val_accuracy"] for r in ranking]
     assert accs == sorted(accs, reverse=True)
     for r in ranking:
@@ -92,7 +92,7 @@ def test_select_ranks_writes_the_winner_config_and_reuses_the_cache(
         assert r["reused"] is False
     by = {r["name"]: r for r in ranking}
     assert by["MobileNetV2"]["weights"] == weights
-    assert by["EfficientNetB0"]["weights"] == "none"
+    assert by["MobileNetV3Small"]["weights"] == "none"
     # The test split is never read: only train and val entries were cached.
     folders = {p.name.split(".")[0] for p in (tmp_path / "features" / "t").iterdir()}
     assert folders == {"train", "val"}
@@ -102,7 +102,7 @@ def test_select_ranks_writes_the_winner_config_and_reuses_the_cache(
     winner = ranking[0]["name"]
     assert cfg.model.name == winner
     assert cfg.model.weights == by[winner]["weights"]
-    if winner == "EfficientNetB0":  # another model's layers are chosen again
+    if winner == "MobileNetV3Small":  # another model's layers are chosen again
         assert cfg.phases[1].trainable.from_layer != "block_11_expand"
         assert cfg.model.options == {}
     # Nothing is overwritten by surprise; with --force the cache is reused.

@@ -47,10 +47,13 @@ def test_on_a_gpu_the_batch_doubles_until_a_step_runs_out_of_memory(
 
     monkeypatch.setattr(batch_lib, "_fits", fits)
     before = [v.numpy().copy() for v in model.variables]
-    choice = batch_lib.choose(model, base, plans, 1000, 4, gpu=True)
+    choice = batch_lib.choose(lambda p: (model, base), plans, 1000, 4, gpu=True)
     assert choice["batch_size"] == 64 and tried == [1, 2, 4, 8, 16, 32, 64, 128]
     # Never above the training images (a power of two below them).
-    assert batch_lib.choose(model, base, plans, 40, 4, gpu=True)["batch_size"] == 32
+    assert (
+        batch_lib.choose(lambda p: (model, base), plans, 40, 4, gpu=True)["batch_size"]
+        == 32
+    )
     after = [v.numpy() for v in model.variables]
     assert all((a == b).all() for a, b in zip(before, after, strict=True))
 
@@ -63,13 +66,15 @@ def test_on_the_cpu_the_batch_is_what_half_the_free_memory_holds(
     assert per_image > 0
     # 10.5 images' worth of memory: half of it holds 5, the power of two 4.
     monkeypatch.setattr(batch_lib, "available_memory", lambda: int(10.5 * per_image))
-    choice = batch_lib.choose(model, base, plans, 1000, 4, gpu=False)
+    choice = batch_lib.choose(lambda p: (model, base), plans, 1000, 4, gpu=False)
     assert choice["batch_size"] == 4 and "MiB an image" in choice["how"]
     monkeypatch.setattr(batch_lib, "available_memory", lambda: per_image)
     with pytest.raises(ConfigError, match="auto found no batch that fits"):
-        batch_lib.choose(model, base, plans, 1000, 4, gpu=False)
+        batch_lib.choose(lambda p: (model, base), plans, 1000, 4, gpu=False)
 
 
+# A whole run and its resume (or two runs): `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_a_run_records_the_batch_auto_chose_and_a_resume_checks_it(
     shapes_dir, tmp_path, monkeypatch
 ):
@@ -91,9 +96,9 @@ def test_a_run_records_the_batch_auto_chose_and_a_resume_checks_it(
     monkeypatch.setattr(batch_lib, "available_memory", lambda: 1)
     with pytest.raises(ConfigError) as e:
         batch_lib.check_recorded(
-            model, base, plans, chosen, 4, False, record["batch_size"]
+            lambda p: (model, base), plans, chosen, 4, False, record["batch_size"]
         )
     assert f"auto chose {chosen} when this run started" in str(e.value)
     assert "no longer fits" in str(e.value)
     # A batch the user chose is not probed.
-    batch_lib.check_recorded(model, base, plans, chosen, 4, False, None)
+    batch_lib.check_recorded(lambda p: (model, base), plans, chosen, 4, False, None)

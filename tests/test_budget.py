@@ -45,6 +45,8 @@ def history(run):
     return [int(r["epoch"]) for r in csv.DictReader(open(run / "history.csv"))]
 
 
+# A whole run and its resume (or two runs): `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_a_run_stopped_by_its_time_limit_resumes_to_the_end(
     shapes_dir, tmp_path, fake_clock
 ):

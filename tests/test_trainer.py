@@ -385,6 +385,8 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(
     )
 
 
+# A whole run and its resume (or two runs): `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_mixing_reaches_every_path_a_phase_trains_on(shapes_dir, tmp_path, monkeypatch):
     """MixUp mixes the cached augmented views of a head phase and the cached
     activations of a top phase; CutMix, under feature_cache.augmented:
@@ -417,3 +419,54 @@ def test_mixing_reaches_every_path_a_phase_trains_on(shapes_dir, tmp_path, monke
     result = trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
     assert [p["path"] for p in result.metrics["phases"]] == ["base"]
     assert mixed == [4]  # images
+
+
+def test_a_phase_trains_at_its_own_image_size_and_the_model_keeps_data_size(
+    shapes_dir, tmp_path
+):
+    """phases[].image_size: a head phase at 48 px trains on features of
+    48 px images and gives the head the weights that a run at 48 px gives
+    it; the saved model still takes data.image_size (32 px)."""
+    import keras
+
+    weights = lively_weights(tmp_path / "lively.weights.h5")
+
+    def run(name, data_size, phase_size):
+        phase = {"name": "head", "epochs": 2, "learning_rate": 3e-2}
+        if phase_size:
+            phase["image_size"] = phase_size
+        raw = tiny_config(shapes_dir, tmp_path / name, phases=[phase])
+        raw["data"]["image_size"] = data_size
+        raw["model"]["weights"] = weights
+        raw["experiment"]["deterministic"] = True
+        result = trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
+        model = keras.saving.load_model(result.run_dir / "best.keras")
+        head = [w.numpy() for w in model.get_layer("predictions").weights]
+        return result, model, head
+
+    at_48, model_48, head_48 = run("at-48", 48, None)
+    phase_48, model_32, head_32 = run("phase-48", 32, 48)
+    assert model_32.input_shape == (None, 32, 32, 3)
+    assert model_48.input_shape == (None, 48, 48, 3)
+    assert phase_48.metrics["phases"][0]["path"] == "features"
+    for a, b in zip(head_48, head_32, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [r["val_loss"] for r in phase_48.history] == pytest.approx(
+        [r["val_loss"] for r in at_48.history], rel=1e-5
+    )
+    # The features it trained on are of 48 px images.
+    manifests = (tmp_path / "phase-48" / "features").rglob("manifest.json")
+    sizes = {
+        tuple(json.loads(m.read_text())["key_fields"]["image_size"]) for m in manifests
+    }
+    assert sizes == {(48, 48)}
+
+
+def test_a_phase_size_below_the_model_minimum_is_named():
+    raw = {
+        "data": {"dir": "x", "image_size": 64},
+        "model": {"name": "MobileNetV2", "weights": "none"},
+        "phases": [{"name": "a", "epochs": 1, "image_size": 16}],
+    }
+    with pytest.raises(Exception, match=r"phases\.0\.image_size.*at least 32x32"):
+        config_lib.validate(raw)

@@ -171,9 +171,10 @@ def select(
     Each base's train and validation features are cached once and a
     logistic-regression probe is trained on them; the table shows its
     validation accuracy beside the base's speed, parameters and exported
-    size, and the winner's config is written. The test split is not read. Exit codes: 0 ranked (a candidate that
-    could not be built is listed as left out), 2 bad option or config, 3
-    data error.
+    size, and the winner's config is written. The test split is not read.
+
+    Exit codes: 0 ranked (a candidate that could not be built is listed as
+    left out), 2 bad option or config, 3 data error.
 
     Example: finetune-cli select flowers.yaml -m MobileNetV2 -m ResNet50
     """

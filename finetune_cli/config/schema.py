@@ -542,6 +542,23 @@ class Phase(_Strict):
     # null (none), "auto" (balanced: n / (k * count)) or {class: weight}.
     class_weight: Union[Literal["auto"], dict[str, Float], None] = None
     callbacks: Callbacks = Callbacks()
+    # Train this phase at another image size than data.image_size (which
+    # stays the size the model is evaluated, exported and served at): e.g.
+    # a head phase at 160 px, then the fine-tune at 224 (progressive
+    # resizing). null: data.image_size.
+    image_size: Optional[tuple[Int, Int]] = None
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v):
+        return (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError(f"sizes must be positive. Received: {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _rules(self):
@@ -646,24 +663,10 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _cross_field(self):
         app = applications.get(self.model.name)
-        h, w = self.data.image_size
-        if min(h, w) < app.min_size:
-            raise _KeyError(
-                ("data", "image_size"),
-                f"{app.name} needs images of at least {app.min_size}x"
-                f"{app.min_size}. Received: data.image_size={[h, w]}",
-            )
-        if (
-            app.imagenet_fixed_size
-            and self.model.weights == "imagenet"
-            and (h, w) != (app.default_size, app.default_size)
-        ):
-            raise _KeyError(
-                ("data", "image_size"),
-                f"{app.name} with ImageNet weights only accepts "
-                f"{app.default_size}x{app.default_size}. Received: "
-                f"data.image_size={[h, w]}",
-            )
+        self._check_size(app, self.data.image_size, ("data", "image_size"))
+        for i, p in enumerate(self.phases):
+            if p.image_size is not None:
+                self._check_size(app, p.image_size, ("phases", i, "image_size"))
         names = [p.name for p in self.phases]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -672,6 +675,41 @@ class Config(_Strict):
                     f"phase names must be unique. Received: {name!r} twice",
                 )
         return self
+
+    def _check_size(self, app, size, loc) -> None:
+        h, w = size
+        key = ".".join(map(str, loc))
+        if min(h, w) < app.min_size:
+            raise _KeyError(
+                loc,
+                f"{app.name} needs images of at least {app.min_size}x"
+                f"{app.min_size}. Received: {key}={[h, w]}",
+            )
+        if (
+            app.imagenet_fixed_size
+            and self.model.weights == "imagenet"
+            and (h, w) != (app.default_size, app.default_size)
+        ):
+            raise _KeyError(
+                loc,
+                f"{app.name} with ImageNet weights only accepts "
+                f"{app.default_size}x{app.default_size}. Received: "
+                f"{key}={[h, w]}",
+            )
+
+    def size_of(self, phase) -> tuple:
+        """The image size `phase` trains at (its own, or data.image_size)."""
+        return tuple(phase.image_size or self.data.image_size)
+
+    def at_size(self, size) -> "Config":
+        """This config with data.image_size set to `size` (what a phase at
+        another size reads its images, caches and model with)."""
+        size = tuple(size)
+        if size == tuple(self.data.image_size):
+            return self
+        return self.model_copy(
+            update={"data": self.data.model_copy(update={"image_size": size})}
+        )
 
 
 class _KeyError(ValueError):

@@ -159,8 +159,9 @@ def lr_find(
     checks.check(cfg)
     start = time.monotonic()
     setup = setup_lib.prepare(cfg, out)
-    model, base, index = setup.model, setup.base, setup.index
+    index = setup.index
     plan = setup.plans[phase - 1]
+    model, base = setup.model_for(plan)  # at the phase's image size
     spec = plan.phase
     if setup.save_verdicts is not None:
         setup.save_verdicts()

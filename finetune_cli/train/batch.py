@@ -60,11 +60,17 @@ def bytes_per_image(model) -> int:
     return 3 * 4 * total
 
 
-def _worst(plans):
-    """The phase on images that trains the most of the model (None when
-    every phase trains on cached features or activations)."""
+def _worst(plans, model_for):
+    """The phase on images with the largest images that trains the most of
+    the model (None when every phase trains on cached features or
+    activations)."""
     on_images = [p for p in plans if p.path == "base"]
-    return max(on_images, key=lambda p: len(p.layer_names), default=None)
+
+    def cost(p):
+        h, w = model_for(p)[0].input_shape[1:3]
+        return (h * w, len(p.layer_names))
+
+    return max(on_images, key=cost, default=None)
 
 
 @contextlib.contextmanager
@@ -94,10 +100,12 @@ def _fits(model, batch: int, num_classes: int) -> bool:
         return False
 
 
-def choose(model, base, plans, n_train: int, num_classes: int, gpu: bool) -> dict:
-    """Probe for the batch (see the module doc): {"batch_size", "how"}."""
+def choose(model_for, plans, n_train: int, num_classes: int, gpu: bool) -> dict:
+    """Probe for the batch (see the module doc): {"batch_size", "how"}.
+
+    `model_for(plan)` gives the (model, base) a phase trains (its size)."""
     cap = 2 ** int(math.log2(max(1, min(n_train, MAX_AUTO))))
-    plan = _worst(plans)
+    plan = _worst(plans, model_for)
     if plan is None:
         return {
             "batch_size": cap,
@@ -105,6 +113,7 @@ def choose(model, base, plans, n_train: int, num_classes: int, gpu: bool) -> dic
             f"the largest power of two up to {MAX_AUTO} and the "
             f"{n_train} training images",
         }
+    model, base = model_for(plan)
     with _probing(model, base, plan):
         if gpu:
             batch = 0
@@ -136,8 +145,7 @@ def choose(model, base, plans, n_train: int, num_classes: int, gpu: bool) -> dic
 
 
 def check_recorded(
-    model,
-    base,
+    model_for,
     plans,
     batch: int,
     num_classes: int,
@@ -148,9 +156,10 @@ def check_recorded(
     (a resumed run keeps its batch), else a config error saying so."""
     if not recorded or not recorded.get("auto"):
         return
-    plan = _worst(plans)
+    plan = _worst(plans, model_for)
     if plan is None:
         return
+    model, base = model_for(plan)
     with _probing(model, base, plan):
         if gpu:
             ok, need = _fits(model, batch, num_classes), None

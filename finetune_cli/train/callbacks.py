@@ -60,6 +60,18 @@ def ema_callbacks(model) -> list:
     return [keras.callbacks.SwapEMAWeights()] if uses_ema(model) else []
 
 
+def epoch_weights(model, fit_model) -> tuple[list, list]:
+    """(the weights `model` trained to, the weights kept as the epoch's
+    result): the same, or with EMA (which validation scored) the moving
+    average of the trained ones."""
+    from finetune_cli.run import state as runstate
+
+    trained = runstate.values(model.variables)
+    if not uses_ema(fit_model):
+        return trained, trained
+    return trained, ema_values(model.variables, fit_model.optimizer, trained)
+
+
 def ema_values(variables, optimizer, values) -> list:
     """`values` (of `variables`) with each trainable variable's value
     replaced by the optimizer's moving average of it."""

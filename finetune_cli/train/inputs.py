@@ -48,7 +48,7 @@ class PhaseInputs:
             self.cfg.augmentation, self.cfg.experiment.seed
         )
         self._cached: dict = {}  # CachedData or ActivationData, by cache_key
-        self._val_ds = None
+        self._val_ds: dict = {}  # image size -> the val split's batches
 
     def build(self, plan, weights=None) -> None:
         """Compute the cache `plan` trains on, if it needs one it does not
@@ -56,32 +56,33 @@ class PhaseInputs:
         have trained the bottom; features: once per path). `weights`, when
         given, are set on the model first: the cache is taken from them."""
         s = self.setup
-        if plan.path == "base" or (
-            plan.path != "activations" and plan.path in self._cached
-        ):
+        key = cache_key(plan, s.cfg)
+        if plan.path == "base" or (plan.path != "activations" and key in self._cached):
             return
+        model, base = s.model_for(plan)
+        cfg = s.cfg_for(plan)
         if weights is not None:
-            runstate.assign(s.model.variables, weights, "model")
+            runstate.assign(model.variables, weights, "model")
         if plan.path == "activations":
-            self._cached[cache_key(plan)] = activations.activation_datasets(
-                self.cfg, self.out, s.model, s.base, self.index, plan.layer_names
+            self._cached[key] = activations.activation_datasets(
+                cfg, self.out, model, base, self.index, plan.layer_names
             )
         else:
             # Outside the scope: extraction is each worker's local pass.
-            self._cached[plan.path] = feature_training.cached_datasets(
-                self.cfg,
+            self._cached[key] = feature_training.cached_datasets(
+                cfg,
                 self.out,
-                s.model,
-                s.base,
+                model,
+                base,
                 self.index,
                 plan.path,
                 strategy=self.topo.strategy,
-                cut_layers=derive_from(s.plans, plan) if self.derive else None,
+                cut_layers=derive_from(s.plans, plan, s.cfg) if self.derive else None,
             )
 
     def cached(self, plan):
         """The cache `plan` trains on (after `build(plan)`)."""
-        return self._cached[cache_key(plan)]
+        return self._cached[cache_key(plan, self.setup.cfg)]
 
     def for_phase(
         self,
@@ -96,7 +97,7 @@ class PhaseInputs:
 
         `per_epoch` caps the rows an epoch reads (lr-find's whole batches).
         """
-        cfg = self.cfg
+        cfg = self.setup.cfg_for(plan)
         extra = {} if per_epoch is None else {"per_epoch": per_epoch}
         if plan.path == "base":
 
@@ -115,7 +116,8 @@ class PhaseInputs:
                     **{**extra, **distributed},
                 )
 
-            fit_model, val = self.setup.model, self.val_dataset()
+            fit_model = self.setup.model_for(plan)[0]
+            val = self.val_dataset(cfg.data.image_size)
         else:
             cached = self.cached(plan)
 
@@ -129,18 +131,20 @@ class PhaseInputs:
         class_weight = self.setup.class_weights[plan.index]
         return fit_model, self._distributed(train, class_weight), val
 
-    def val_dataset(self):
-        if self._val_ds is None:
-            self._val_ds = self.eval_dataset("val")
-        return self._val_ds
+    def val_dataset(self, size=None):
+        """The val split's images at `size` (default data.image_size)."""
+        size = tuple(size or self.cfg.data.image_size)
+        if size not in self._val_ds:
+            self._val_ds[size] = self.eval_dataset("val", size)
+        return self._val_ds[size]
 
-    def eval_dataset(self, split: str):
+    def eval_dataset(self, split: str, size=None):
         """A split's images in order, read whole by every worker."""
         return self._unsharded(
             pipeline.make_dataset(
                 self.index.splits[split],
                 self.num_classes,
-                self.cfg.data.image_size,
+                size or self.cfg.data.image_size,
                 self.cfg.data.batch_size,
             )
         )
@@ -179,15 +183,22 @@ class PhaseInputs:
         return ds.with_options(options)
 
 
-def derive_from(plans, plan):
+def derive_from(plans, plan, cfg):
     """The trainable layers of the first phase after `plan` that trains the
-    base, when that phase trains on cached activations: `plan`'s features
-    can be computed from that cache (the bottom's weights are the same)."""
+    base, when that phase trains on cached activations of images of the
+    same size: `plan`'s features can be computed from that cache (the
+    bottom's weights are the same)."""
     later = next((p for p in plans[plan.index + 1 :] if p.layer_names), None)
     if later is None or later.path != "activations":
+        return None
+    if cfg.size_of(later.phase) != cfg.size_of(plan.phase):
         return None
     return later.layer_names
 
 
-def cache_key(plan) -> str:
-    return f"activations-{plan.index}" if plan.path == "activations" else plan.path
+def cache_key(plan, cfg) -> str:
+    """Activations: one per phase; features: one per path and image size."""
+    if plan.path == "activations":
+        return f"activations-{plan.index}"
+    h, w = cfg.size_of(plan.phase)
+    return f"{plan.path}-{h}x{w}"

@@ -41,11 +41,18 @@ class PhasePlan:
     no_cut: str = ""
 
 
-def plan_phases(model, base, cfg, distributed: bool = False) -> list[PhasePlan]:
+def plan_phases(
+    model, base, cfg, distributed: bool = False, models=None
+) -> list[PhasePlan]:
     """Resolve each phase's layer selection, count what it trains, and
-    choose its data path (see `feature_paths`)."""
+    choose its data path (see `feature_paths`).
+
+    `models` maps another image size a phase trains at to its (model,
+    base) (`setup.Setup.twins`); the cut is planned at the phase's size."""
     plans = []
     for i, phase in enumerate(cfg.phases):
+        size = cfg.size_of(phase)
+        model, base = (models or {}).get(size, (model, base))
         names = model_lib.select_layers(base, phase.trainable, f"phases.{i}.trainable")
         model_lib.apply_trainable(model, base, names, phase.batchnorm)
         plan = PhasePlan(
@@ -56,7 +63,7 @@ def plan_phases(model, base, cfg, distributed: bool = False) -> list[PhasePlan]:
             frozen_params=model_lib.count_params(model.non_trainable_weights),
         )
         if names and phase.batchnorm == "frozen":
-            plan.cut, plan.no_cut = cut_lib.plan_cut(base, names, cfg.data.image_size)
+            plan.cut, plan.no_cut = cut_lib.plan_cut(base, names, size)
         plans.append(plan)
     for plan, path in zip(plans, feature_paths(cfg, plans, distributed), strict=True):
         plan.path = path

@@ -47,10 +47,23 @@ class Setup:
     env: dict  # environment.describe(), with the runtime and topology
     topo: distribute.Topology
     save_verdicts: Optional[Callable[[], None]] = None
+    # (model, base) built at each other size a phase trains at
+    # (`phases[].image_size`): the same variables, in the same order, as
+    # `model`, so weights pass between them as one list.
+    twins: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.index.class_names)
+
+    def model_for(self, plan) -> tuple:
+        """(model, base) that `plan`'s phase trains, at its image size."""
+        size = self.cfg.size_of(plan.phase)
+        return self.twins.get(size, (self.model, self.base))
+
+    def cfg_for(self, plan):
+        """The config as `plan`'s phase sees it: data.image_size its own."""
+        return self.cfg.at_size(self.cfg.size_of(plan.phase))
 
 
 def prepare(
@@ -100,11 +113,22 @@ def prepare(
         check_batch(cfg, topo, len(index.splits["train"]))
     with topo.strategy.scope():
         model, base = model_lib.build_model(cfg, len(index.class_names))
+        twins = {
+            size: model_lib.build_model(cfg.at_size(size), len(index.class_names))
+            for size in dict.fromkeys(cfg.size_of(p) for p in cfg.phases)
+            if size != tuple(cfg.data.image_size)
+        }
     distribute.adopt(model, topo)
-    plans = phases_lib.plan_phases(model, base, cfg, topo.distributed)
+    for twin, _ in twins.values():
+        distribute.adopt(twin, topo)
+    plans = phases_lib.plan_phases(model, base, cfg, topo.distributed, models=twins)
+
+    def model_for(plan):
+        return twins.get(cfg.size_of(plan.phase), (model, base))
+
     n_train, n_classes = len(index.splits["train"]), len(index.class_names)
     if auto:
-        choice = batch_lib.choose(model, base, plans, n_train, n_classes, gpu)
+        choice = batch_lib.choose(model_for, plans, n_train, n_classes, gpu)
         cfg = cfg.model_copy(
             update={
                 "data": cfg.data.model_copy(update={"batch_size": choice["batch_size"]})
@@ -117,7 +141,7 @@ def prepare(
     elif resume is not None:
         recorded = _recorded_batch(resume)
         batch_lib.check_recorded(
-            model, base, plans, cfg.data.batch_size, n_classes, gpu, recorded
+            model_for, plans, cfg.data.batch_size, n_classes, gpu, recorded
         )
         if recorded:
             env["runtime"]["batch_size"] = recorded
@@ -133,6 +157,7 @@ def prepare(
         env,
         topo,
         save_verdicts,
+        twins,
     )
 
 

@@ -36,7 +36,17 @@ def path_notes(plans, cfg) -> list[str]:
 
 
 def describe_path(path: str, cfg, plan=None, *, verbose: bool = True) -> str:
-    """What a phase trains on; the cut's tensor name only when `verbose`."""
+    """What a phase trains on; the cut's tensor name only when `verbose`;
+    its image size when it is not data.image_size."""
+    text = _describe_path(path, cfg, plan, verbose=verbose)
+    if plan is not None and cfg.size_of(plan.phase) != tuple(cfg.data.image_size):
+        h, w = cfg.size_of(plan.phase)
+        text += f", {h}x{w} px"
+    return text
+
+
+def _describe_path(path: str, cfg, plan=None, *, verbose: bool = True) -> str:
+    """What a phase trains on (without its size)."""
     views = (
         f", {cfg.feature_cache.views} augmented views"
         if per_image(cfg.augmentation)

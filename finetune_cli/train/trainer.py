@@ -72,6 +72,10 @@ class Trainer:
         self.tracking = tracking.RunTracking(out.warn, out.info)
         self.budget = budget or Budget(None)
         self._header_shown = False  # the epoch table's header, once a fit
+        # The model the current phase trains: `model`, or its twin at the
+        # phase's image size (the same variables, so the state's weights
+        # pass between them; `model` is what is saved and evaluated).
+        self.phase_model = self.model
 
     @classmethod
     def prepare(
@@ -139,10 +143,12 @@ class Trainer:
     def _run_phase_in_scope(self, plan: phases_lib.PhasePlan) -> None:
         st, phase = self.state, plan.phase
         mid_phase = st.phase_started
-        runstate.assign(self.model.variables, st.model, "model")
+        model, base = self.setup.model_for(plan)
+        self.phase_model = model
+        runstate.assign(model.variables, st.model, "model")
         model_lib.apply_trainable(
-            self.model,
-            self.base,
+            model,
+            base,
             plan.layer_names,
             phase.batchnorm,
             sync=self.topo.replicas > 1,
@@ -254,13 +260,7 @@ class Trainer:
         }
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         st.history.append(row)
-        trained = runstate.values(self.model.variables)
-        # With EMA, validation scored the average: it is what is kept.
-        weights = trained
-        if callbacks_lib.uses_ema(fit_model):
-            weights = callbacks_lib.ema_values(
-                self.model.variables, fit_model.optimizer, trained
-            )
+        trained, weights = callbacks_lib.epoch_weights(self.phase_model, fit_model)
         value = logs.get(monitor)
         if improved(monitor, row, st.history, st.best_phase_epoch):
             st.best_phase, st.best_phase_epoch = float(value), epoch + 1
@@ -276,10 +276,10 @@ class Trainer:
         st.callbacks = [callbacks_lib.callback_state(cb) for cb in callbacks]
         self.files.commit()
         faults.point("epoch_saved")
-        kept = None if weights is trained else weights
+        # Saved through `model` (data.image_size), whichever model trains.
         if run_improved:
-            self.files.save_model("best.keras", kept)
-        self.files.save_model("last.keras", kept)
+            self.files.save_model("best.keras", weights)
+        self.files.save_model("last.keras", weights)
         self.files.write_history()
         self.tracking.epoch(self)
         if not self._header_shown:
@@ -293,7 +293,9 @@ class Trainer:
     def _end_phase(self, plan, fit_model, val_ds) -> None:
         st = self.state
         if st.best_phase_weights:
-            runstate.assign(self.model.variables, st.best_phase_weights, "best weights")
+            runstate.assign(
+                self.phase_model.variables, st.best_phase_weights, "best weights"
+            )
         results = fit_model.evaluate(val_ds, verbose=0, return_dict=True)
         entry = {
             "phase": plan.phase.name,
@@ -306,7 +308,7 @@ class Trainer:
             "val_loss": float(results["loss"]),
             "val_accuracy": float(results["accuracy"]),
         }
-        st.end_phase(entry, runstate.values(self.model.variables))
+        st.end_phase(entry, runstate.values(self.phase_model.variables))
         self.files.commit()
         faults.point("phase_end")
         self.files.write_phase_metrics()
