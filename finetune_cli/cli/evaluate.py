@@ -71,6 +71,27 @@ def _render_evaluation(out: Output, ev) -> None:
             ["true", "predicted", "count"],
             [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"][:5]],
         )
+    c = m.get("calibration")
+    if c is not None:
+        out.info(
+            f"calibration: temperature {c['temperature']:.3f} (fitted on "
+            f"{c['fitted_on']}): ECE {fmt(c['ece_before'])} before, "
+            f"{fmt(c['ece_after'])} after"
+        )
+    at = {r["coverage"]: r for r in m["selective"]["at_coverage"]}
+    if 0.9 in at:
+        r = at[0.9]
+        out.info(
+            f"selective: answering the 90% most confident, accuracy "
+            f"{fmt(r['accuracy'])} (threshold {r['threshold']:.3f})"
+        )
+    u = m.get("unknown")
+    if u is not None:
+        out.info(
+            f"unknown: at threshold {u['threshold']:.3f} ({u['coverage']:.0%} of "
+            f"the {m['split']} images answered), {fmt(u['rejected'])} of the "
+            f"{u['images']} images in {u['folder']} rejected"
+        )
     out.info(f"report: {ev.out_dir / 'report.html'}")
 
 
@@ -161,6 +182,23 @@ def evaluate(
         ),
     ] = False,
     tta: TtaOpt = Tta.none,
+    unknown: Annotated[
+        Optional[Path],
+        typer.Option(
+            metavar="DIR",
+            help="A folder of images of none of the classes: the share each "
+            "confidence threshold rejects as unknown.",
+        ),
+    ] = None,
+    coverage: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            max=1.0,
+            help="With --unknown: the share of in-class images the reported "
+            "threshold keeps answered.",
+        ),
+    ] = 0.95,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -199,6 +237,8 @@ def evaluate(
             allow_missing=allow_missing,
             warn=out.warn,
             tta=tta.value,
+            unknown=unknown,
+            coverage=coverage,
         )
         k = ev.metrics["top_k"]
         if top_k is not None and k != top_k:
@@ -277,6 +317,17 @@ def predict(
         int, typer.Option(min=1, help="Images per inference batch.")
     ] = 32,
     tta: TtaOpt = Tta.none,
+    reject_below: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            metavar="P",
+            help="Answer 'unknown' when the top (calibrated) probability is "
+            "below P; 0: never. Default: the run's calibration.reject_below.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
     plain: PlainOpt = None,
@@ -314,7 +365,12 @@ def predict(
             )
         # The model loads here: what follows times the inference alone.
         rows = prediction.predict(
-            target, files, top_k=top_k, batch_size=batch_size, tta=tta.value
+            target,
+            files,
+            top_k=top_k,
+            batch_size=batch_size,
+            tta=tta.value,
+            reject_below=reject_below,
         )
         if kind is not None:
             rows = prediction.write_rows(rows, out_file, kind)
@@ -322,6 +378,7 @@ def predict(
         first = min(batch_size, len(files))  # the first batch: warm-up
         warm = None
         bad = []
+        unknown = 0
         with out.counter(len(files), "predict", final=False) as progress:
             for n, r in enumerate(rows, 1):
                 progress(n)
@@ -329,6 +386,7 @@ def predict(
                     warm = time.monotonic()
                 if r["error"]:
                     bad.append(r)
+                unknown += r["rejected"]
                 if kind is None:
                     top = ", ".join(
                         f"{t['label']} {t['probability']:.3f}" for t in r["top_k"]
@@ -353,7 +411,9 @@ def predict(
             rate = f"{per_s:.1f} images/s after the first batch"
         out.info(
             f"predicted {len(files) - len(bad)} of {len(files)} images in "
-            f"{seconds:.1f}s ({rate}), {len(bad)} unreadable{where}"
+            f"{seconds:.1f}s ({rate}), {len(bad)} unreadable"
+            + (f", {unknown} unknown" if unknown else "")
+            + where
         )
         if bad:
             raise DataError(

@@ -615,6 +615,25 @@ class FeatureCache(_Strict):
     max_size: Annotated[ByteSize, BeforeValidator(_not_bool)] = ByteSize(10 * 10**9)
 
 
+class Calibration(_Strict):
+    """After training: probabilities fitted to mean what they say, and
+    when a prediction is "unknown" (docs/config.md: calibration)."""
+
+    # temperature: one temperature fitted on the validation split, folded
+    # into the output layer of best.keras (and so of every export); none:
+    # the probabilities as trained. `calibration: none` is short for it.
+    method: Literal["temperature", "none"] = "temperature"
+    # predict answers `unknown` when the top (calibrated) probability is
+    # below this; `predict --reject-below` overrides it, and exports carry
+    # it in their metadata. null: always a class.
+    reject_below: Optional[Float] = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"method": v} if isinstance(v, str) else v
+
+
 class Runtime(_Strict):
     """Where and how the run computes (docs/scale-out.md)."""
 
@@ -656,6 +675,7 @@ class Config(_Strict):
     augmentation: list[Augmentation] = []
     phases: list[Phase] = Field(min_length=1)
     feature_cache: FeatureCache = FeatureCache()
+    calibration: Calibration = Calibration()
     runtime: Runtime = Runtime()
     # finetune-cli tune: key path -> space (search_lib.py); finetune ignores it.
     search: dict[str, Any] = {}

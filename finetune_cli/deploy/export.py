@@ -249,12 +249,25 @@ def _data_for(target, data):
     return to_model("val"), to_model("train")
 
 
+def _calibration(rec) -> dict:
+    if rec is None:
+        return {"method": "none"}
+    return {
+        "method": "temperature",
+        "temperature": rec["temperature"],
+        "note": "folded into the output layer: the probabilities are calibrated",
+    }
+
+
 def metadata(target, model, artifacts) -> dict:
     from finetune_cli import __version__
+
+    from finetune_cli.evaluate import calibration
 
     h, w = runmodel.model_image_size(model)
     run_metrics = None
     preprocess = None
+    reject_below = None
     if target.run_dir is not None:
         run_metrics = read_json(
             target.run_dir / "metrics.json",
@@ -269,6 +282,7 @@ def metadata(target, model, artifacts) -> dict:
         # Through the schema, like every other reader of a config (the
         # preprocessing it names goes into the metadata: required).
         cfg = config_lib.load_run_config(target.run_dir)
+        reject_below = cfg.calibration.reject_below
         app = applications.get(cfg.model.name)
         preprocess = {
             "application": app.name,
@@ -286,6 +300,10 @@ def metadata(target, model, artifacts) -> dict:
         },
         "output": {"probabilities": [None, len(target.labels)]},
         "preprocessing": preprocess,
+        "calibration": _calibration(calibration.for_target(target)),
+        # Answer "unknown" when the top probability is below this (null:
+        # always a class): the run's calibration.reject_below.
+        "unknown": {"reject_below": reject_below, "label": "unknown"},
         "source": {
             # The files themselves, not through the moving `latest` link.
             "model": str(target.model_path.resolve()),

@@ -19,8 +19,11 @@ from finetune_cli.data import index as data_lib
 from finetune_cli.run import tracking
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
+from finetune_cli.evaluate import calibration
+from finetune_cli.evaluate import selective
 from finetune_cli.evaluate.explain import report_overlays
 from finetune_cli.evaluate.metrics import compute_metrics
+from finetune_cli.evaluate.prediction import collect_images
 from finetune_cli.evaluate.prediction import predict_files
 from finetune_cli.evaluate.report import write_report
 from finetune_cli.model.saved import Target
@@ -151,10 +154,18 @@ def evaluate(
     warn=None,
     track=True,
     tta="none",
+    unknown=None,
+    coverage=0.95,
 ) -> Evaluation:
     """Evaluate a run or model on held-out images and write the report.
 
     `tta="flip"` scores each image as the mean of it and its mirror image.
+    The metrics hold the accuracy-coverage trade of answering only above a
+    confidence (`selective`), calibration before and after when the
+    model's run fitted a temperature (`calibration`), and, given `unknown`
+    (a folder of images of none of the classes), what share of them each
+    threshold rejects and the threshold that keeps `coverage` of the
+    in-class images answered (`unknown`).
 
     A run folder is evaluated on its recorded split (see `resolve_data`);
     `allow_missing` leaves out recorded files that vanished or changed
@@ -192,6 +203,13 @@ def evaluate(
         probs = predict_files(model, files, batch_size, tta)
         metrics = compute_metrics(labels, probs, target.labels, top_k)
         metrics.update(model=str(target.model_path), data=source, split=split, tta=tta)
+        metrics.update(
+            _confidence_metrics(target, model, labels, probs, batch_size, tta)
+        )
+        if unknown is not None:
+            metrics["unknown"] = _unknown_metrics(
+                model, unknown, probs, coverage, batch_size, tta
+            )
         if out is None:
             base = Path(target.run_dir or target.model_path.parent) / "eval"
             out = base / name if name is not None else _unused(base, split)
@@ -203,6 +221,41 @@ def evaluate(
             if track and target.run_dir is not None:
                 _track(result, target.run_dir, warn)
         return result
+
+
+def _confidence_metrics(target, model, labels, probs, batch_size, tta) -> dict:
+    """Selective prediction, and calibration before/after when fitted."""
+    found = {
+        "selective": {
+            "curve": selective.coverage_curve(labels, probs),
+            "at_coverage": selective.accuracy_at_coverage(labels, probs),
+        }
+    }
+    rec = calibration.for_target(target)
+    if rec is not None:
+        t = float(rec["temperature"])
+        before = calibration.with_temperature(probs, 1.0 / t)
+        found["calibration"] = {
+            **calibration.summary(labels, probs, t),
+            "fitted_on": f"{rec.get('split', 'val')} ({rec.get('images', '?')} images)",
+            "reliability_before": calibration.reliability(labels, before),
+            "reliability_after": calibration.reliability(labels, probs),
+        }
+    return found
+
+
+def _unknown_metrics(model, folder, probs, coverage, batch_size, tta) -> dict:
+    """`selective.unknown_rejection` for the images of `folder`."""
+    if not Path(folder).is_dir():
+        raise DataError(f"--unknown: folder not found: {folder}")
+    files = collect_images([folder])
+    unknown_probs = predict_files(model, files, batch_size, tta)
+    return {
+        "folder": str(folder),
+        **selective.unknown_rejection(
+            np.asarray(probs).max(axis=1), unknown_probs.max(axis=1), coverage
+        ),
+    }
 
 
 def _unused(base: Path, split: str) -> Path:

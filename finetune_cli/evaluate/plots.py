@@ -129,6 +129,47 @@ def curves_png(history_csv, path) -> Path:
     return _save(fig, path, plt)
 
 
+def reliability_png(before, after, path) -> Path:
+    """The reliability diagram: accuracy against confidence per bin, before
+    and after calibration (`calibration.reliability` rows), the diagonal
+    being perfect calibration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect")
+    for rows, style, label in ((before, "o--", "before"), (after, "s-", "after")):
+        ax.plot(
+            [r["confidence"] for r in rows],
+            [r["accuracy"] for r in rows],
+            style,
+            markersize=4,
+            label=f"{label} calibration",
+        )
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def coverage_png(labels, probs, path) -> Path:
+    """Accuracy on the answered images against coverage, answering the
+    most confident first (selective prediction)."""
+    plt = _pyplot()
+    conf = np.asarray(probs).max(axis=1)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(labels)
+    order = np.argsort(-conf, kind="stable")
+    n = np.arange(1, len(order) + 1)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(n / max(len(order), 1), np.cumsum(correct[order]) / n, "-")
+    ax.set_xlabel("coverage (share answered, most confident first)")
+    ax.set_ylabel("accuracy on the answered")
+    ax.set_xlim(0, 1)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
 def lr_find_png(lrs, smoothed, suggested, path) -> Path:
     """Smoothed loss against learning rate (log scale), the suggestion marked."""
     plt = _pyplot()

@@ -17,7 +17,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import os
 
@@ -137,33 +137,55 @@ def predict_files(model, paths, batch_size: int = 32, tta: str = "none") -> np.n
     return np.stack(probs) if probs else np.zeros((0, model.output_shape[-1]))
 
 
+UNKNOWN = "unknown"
+
+
 def predict(
-    target_path, files, *, top_k=3, batch_size=32, tta="none"
+    target_path, files, *, top_k=3, batch_size=32, tta="none", reject_below=None
 ) -> Iterator[dict]:
     """Rows of file, label, confidence, top_k (label and probability) and
     error, one per file, streamed. The model is loaded (and any error about
-    it raised) before this returns; the rows come as they are iterated."""
+    it raised) before this returns; the rows come as they are iterated.
+
+    A row whose top probability is below `reject_below` has the label
+    `unknown` (and `rejected` true); `top_k` still lists the classes.
+    None: the run's `calibration.reject_below` (none for a bare model);
+    0: never."""
     target = resolve_target(target_path)
+    if reject_below is None:
+        reject_below = run_reject_below(target)
     model = load_model(target)
-    return _rows(target, model, files, top_k, batch_size, tta)
+    return _rows(target, model, files, top_k, batch_size, tta, reject_below or 0.0)
 
 
-def _rows(target, model, files, top_k, batch_size, tta) -> Iterator[dict]:
+def run_reject_below(target) -> Optional[float]:
+    """The threshold a run's config sets (`calibration.reject_below`)."""
+    if target.run_dir is None or not (target.run_dir / "config.yaml").is_file():
+        return None
+    from finetune_cli.config import load_run_config
+
+    return load_run_config(target.run_dir).calibration.reject_below
+
+
+def _rows(target, model, files, top_k, batch_size, tta, reject) -> Iterator[dict]:
     k = min(top_k, len(target.labels))
     for path, p, error in iter_probabilities(model, files, batch_size, tta):
         if error is not None:
             yield {
                 "file": path,
                 "label": None,
+                "rejected": False,
                 "confidence": None,
                 "top_k": [],
                 "error": error,
             }
             continue
         top = np.argsort(-p, kind="stable")[:k]
+        rejected = bool(p[top[0]] < reject)
         yield {
             "file": path,
-            "label": target.labels[int(top[0])],
+            "label": UNKNOWN if rejected else target.labels[int(top[0])],
+            "rejected": rejected,
             "confidence": float(p[top[0]]),
             "top_k": [
                 {"label": target.labels[int(i)], "probability": float(p[i])}

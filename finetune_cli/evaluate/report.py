@@ -106,6 +106,13 @@ def _write_into(out: Path, ev: Evaluation, target: Target) -> None:
             curves = plots.curves_png(history, out / "curves.png")
         except DamagedFile as e:  # a view of the run; the metrics stand
             curves = str(e)
+    if len(ev.labels):
+        plots.coverage_png(ev.labels, ev.probs, out / "coverage.png")
+    if "calibration" in m:
+        c = m["calibration"]
+        plots.reliability_png(
+            c["reliability_before"], c["reliability_after"], out / "reliability.png"
+        )
     for i, ov in enumerate(ev.overlays):
         atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png)
     atomic_write(out / "report.html", render_html(ev, curves, out))
@@ -134,6 +141,56 @@ def _gradcam_html(ev: Evaluation) -> str:
         if figs:
             parts.append(f"<h3>{title}</h3><div>{figs}</div>")
     return "".join(parts)
+
+
+def _confidence_html(m: dict, folder: Path) -> str:
+    """Calibration, selective prediction and unknown images, as found."""
+    parts = []
+
+    def num(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    c = m.get("calibration")
+    if c is not None:
+        parts.append(
+            f"""<h2 id="calibration">Calibration</h2>
+<p>Temperature {c["temperature"]:.3f}, fitted on {html.escape(c["fitted_on"])},
+folded into the model's output layer.</p>
+<table><tr><th></th><th>before</th><th>after</th></tr>
+<tr><td>ECE</td><td>{num(c["ece_before"])}</td><td>{num(c["ece_after"])}</td></tr>
+<tr><td>log loss</td><td>{num(c["log_loss_before"])}</td>
+<td>{num(c["log_loss_after"])}</td></tr></table>
+{_img_tag(folder / "reliability.png", "reliability diagram")}"""
+        )
+    sel = m.get("selective")
+    if sel is not None:
+        rows = "".join(
+            f"<tr><td>{r['coverage']:.0%}</td><td>{r['threshold']:.4f}</td>"
+            f"<td>{r['accuracy']:.4f}</td></tr>"
+            for r in sel["at_coverage"]
+        )
+        parts.append(
+            f"""<h2 id="selective">Selective prediction</h2>
+<p>Answering only the most confident images: accuracy on those answered.</p>
+<table><tr><th>coverage</th><th>threshold</th><th>accuracy</th></tr>{rows}</table>
+{_img_tag(folder / "coverage.png", "accuracy against coverage")}"""
+        )
+    u = m.get("unknown")
+    if u is not None:
+        rows = "".join(
+            f"<tr><td>{r['threshold']:.2f}</td><td>{num(r['rejected'])}</td>"
+            f"<td>{num(r['kept_in_class'])}</td></tr>"
+            for r in u["by_threshold"]
+        )
+        parts.append(
+            f"""<h2 id="unknown">Images of none of the classes</h2>
+<p>{u["images"]} images from <code>{html.escape(u["folder"])}</code>. At
+threshold {u["threshold"]:.4f} ({u["coverage"]:.0%} of the in-class images
+answered) {num(u["rejected"])} of them are rejected as unknown.</p>
+<table><tr><th>threshold</th><th>unknown rejected</th><th>in-class kept</th></tr>
+{rows}</table>"""
+        )
+    return "\n".join(parts)
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -232,6 +289,7 @@ img {{ max-width: 100%; }}
 <h2 id="most-confused">Most confused pairs</h2>
 <table><tr><th>true</th><th>predicted</th><th>count</th><th>fraction of true</th></tr>
 {confused}</table>
+{_confidence_html(m, folder)}
 <h2 id="curves">Training curves</h2>
 {curves_html}
 <h2 id="mistakes">Worst misclassified images</h2>

@@ -321,6 +321,7 @@ class Trainer:
     # -- the end ----------------------------------------------------------
 
     def _finalize(self) -> FinetuneResult:
+        from finetune_cli.evaluate import calibration
         from finetune_cli.evaluate import evaluation
 
         st, run, exp = self.state, self.run, self.cfg.experiment
@@ -332,6 +333,11 @@ class Trainer:
         runstate.assign(
             self.model.variables, st.best_run_weights or st.model, "best weights"
         )
+        if self.cfg.calibration.method == "temperature":
+            rec = calibration.calibrate(self.model, self.inputs.val_dataset())
+            self.out.info(calibration.describe(rec))
+            if self.topo.chief:
+                run.write_json(calibration.FILE, rec)
         self.files.save_model("best.keras")
         self.files.save_base_weights()
         # Only the loss and metrics are needed now (label smoothing as in
