@@ -12,6 +12,7 @@ from conftest import lively_weights
 from conftest import tiny_config
 from finetune_cli import config as config_lib
 from finetune_cli.cli.main import app
+from finetune_cli.cache import heads
 from finetune_cli.search import backbones
 
 runner = CliRunner()
@@ -53,14 +54,10 @@ def test_the_probe_learns_features_that_carry_the_label_and_not_noise():
     centres = rng.normal(0, 3, (4, 16))
     y = rng.integers(0, 4, 400)
     x = (centres[y] + rng.normal(0, 1, (400, 16))).astype("float32")
-    _, train_acc, val_acc = backbones.train_probe(
-        x[:300], y[:300], x[300:], y[300:], 4, 0
-    )
+    _, train_acc, val_acc = heads.train_probe(x[:300], y[:300], x[300:], y[300:], 4, 0)
     assert train_acc > 0.9 and val_acc > 0.9
     noise = rng.normal(0, 1, (400, 16)).astype("float32")
-    _, _, chance = backbones.train_probe(
-        noise[:300], y[:300], noise[300:], y[300:], 4, 0
-    )
+    _, _, chance = heads.train_probe(noise[:300], y[:300], noise[300:], y[300:], 4, 0)
     assert chance < 0.5
 
 

@@ -5,6 +5,7 @@ formatting is `help.py`. No TensorFlow at import."""
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -97,6 +98,16 @@ CompareToPromotedOpt = Annotated[
         "--compare-to-promoted/--no-compare-to-promoted",
         help="Refuse promotion when worse than the promoted model on held-out "
         "images neither model trained on.",
+    ),
+]
+
+
+Tta = Enum("Tta", {"none": "none", "flip": "flip"}, type=str)
+TtaOpt = Annotated[
+    Tta,
+    typer.Option(
+        help="Test-time augmentation: flip averages each image and its "
+        "mirror (two passes)."
     ),
 ]
 

@@ -18,6 +18,7 @@ import typer.core
 from finetune_cli.cli import deploy
 from finetune_cli.cli import evaluate
 from finetune_cli.cli import models
+from finetune_cli.cli import predict
 from finetune_cli.cli import prepare
 from finetune_cli.cli import runs
 from finetune_cli.cli import train
@@ -33,6 +34,7 @@ app = typer.Typer(
 app.add_typer(prepare.app)
 app.add_typer(train.app)
 app.add_typer(evaluate.app)
+app.add_typer(predict.app)
 app.add_typer(deploy.app)
 app.add_typer(runs.app)
 app.add_typer(models.app)

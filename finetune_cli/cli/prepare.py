@@ -213,3 +213,148 @@ def synth(
         )
 
     run_command(out, debug, job)
+
+
+@app.command(cls=Command)
+def audit(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of class folders, or a run folder (its recorded "
+            "split, its config's base).",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="The base for a folder (default MobileNetV2)."),
+    ] = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(help="imagenet, none or a .h5 file (default imagenet)."),
+    ] = None,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(min=8, max=4096, help="Image side (default: the model's)."),
+    ] = None,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Report folder (default: RUN/audit, or audit-<folder> here).",
+        ),
+    ] = None,
+    folds: Annotated[
+        int, typer.Option(min=2, max=20, help="Folds of the cross-validated probe.")
+    ] = 5,
+    duplicate_threshold: Annotated[
+        float,
+        typer.Option(
+            min=0.5,
+            max=1.0,
+            help="Cosine similarity from which two images are duplicates.",
+        ),
+    ] = 0.98,
+    fail_over: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--fail-over",
+            metavar="KIND=N",
+            help="Exit 4 when more than N findings of KIND (label_error, "
+            "duplicate, cross_class_duplicate, cross_split_duplicate, outlier, "
+            "unreadable).",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace the report folder.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the counts and findings as JSON.")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    plain: PlainOpt = None,
+):
+    """Likely label errors, near-duplicates and outliers in your images.
+
+    From the frozen base's cached features (nothing but a probe trains):
+    cross-validated probabilities rank images whose label the others
+    contradict; similar features find near-duplicates (within a class,
+    across classes, across a run's splits); images far from every class
+    are outliers. Writes audit.csv, audit.json and audit.html with
+    thumbnails. Exit 0 whatever it finds, unless a --fail-over gate fails
+    (4); 2/3 for config/data errors.
+
+    Example: finetune-cli audit ~/photos/flowers --weights mobilenet_v2.h5
+    """
+    out = Output(quiet=quiet or json_out, plain=plain)
+
+    def job():
+        is_run = (target / "split.json").is_file()
+        if is_run and (model or weights or image_size):
+            raise_config(
+                "--model, --weights and --image-size are for a folder; a run is "
+                f"audited with its own config's base. Received: {target}"
+            )
+        default_out = target / "audit" if is_run else Path(f"audit-{target.name}")
+        report = out_dir or default_out
+        if report.exists() and not force:
+            raise_config(f"--out: {report} exists; pass --force to replace it")
+        quiet_tensorflow()
+        from finetune_cli.search import audit as audit_lib
+
+        gates = audit_lib.parse_gates(fail_over)
+        if is_run:
+            from finetune_cli.config import load_run_config
+            from finetune_cli.data import split as split_lib
+
+            cfg = load_run_config(target)
+            index = split_lib.load(target)
+        else:
+            if not target.is_dir():
+                from finetune_cli.errors import DataError
+
+                raise DataError(f"DATA: folder not found: {target}")
+            name = "audit-" + "".join(
+                c if c.isalnum() or c in "._-" else "-" for c in target.resolve().name
+            )
+            cfg = audit_lib.data_config(
+                target, model or "MobileNetV2", weights or "imagenet", image_size, name
+            )
+            index = None
+        result = audit_lib.audit(
+            cfg,
+            out,
+            index=index,
+            out_dir=report,
+            folds=folds,
+            duplicate_threshold=duplicate_threshold,
+        )
+        counts = result.counts()
+        if json_out:
+            typer.echo(
+                json.dumps(
+                    {
+                        "images": result.images,
+                        "counts": counts,
+                        "report": str(report),
+                        "findings": [vars(f) for f in result.findings],
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            out.table(
+                f"audit of {result.images} images ({result.seconds:.0f}s)",
+                ["finding", "count"],
+                [[kind.replace("_", " "), counts[kind]] for kind in audit_lib.KINDS],
+                right=("count",),
+            )
+            for kind in audit_lib.KINDS:
+                shown = [f for f in result.findings if f.kind == kind][:5]
+                for f in shown:
+                    out.info(f"{kind.replace('_', ' ')}: {audit_lib.describe(f)}")
+            out.info(f"report: {report / 'audit.html'} (all of them: audit.csv)")
+        audit_lib.check_gates(result, gates)
+        if gates:
+            out.success("all audit gates passed")
+
+    run_command(out, debug, job)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 import keras
-import numpy as np
 
 from finetune_cli.cache import features
+from finetune_cli.cache import heads
 from finetune_cli.cache.extract import cache_root
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
@@ -38,9 +38,6 @@ from finetune_cli.model import applications
 from finetune_cli.model import build as model_lib
 from finetune_cli.runtime import environment
 
-PROBE_EPOCHS = 60
-PROBE_BATCH = 64
-PROBE_LEARNING_RATE = 1e-3
 SPEED_BATCHES = 3
 
 
@@ -221,7 +218,7 @@ def _measure(c: Candidate, cfg, index, out) -> None:
     c.images_per_s = base_speed(extractor, cfg, index)
     (xt, yt, _), (xv, yv, _) = sets["train"], sets["val"]
     t0 = time.monotonic()
-    probe, c.train_accuracy, c.val_accuracy = train_probe(
+    probe, c.train_accuracy, c.val_accuracy = heads.train_probe(
         xt[0], yt, xv[0], yv, len(index.class_names), cfg.experiment.seed
     )
     c.probe_seconds = time.monotonic() - t0
@@ -231,37 +228,6 @@ def _measure(c: Candidate, cfg, index, out) -> None:
         f"{c.train_accuracy:.4f}) in {c.probe_seconds:.1f}s; base "
         f"{c.images_per_s:.1f} img/s"
     )
-
-
-def train_probe(xt, yt, xv, yv, num_classes: int, seed: int):
-    """Multinomial logistic regression on standardised features:
-    (the probe model, train accuracy, validation accuracy).
-
-    A fixed schedule (no early stopping on the validation split), so the
-    validation accuracy is a score the probe did not choose itself by.
-    """
-    keras.utils.set_random_seed(seed)
-    norm = keras.layers.Normalization(name="standardise")
-    norm.adapt(xt)
-    inputs = keras.Input(xt.shape[1:], name="features")
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probe")(
-        norm(inputs)
-    )
-    probe = keras.Model(inputs, outputs, name="probe")
-    probe.compile(
-        keras.optimizers.Adam(PROBE_LEARNING_RATE),
-        "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    probe.fit(
-        xt, yt, batch_size=PROBE_BATCH, epochs=PROBE_EPOCHS, verbose=0, shuffle=True
-    )
-
-    def accuracy(x, y):
-        pred = np.argmax(probe.predict(x, batch_size=1024, verbose=0), axis=1)
-        return float(np.mean(pred == y)) if len(y) else 0.0
-
-    return probe, accuracy(xt, yt), accuracy(xv, yv)
 
 
 def base_speed(extractor, cfg, index) -> float:
