@@ -80,7 +80,7 @@ def shipped(config: Path, args, work: Path, holdout=None):
             cwd=work,
             stdout=True,
         )
-        scores.append(json.loads(text)["accuracy"])
+        scores.append(json.loads(text)["summary"]["accuracy"])
     return wall, scores[0], run, scores[1]
 
 

@@ -67,6 +67,8 @@ def _case(command, tmp_path, shapes_dir, run):
             "trial",
             [tune / "best.yaml", tune / "trials.csv"],
         )
+    if command == "audit":
+        return ["audit", run, "--out", tmp_path / "a"], "audit_report", [tmp_path / "a"]
     raise AssertionError(command)
 
 
@@ -79,7 +81,8 @@ SIGNALS = [
 
 @pytest.mark.parametrize("sig", SIGNALS)
 @pytest.mark.parametrize(
-    "command", ["preflight", "extract", "export", "evaluate", "predict", "tune"]
+    "command",
+    ["preflight", "extract", "export", "evaluate", "predict", "tune", "audit"],
 )
 def test_a_signal_mid_command_exits_5_with_nothing_half_done(
     command, sig, finished_run, shapes_dir, tmp_path

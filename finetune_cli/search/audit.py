@@ -45,6 +45,7 @@ from finetune_cli.cache import heads
 from finetune_cli.cache.extract import cache_root
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import preflight as preflight_lib
+from finetune_cli import faults
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import GateError
 from finetune_cli.files import atomic_write
@@ -338,6 +339,7 @@ def write(result: AuditResult) -> None:
         for f in result.findings:
             w.writerow([f.kind, f.file, f.label, f"{f.score:.6f}", f.other, f.split])
         atomic_write(tmp / "audit.csv", buf.getvalue())
+        faults.point("audit_report")
         write_json(
             tmp / "audit.json",
             {
