@@ -61,6 +61,8 @@ def test_the_probe_learns_features_that_carry_the_label_and_not_noise():
     assert chance < 0.5
 
 
+# Two selections of two backbones, compared: `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_select_ranks_writes_the_winner_config_and_reuses_the_cache(
     config_file, tmp_path
 ):

@@ -421,6 +421,8 @@ def test_mixing_reaches_every_path_a_phase_trains_on(shapes_dir, tmp_path, monke
     assert mixed == [4]  # images
 
 
+# Two whole runs compared: `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_a_phase_trains_at_its_own_image_size_and_the_model_keeps_data_size(
     shapes_dir, tmp_path
 ):
