@@ -359,6 +359,8 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(
         )
         raw["experiment"]["monitor"] = "val_loss"
         raw["model"]["weights"] = lively_weights(tmp_path / "lively.weights.h5")
+        # Uncalibrated: best.keras is then exactly the best epoch's weights.
+        raw["calibration"] = "none"
         return trainer.finetune(config_lib.validate(raw), Output(file=io.StringIO()))
 
     ema = run("ema", {"name": "adam", "use_ema": True, "ema_momentum": 0.9})

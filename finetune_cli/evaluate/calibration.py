@@ -136,11 +136,10 @@ def record(labels, uncalibrated, temperature: float, split: str) -> dict:
 def calibrate(model, dataset, split: str = "val") -> dict:
     """Fit the temperature on `dataset` ((images, one-hot) batches), fold
     it into `model` and return the record for `calibration.json`."""
-    probs, labels = [], []
-    for x, y in dataset:
-        probs.append(np.asarray(model.predict_on_batch(x)))
-        labels.append(np.argmax(np.asarray(y), axis=1))
-    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    # `predict` over the dataset (not batch by batch): under a strategy it
+    # gathers the replicas' outputs in the dataset's order.
+    probs = np.asarray(model.predict(dataset, verbose=0))
+    labels = np.concatenate([np.argmax(np.asarray(y), axis=1) for _, y in dataset])
     temperature = fit_temperature(probs, labels)
     fold_into(model, temperature)
     return {**record(labels, probs, temperature, split), "model": "best.keras"}
