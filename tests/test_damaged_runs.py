@@ -176,6 +176,8 @@ def test_the_resumed_run_rewrites_its_views_and_completes(interrupted_run, tmp_p
     shutil.rmtree(run)
 
 
+# Caches built, damaged and rebuilt by whole commands: `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_damaged_caches_are_rebuilt_not_trusted(shapes_dir, tmp_path):
     """A truncated feature shard, a garbled pre-flight verdict file: the
     next run recomputes them (and says why) instead of failing or reading

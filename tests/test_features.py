@@ -130,6 +130,8 @@ def test_changes_invalidate_the_cache_and_say_why(setup, tmp_path):
     assert not r.reused and "cache out of date: 1 image(s) modified" in buf.getvalue()
 
 
+# Two phases trained and compared with the full model: `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     raw, _, _ = setup
     raw["phases"] = [
@@ -194,6 +196,8 @@ def test_head_from_cache_grafts_exactly_and_next_phase_trains(setup, tmp_path):
     assert any(moved)
 
 
+# Views of a cache built and rebuilt: `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_augmented_views_are_cached_per_view(setup, tmp_path):
     raw, _, _ = setup
     raw["augmentation"] = [{"type": "flip"}, {"type": "rotation", "factor": 0.2}]

@@ -71,6 +71,8 @@ def copy_run(run, name, constant_class=None):
     return other
 
 
+# Two whole runs compared: `make test-heavy` (CI).
+@pytest.mark.heavy
 def test_better_promoted_worse_refused(setup, tmp_path):
     _, _, run = setup
     acc = json.loads((run / "eval" / "test" / "metrics.json").read_text())["summary"][
