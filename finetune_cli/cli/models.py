@@ -182,12 +182,13 @@ def select(
 
     def job():
         cfg = load_config_file(config, set_)
+        from finetune_cli.config import recipe
+
         target = out_file or config.with_name(f"{config.stem}.select.yaml")
-        _check_out(target, force)
+        recipe.check_out(target, force)
         names = [n for value in models for n in value.replace(",", " ").split()]
         named, default = _parse_weights(weights or [])
         quiet_tensorflow()
-        from finetune_cli.config import recipe
         from finetune_cli.config.loader import parse_yaml
         from finetune_cli.search import backbones
 
@@ -234,13 +235,6 @@ def _row(i, c) -> list:
         f"{c.params / 1e6:.1f}M",
         f"{c.export_bytes / 1e6:.1f} MB",
     ]
-
-
-def _check_out(target: Path, force: bool) -> None:
-    if target.is_dir():
-        raise_config(f"--out: {target} is a folder; expected a file path")
-    if target.exists() and not force:
-        raise_config(f"--out: {target} exists; pass --force to replace it")
 
 
 def _parse_weights(values) -> tuple[dict, Optional[str]]:

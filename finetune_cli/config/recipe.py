@@ -275,6 +275,21 @@ def generate(
     return Generated(text, index.class_names, images, why)
 
 
+def check_out(path, force: bool = False) -> None:
+    """A config file may be written at `path`: not a folder, and not an
+    existing file without `force` (checked before any work that ends in
+    `write`, so a refusal costs nothing).
+
+    Raises:
+        ConfigError: naming `--out` and the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out: {path} is a folder; expected a file path")
+    if path.exists() and not force:
+        raise ConfigError(f"--out: {path} exists; pass --force to replace it")
+
+
 def write(path, text: str, force: bool = False) -> None:
     """Write the config file atomically; an existing file only with `force`.
 
@@ -285,10 +300,7 @@ def write(path, text: str, force: bool = False) -> None:
     from finetune_cli.files import atomic_write
 
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--out: {path} is a folder; expected a file path")
-    if path.exists() and not force:
-        raise ConfigError(f"--out: {path} exists; pass --force to replace it")
+    check_out(path, force)
     try:
         atomic_write(path, text)
     except OSError as e:

@@ -28,12 +28,7 @@ def scan_images(index, cfg, out):
     changed files. Returns (the index without them, [(path, why)], a
     function that saves the verdicts): the caller saves them once every
     other check has passed, so bad input leaves no file behind."""
-    cache = None
-    if cfg.feature_cache.enabled:
-        cache = Path(cfg.feature_cache.dir) / PREFLIGHT_CACHE
-    paths = list(dict.fromkeys(p for v in index.splits.values() for p, _ in v))
-    with out.counter(len(paths), "pre-flight") as progress:
-        verdicts, save = image_verdicts(paths, cache, progress)
+    verdicts, save = scan_verdicts(index, cfg, out)
     index, skipped = preflight(index, cfg.data.on_bad_image, verdicts=verdicts)
     if skipped:
         out.warn(
@@ -41,6 +36,18 @@ def scan_images(index, cfg, out):
             f"skip), e.g. {skipped[0][0]}: {skipped[0][1]}"
         )
     return index, skipped, save
+
+
+def scan_verdicts(index, cfg, out):
+    """`image_verdicts` of every image of `index`, with a progress bar and
+    the verdicts cached in the feature cache folder (when it is enabled):
+    (path -> (why it cannot be used or None, SHA-256), save function)."""
+    cache = None
+    if cfg.feature_cache.enabled:
+        cache = Path(cfg.feature_cache.dir) / PREFLIGHT_CACHE
+    paths = list(dict.fromkeys(p for v in index.splits.values() for p, _ in v))
+    with out.counter(len(paths), "pre-flight") as progress:
+        return image_verdicts(paths, cache, progress)
 
 
 def check_image(path: str) -> str | None:

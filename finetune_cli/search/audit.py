@@ -149,10 +149,8 @@ def readable(index, cfg, out):
     """(the index without the images the pre-flight cannot decode, those
     images with why). Unlike training's pre-flight, copies are kept: the
     audit reports them."""
+    verdicts, save = preflight_lib.scan_verdicts(index, cfg, out)
     paths = index.files("all")
-    cache = Path(cfg.feature_cache.dir) / preflight_lib.PREFLIGHT_CACHE
-    with out.counter(len(paths), "pre-flight") as progress:
-        verdicts, save = preflight_lib.image_verdicts(paths, cache, progress)
     bad = [(p, verdicts[p][0]) for p in paths if verdicts[p][0] is not None]
     keep = [(p, lb) for p, lb in index.splits["all"] if verdicts[p][0] is None]
     save()
