@@ -47,6 +47,7 @@ from finetune_cli.cache import extract as extract_lib
 from finetune_cli.cache import store
 from finetune_cli.model import build as model_lib
 from finetune_cli.data import pipeline
+from finetune_cli.data import multilabel
 from finetune_cli.run.folder import remove_dead_temporaries
 from finetune_cli.run.folder import staged_folder
 from finetune_cli.files import write_json
@@ -199,7 +200,7 @@ class ActivationData:
         rows_n = self.cache.manifest["rows"][split]
         dim = self.cache.manifest["dim"]
         views = self.cache.manifest["views"]
-        onehot = np.eye(self.num_classes, dtype="float32")[self.labels[split]]
+        onehot = multilabel.rows(self.labels[split], self.num_classes)
         readers = [
             Rows(self.cache.file(split, v))
             for v in range(views if split == "train" else 1)
@@ -285,7 +286,9 @@ class DerivedFeatures:
                 f"{self.cache.manifest['views']}"
             )
         samples = self.index.splits[split]
-        labels = np.array([lb for _, lb in samples], "int64")
+        # Multi-label rows keep a class index in the cache (the first
+        # label); the head reads label sets from the index.
+        labels = np.array([_first(lb) for _, lb in samples], "int64")
         paths = [p for p, _ in samples]
         n, step = len(samples), self.batch_size
         for view in range(views if split == "train" else 1):
@@ -299,6 +302,12 @@ class DerivedFeatures:
                     paths[at:stop],
                     view,
                 )
+
+
+def _first(label) -> int:
+    if isinstance(label, tuple):
+        return label[0] if label else 0
+    return label
 
 
 def _views_and_augmenter(cfg):
@@ -331,7 +340,9 @@ def activation_datasets(cfg, out, model, base, index, layer_names) -> Activation
     views, augmenter = _views_and_augmenter(cfg)
     cache = get_activations(cfg, out, model, base, cut, index, views, augmenter)
     labels = {
-        s: np.array([lb for _, lb in index.splits[s]], "int64")
+        s: multilabel.targets(index.labels(s), len(index.class_names))
+        if index.multi_label
+        else np.array(index.labels(s), "int64")
         for s in ("train", "val")
     }
     return ActivationData(

@@ -28,7 +28,7 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
             update={"data": cfg.data.model_copy(update={"batch_size": 32})}
         )
         out.info("data.batch_size: auto is for training; extract uses 32")
-    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    index = data_lib.index_config(cfg)
     # The same pre-flight check as finetune, so both see the same files
     # (and a bad image is a data error naming it, not a crash).
     index, _, save_verdicts = preflight_lib.scan_images(index, cfg, out)

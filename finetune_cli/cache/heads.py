@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from finetune_cli.cache import activations
 from finetune_cli.data import pipeline
+from finetune_cli.data import multilabel
 from finetune_cli.cache import features
 from finetune_cli.cache import extract as extract_lib
 from finetune_cli.model import build as model_lib
@@ -31,7 +32,8 @@ PROBE_MIN_STEPS = 400
 
 def train_probe(xt, yt, xv, yv, num_classes: int, seed: int, epochs=PROBE_EPOCHS):
     """Multinomial logistic regression on standardised features:
-    (the probe model, train accuracy, validation accuracy).
+    (the probe model, train accuracy, validation accuracy). Multi-hot `yt`
+    and `yv`: a logistic regression per label, scored by mAP instead.
 
     A fixed schedule (no early stopping on the validation split), so the
     validation accuracy is a score the probe did not choose itself by:
@@ -39,18 +41,18 @@ def train_probe(xt, yt, xv, yv, num_classes: int, seed: int, epochs=PROBE_EPOCHS
     optimizer steps, so a small set is not left half-trained. One Keras
     epoch of repeated, reshuffled batches: no per-epoch overhead.
     """
+    multi = np.asarray(yt).ndim == 2  # multi-hot rows: a sigmoid per label
     keras.utils.set_random_seed(seed)
     norm = keras.layers.Normalization(name="standardise")
     norm.adapt(xt)
     inputs = keras.Input(xt.shape[1:], name="features")
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probe")(
-        norm(inputs)
-    )
+    outputs = keras.layers.Dense(
+        num_classes, activation="sigmoid" if multi else "softmax", name="probe"
+    )(norm(inputs))
     probe = keras.Model(inputs, outputs, name="probe")
     probe.compile(
         keras.optimizers.Adam(PROBE_LEARNING_RATE),
-        "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        "binary_crossentropy" if multi else "sparse_categorical_crossentropy",
     )
     n = len(yt)
     steps = max(PROBE_MIN_STEPS, epochs * -(-n // PROBE_BATCH))
@@ -64,8 +66,14 @@ def train_probe(xt, yt, xv, yv, num_classes: int, seed: int, epochs=PROBE_EPOCHS
     probe.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
 
     def accuracy(x, y):
-        pred = np.argmax(probe.predict(x, batch_size=1024, verbose=0), axis=1)
-        return float(np.mean(pred == y)) if len(y) else 0.0
+        if not len(y):
+            return 0.0
+        probs = probe.predict(x, batch_size=1024, verbose=0)
+        if multi:  # mean average precision (Keras' PR-AUC, label-averaged)
+            m = keras.metrics.AUC(curve="PR", multi_label=True, num_labels=num_classes)
+            m.update_state(y, probs)
+            return float(m.result())
+        return float(np.mean(np.argmax(probs, axis=1) == y))
 
     return probe, accuracy(xt, yt), accuracy(xv, yv)
 
@@ -105,7 +113,7 @@ def feature_dataset(
         mixer: a `pipeline.Mixer` for the training batches (MixUp mixes
             pooled features as it mixes pixels).
     """
-    onehot = np.eye(num_classes, dtype="float32")[labels]
+    onehot = multilabel.rows(labels, num_classes)
     views, n = feats.shape[0], feats.shape[1]
     if epochs is None:
         ds = tf.data.Dataset.from_tensor_slices((feats[0], onehot))
@@ -211,6 +219,11 @@ def cached_datasets(
     features.evict(cfg, out)
     f, labels, _ = train_fs.load()
     vf, vlabels, _ = val_fs.load()
+    if index.multi_label:  # the cache keeps class indices; label sets are here
+        labels, vlabels = (
+            multilabel.targets(index.labels(s), len(index.class_names))
+            for s in ("train", "val")
+        )
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         head = head_model(model, base)
     return CachedData(

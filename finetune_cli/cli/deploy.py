@@ -142,15 +142,18 @@ def export_(
         )
         report = result.report
         if report is not None:
+            sets = report.get("compared_on") == "label sets"
             out.table(
-                f"parity check: {report['images']} images (Keras model accuracy "
-                f"{fmt(report['reference_accuracy'])})",
+                f"parity check: {report['images']} images (Keras model "
+                f"{'subset accuracy' if sets else 'accuracy'} "
+                f"{fmt(report['reference_accuracy'])}"
+                f"{'; agreement on label sets' if sets else ''})",
                 [
                     "artifact",
                     "file",
                     "size",
                     "max |diff|",
-                    "top-1 agree",
+                    "set agree" if sets else "top-1 agree",
                     "accuracy",
                     "acc. drop",
                     "ms/image",

@@ -44,19 +44,38 @@ def _render_evaluation(out: Output, ev) -> None:
         "metrics",
         ["metric", "value"],
         [
-            [("top_%d_accuracy" % m["top_k"]) if k == "top_k_accuracy" else k, fmt(v)]
+            [f"top_{m.get('top_k')}_accuracy" if k == "top_k_accuracy" else k, fmt(v)]
             for k, v in s.items()
         ],
     )
-    out.table(
-        "per class",
-        ["class", "precision", "recall", "f1", "support"],
-        [
-            [c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
-            for c, v in m["per_class"].items()
-        ],
-    )
-    if m["most_confused"]:
+    if m.get("task") == "multi_label":
+        out.table(
+            "per label (at its threshold)",
+            ["label", "precision", "recall", "f1", "ap", "threshold", "support"],
+            [
+                [
+                    c,
+                    fmt(v["precision"]),
+                    fmt(v["recall"]),
+                    fmt(v["f1"]),
+                    fmt(v["ap"]),
+                    f"{v['threshold']:.3f}",
+                    v["support"],
+                ]
+                for c, v in m["per_class"].items()
+            ],
+        )
+        out.info(f"thresholds: {m['thresholds_from']}")
+    else:
+        out.table(
+            "per class",
+            ["class", "precision", "recall", "f1", "support"],
+            [
+                [c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
+                for c, v in m["per_class"].items()
+            ],
+        )
+    if m.get("most_confused"):
         out.table(
             "most confused",
             ["true", "predicted", "count"],
@@ -64,12 +83,13 @@ def _render_evaluation(out: Output, ev) -> None:
         )
     c = m.get("calibration")
     if c is not None:
+        what = "temperature" if "temperatures" not in c else "mean temperature"
         out.info(
-            f"calibration: temperature {c['temperature']:.3f} (fitted on "
+            f"calibration: {what} {c['temperature']:.3f} (fitted on "
             f"{c['fitted_on']}): ECE {fmt(c['ece_before'])} before, "
             f"{fmt(c['ece_after'])} after"
         )
-    at = {r["coverage"]: r for r in m["selective"]["at_coverage"]}
+    at = {r["coverage"]: r for r in m.get("selective", {}).get("at_coverage", [])}
     if 0.9 in at:
         r = at[0.9]
         out.info(
@@ -162,7 +182,11 @@ def evaluate(
         float, typer.Option(min=0.0, help="How much worse --compare-to allows.")
     ] = 0.005,
     compare_metric: Annotated[
-        Metric, typer.Option(help="Metric --compare-to compares.")
+        Metric,
+        typer.Option(
+            help="Metric --compare-to compares (accuracy means map for a "
+            "multi-label model)."
+        ),
     ] = Metric.accuracy,
     allow_missing: Annotated[
         bool,
@@ -231,7 +255,7 @@ def evaluate(
             unknown=unknown,
             coverage=coverage,
         )
-        k = ev.metrics["top_k"]
+        k = ev.metrics.get("top_k", top_k)
         if top_k is not None and k != top_k:
             out.warn(
                 f"--top-k {top_k}: the model has {len(ev.metrics['classes'])} "

@@ -210,11 +210,13 @@ def select(
                 )
             )
             return
+        # A multi-label probe is scored by mAP (`heads.train_probe`).
+        score = "val mAP" if cfg.task == "multi_label" else "val acc"
         out.table(
-            "backbones (probe on frozen features; val accuracy, base speed here)",
-            ["#", "model", "px", "val acc", "img/s", "params", "export"],
+            f"backbones (probe on frozen features; {score}, base speed here)",
+            ["#", "model", "px", score, "img/s", "params", "export"],
             [_row(i, c) for i, c in enumerate(ranked, 1)],
-            right=("#", "px", "val acc", "img/s", "params", "export"),
+            right=("#", "px", score, "img/s", "params", "export"),
         )
         out.success(
             f"wrote {target}: {winner.name}. Next: finetune-cli finetune {target}"

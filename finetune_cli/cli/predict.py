@@ -57,6 +57,13 @@ def _prediction_format(out_file: Optional[str], fmt: Optional[Format]):
     return suffix
 
 
+def _answer(row: dict) -> str:
+    """A row's label; a multi-label row's set, `(none)` when empty."""
+    if "labels" in row:
+        return row["label"] or "(none)"
+    return row["label"]
+
+
 @app.command(cls=Command)
 def predict(
     target: RunOrModelArg,
@@ -156,7 +163,7 @@ def predict(
                     out.info(
                         f"{r['file']}: "
                         + (
-                            f"{r['label']} {fmt_number(r['confidence'])} ({top})"
+                            f"{_answer(r)} {fmt_number(r['confidence'])} ({top})"
                             if not r["error"]
                             else f"unreadable: {r['error']}"
                         )

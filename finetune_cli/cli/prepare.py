@@ -178,10 +178,17 @@ def synth(
         Path, typer.Argument(help="Folder to create.", show_default=False)
     ],
     task: Annotated[
-        str, typer.Option(help="Which class set: 'source' or 'target'.")
+        str,
+        typer.Option(
+            help="Which class set: 'source' or 'target'; 'multi_label' for "
+            "images of several shapes and a labels.csv."
+        ),
     ] = "source",
     per_class: Annotated[
-        int, typer.Option(min=2, max=100_000, help="Images per class.")
+        int,
+        typer.Option(
+            min=2, max=100_000, help="Images per class (multi_label: images)."
+        ),
     ] = 100,
     size: Annotated[
         int, typer.Option(min=8, max=4096, help="Image side in pixels.")
@@ -207,9 +214,14 @@ def synth(
         counts = synthetic.generate(
             out_dir, task, per_class=per_class, size=size, seed=seed, force=force
         )
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items())
+        if task == "multi_label":
+            out.success(f"wrote {per_class} images and labels.csv to {out_dir}")
+            out.info(f"images per label: {shown}")
+            return
         out.success(
             f"wrote {sum(counts.values())} images in {len(counts)} "
-            f"classes to {out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            f"classes to {out_dir}: {shown}"
         )
 
     run_command(out, debug, job)

@@ -323,3 +323,12 @@ def check(cfg) -> list[Space]:
                     f"{space.key}={short(value)}: {why}"
                 ) from None
     return spaces
+
+
+def current_schema(saved: dict) -> dict:
+    """A saved config in this version's form: keys added since, at their
+    defaults (a run started before them resumes)."""
+    try:
+        return validate(saved).model_dump(mode="json")
+    except ConfigError:
+        return saved

@@ -134,7 +134,8 @@ class Experiment(_Strict):
     seed: Int = Field(42, ge=0, le=2**32 - 1)
     output_dir: PathStr = "runs"
     # The metric that picks the best epoch of each phase and `best.keras`.
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    # `val_map` (mean average precision) is multi-label's, and its default.
+    monitor: Literal["val_accuracy", "val_loss", "val_map"] = "val_accuracy"
     tensorboard: Bool = False
     # Same config, seed, data and machine -> bit-identical weights, at some
     # cost in speed (docs/scale-out.md: reproducible runs).
@@ -187,6 +188,9 @@ class Data(_Strict):
     # before training naming it; "skip" leaves it (the held-out copy) out
     # and lists it in the run folder (skipped_images.txt).
     on_bad_image: Literal["error", "skip"] = "error"
+    # task: multi_label: the separator of the labels in the CSV's `label`
+    # cell (`cat|dog`); an empty cell is an image with none of the labels.
+    label_separator: str = Field("|", min_length=1, max_length=8)
     # A share of the images for a smoke run (CI, a first try): each split
     # keeps this fraction of every class (at least one image a class),
     # drawn with experiment.seed; recorded in the run's split.json.
@@ -522,7 +526,7 @@ class Callbacks(_Strict):
     reduce_lr_on_plateau: Optional[ReduceLROnPlateau] = None
 
 
-_MONITORS = {"loss", "accuracy", "val_loss", "val_accuracy"}
+_MONITORS = {"loss", "accuracy", "val_loss", "val_accuracy", "map", "val_map"}
 
 
 class Phase(_Strict):
@@ -668,6 +672,10 @@ class Runtime(_Strict):
 class Config(_Strict):
     """A whole experiment."""
 
+    # single_label: one class an image (softmax); multi_label: any number of
+    # labels an image (sigmoid, binary cross-entropy, per-label thresholds
+    # chosen on val), labels from `data.csv` (docs/multi-label.md).
+    task: Literal["single_label", "multi_label"] = "single_label"
     experiment: Experiment = Experiment()
     data: Data
     model: Model = Model()
@@ -687,6 +695,7 @@ class Config(_Strict):
         for i, p in enumerate(self.phases):
             if p.image_size is not None:
                 self._check_size(app, p.image_size, ("phases", i, "image_size"))
+        self._check_task()
         names = [p.name for p in self.phases]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -695,6 +704,33 @@ class Config(_Strict):
                     f"phase names must be unique. Received: {name!r} twice",
                 )
         return self
+
+    def _check_task(self) -> None:
+        multi = self.task == "multi_label"
+        if multi and self.data.csv is None:
+            raise _KeyError(
+                ("data", "dir"),
+                "task: multi_label reads its labels from a CSV manifest: set "
+                "data.csv (a `path,label` file whose label cell holds the "
+                f"labels joined by data.label_separator "
+                f"{self.data.label_separator!r}). Received: data.dir="
+                f"{_short(self.data.dir)}",
+            )
+        if multi and "monitor" not in self.experiment.model_fields_set:
+            self.experiment.monitor = "val_map"
+        if multi and self.experiment.monitor == "val_accuracy":
+            raise _KeyError(
+                ("experiment", "monitor"),
+                "val_accuracy is single-label's metric; task: multi_label "
+                "monitors val_map (mean average precision) or val_loss. "
+                "Received: experiment.monitor='val_accuracy'",
+            )
+        if not multi and self.experiment.monitor == "val_map":
+            raise _KeyError(
+                ("experiment", "monitor"),
+                "val_map is measured for task: multi_label only; use "
+                "val_accuracy or val_loss. Received: experiment.monitor='val_map'",
+            )
 
     def _check_size(self, app, size, loc) -> None:
         h, w = size

@@ -9,6 +9,7 @@ import re
 import keras
 import tensorflow as tf
 
+from finetune_cli.data import multilabel
 from finetune_cli.data.decode import decode
 from finetune_cli.data.decode import tf_path
 from finetune_cli.data.preflight import pillow_verdict
@@ -74,7 +75,8 @@ def make_dataset(
     mixer=None,
     pixels: str = "uint8",
 ):
-    """A batched `tf.data.Dataset` of (pixels 0-255, one-hot labels).
+    """A batched `tf.data.Dataset` of (pixels 0-255, one-hot labels; for
+    label sets (multi-label samples), multi-hot rows).
 
     Pixels are carried as uint8 (`pixels`; "float32" is the old form, kept
     for the benchmark's baseline): a quarter of the bytes of float32 from
@@ -117,11 +119,21 @@ def make_dataset(
     labels = [lb for _, lb in samples]
     n = len(samples)
     size = tuple(image_size)
+    if multilabel.is_multi(samples):  # label sets: multi-hot rows already
+        labels = multilabel.targets(labels, num_classes)
+
+        def target(y):
+            return y
+    else:
+
+        def target(y):
+            return tf.one_hot(y, num_classes)
+
     base = tf.data.Dataset.from_tensor_slices((paths, labels))
 
     def pipeline(ds, epoch=None):
         ds = ds.map(
-            lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)),
+            lambda p, y: (load_image(p, size), target(y)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         ).batch(batch_size, drop_remainder=per_epoch is not None)

@@ -10,6 +10,7 @@ needed, not at import).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 import contextlib
@@ -202,8 +203,8 @@ def preflight(
                 if on_bad_image == "error":
                     raise DataError(
                         f"the same image is labelled twice: {other[0]} "
-                        f"({index.class_names[other[2]]}) and {path} "
-                        f"({index.class_names[label]}); keep the copy "
+                        f"({index.label_name(other[2])}) and {path} "
+                        f"({index.label_name(label)}); keep the copy "
                         "under the right class (or set data.on_bad_image: "
                         "skip to leave both out)"
                     )
@@ -226,12 +227,12 @@ def preflight(
     if not bad:
         if save is not None:
             save()
-        return DataIndex(index.class_names, index.splits, index.source, digests), bad
+        return dataclasses.replace(index, digests=digests), bad
     dropped = {p for p, _ in bad}
     splits = {
         s: [(p, lb) for p, lb in v if p not in dropped] for s, v in index.splits.items()
     }
-    cleaned = DataIndex(index.class_names, splits, index.source, digests)
+    cleaned = dataclasses.replace(index, splits=splits, digests=digests)
     for i, name in enumerate(index.class_names):
         if cleaned.counts("train")[i] == 0:
             raise DataError(

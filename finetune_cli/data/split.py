@@ -11,6 +11,10 @@ A run writes `split.json` once, before its first epoch:
                           "<sha256>"], ...], "val": [...], "test": [...]},
      "skipped": [["path", "why"], ...]}
 
+A multi-label run (`"task": "multi_label"`) lists each file's labels as a
+list of class names (empty for an image with none), and `per_class`
+counts the images carrying each label.
+
 Everything that judges a run afterwards (`evaluate RUN`, `--compare-to`,
 `--promote-to`, `finetune --resume`) reads the files from here instead of
 splitting the data folder again, so images added to the folder later never
@@ -40,17 +44,19 @@ FORMAT = "finetune-cli-split/2"
 def record(index: data_lib.DataIndex, skipped=()) -> dict:
     """The split.json record of an index (digests computed where missing)."""
     files = {}
+    names = index.class_names
     for split, samples in index.splits.items():
         files[split] = [
             [
                 path,
-                index.class_names[label],
+                [names[i] for i in label] if index.multi_label else names[label],
                 index.digests.get(path) or preflight_lib.sha256_file(path),
             ]
             for path, label in samples
         ]
     return {
         "format": FORMAT,
+        **({"task": "multi_label"} if index.multi_label else {}),
         "source": index.source,
         "fraction": index.fraction,
         "classes": list(index.class_names),
@@ -121,15 +127,25 @@ def _malformed(rec: dict) -> str:
     for split, rows in files.items():
         if not isinstance(rows, list):
             return f"'files.{split}' is not a list"
+        multi = rec.get("task") == "multi_label"
         for row in rows:
             if (
                 not isinstance(row, list)
                 or len(row) != 3
-                or not all(isinstance(x, str) for x in row)
-                or row[1] not in classes
+                or not isinstance(row[0], str)
+                or not isinstance(row[2], str)
+                or not _known_label(row[1], classes, multi)
             ):
                 return f"'files.{split}' holds a malformed entry {short(row)}"
     return ""
+
+
+def _known_label(label, classes, multi: bool) -> bool:
+    if multi:
+        return isinstance(label, list) and all(
+            isinstance(c, str) and c in classes for c in label
+        )
+    return isinstance(label, str) and label in classes
 
 
 def load(
@@ -155,6 +171,7 @@ def load(
     if rec is None:
         return None
     classes = rec["classes"]
+    multi = rec.get("task") == "multi_label"
     wanted = (
         list(rec["files"])
         if splits is None
@@ -170,7 +187,10 @@ def load(
             if why:
                 problems.append(f"{path} ({split}): {why}")
                 continue
-            kept.append((path, classes.index(label)))
+            if multi:
+                kept.append((path, tuple(sorted(classes.index(c) for c in label))))
+            else:
+                kept.append((path, classes.index(label)))
             digests[path] = digest
         out[split] = kept
     if problems:
@@ -189,7 +209,12 @@ def load(
         if warn is not None:
             warn(f"{what}; left out (--allow-missing)")
     return data_lib.DataIndex(
-        list(classes), out, rec.get("source", ""), digests, rec.get("fraction", 1.0)
+        list(classes),
+        out,
+        rec.get("source", ""),
+        digests,
+        rec.get("fraction", 1.0),
+        multi_label=multi,
     )
 
 

@@ -6,7 +6,12 @@ Two class sets of simple shapes on textured backgrounds:
 - `target`: ring, cross, diamond, hexagon
 
 A base trained on `source` learns edges, corners and contours; fine-tuning it
-on a small `target` set shows transfer for real, with no download. Images are
+on a small `target` set shows transfer for real, with no download.
+
+`multi_label` (`generate_multi_label`): images of a 2x2 grid of cells,
+each shape of the `source` set in a cell of its own with probability 0.4
+(none at all sometimes), and a `labels.csv` whose label cell lists the
+shapes drawn joined by `|`, for `task: multi_label`. Images are
 written as real files, folder per class, in mixed formats (JPEG, PNG, BMP,
 GIF), some grayscale and some RGBA, as users' folders often are.
 """
@@ -138,6 +143,63 @@ def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
     return img
 
 
+def _background(size: int, rng: random.Random) -> Image.Image:
+    """A textured background with no shape (a gradient plus noise)."""
+    nprng = np.random.default_rng(rng.getrandbits(32))
+    c0 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    c1 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+    bg = np.broadcast_to(c0 * (1 - t) + c1 * t, (size, size, 3))
+    bg = bg + nprng.normal(0, 10, (size, size, 3))
+    return Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+
+
+def generate_multi_label(
+    out_dir, *, images: int = 200, size: int = 64, seed: int = 0, force: bool = False
+) -> dict:
+    """Write `images` multi-label images and `labels.csv` under `out_dir`.
+    Returns the images carrying each label (and "none": with no label)."""
+    shapes = TASKS["source"]
+    if images < 1 or size < 16:
+        raise ConfigError(
+            f"--per-class must be >= 1 and --size >= 16. "
+            f"Received: images={images}, size={size}"
+        )
+    tmp = _fresh(Path(out_dir), force)
+    rng = random.Random(f"{seed}:multi_label")
+    half = size // 2
+    rows, counts = ["path,label"], {s: 0 for s in (*shapes, "none")}
+    (tmp / "images").mkdir(parents=True)
+    for i in range(images):
+        chosen = [s for s in shapes if rng.random() < 0.4]
+        img = _background(size, rng)
+        cells = rng.sample(range(4), len(chosen))
+        for shape, cell in zip(chosen, cells, strict=True):
+            tile = draw_shape(shape, half, rng)
+            img.paste(tile, ((cell % 2) * half, (cell // 2) * half))
+        name = f"images/{i:05d}.{'png' if i % 3 == 1 else 'jpg'}"
+        img.save(tmp / name, **({"quality": 92} if name.endswith("jpg") else {}))
+        rows.append(f"{name},{'|'.join(chosen)}")
+        for s in chosen or ["none"]:
+            counts[s] += 1
+    (tmp / "labels.csv").write_text("\n".join(rows) + "\n")
+    tmp.rename(out_dir)
+    return counts
+
+
+def _fresh(out_dir: Path, force: bool) -> Path:
+    """The temporary folder to fill for `out_dir` (which must not exist,
+    or is removed with `force`)."""
+    if out_dir.exists():
+        if not force:
+            raise ConfigError(f"{out_dir} already exists; pass --force to replace it")
+        shutil.rmtree(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
 def generate(
     out_dir,
     task: str = "source",
@@ -155,9 +217,14 @@ def generate(
         ConfigError: unknown task, bad sizes, or `out_dir` exists (without
             `force`).
     """
+    if task == "multi_label":
+        return generate_multi_label(
+            out_dir, images=per_class, size=size, seed=seed, force=force
+        )
     if task not in TASKS:
         raise ConfigError(
-            f"--task must be one of {', '.join(TASKS)}. Received: {task!r}"
+            f"--task must be one of {', '.join(TASKS)} or multi_label. "
+            f"Received: {task!r}"
         )
     if per_class < 1 or size < 16:
         raise ConfigError(
@@ -165,13 +232,7 @@ def generate(
             f"Received: per_class={per_class}, size={size}"
         )
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not force:
-            raise ConfigError(f"{out_dir} already exists; pass --force to replace it")
-        shutil.rmtree(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _fresh(out_dir, force)
     counts = {}
     for shape in TASKS[task]:
         rng = random.Random(f"{seed}:{task}:{shape}")

@@ -15,7 +15,9 @@ export unless `force`:
 
 (1) signatures `serve` (float pixels [batch, H, W, 3], 0-255) and
 `serve_bytes` (encoded JPEG/PNG/BMP/GIF strings [batch]); both return
-`probabilities`, `class_index`, `label`. (2) `model.tflite`,
+`probabilities`, `class_index`, `label`, and for a multi-label model
+`label_mask` (each label at or above its threshold; the thresholds are
+also in `metadata.json` and `thresholds.json`). (2) `model.tflite`,
 `model_float16.tflite`, `model_dynamic.tflite`, `model_int8.tflite`.
 (3) int8 takes uint8 pixels and returns uint8 scores (see its quantization
 parameters).
@@ -49,6 +51,8 @@ import tensorflow as tf
 
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
+from finetune_cli.data import multilabel
+from finetune_cli.model import build as model_lib
 from finetune_cli.evaluate import evaluation
 from finetune_cli.model import saved as runmodel
 from finetune_cli.run import tracking
@@ -91,13 +95,18 @@ class ExportResult:
     report: Optional[dict]
 
 
-def _images(samples, size, limit: int, seed: int):
+def _images(samples, size, limit: int, seed: int, num_classes: int = 0):
+    """(pixels, labels) of up to `limit` samples: class indices, or
+    multi-hot rows of `num_classes` for label sets."""
     rng = np.random.default_rng(seed)
     if len(samples) > limit:
         idx = sorted(rng.choice(len(samples), limit, replace=False))
         samples = [samples[i] for i in idx]
     x = np.stack([np.asarray(pipeline.load_image(p, size)) for p, _ in samples])
-    return x.astype(np.float32), np.array([lb for _, lb in samples])
+    labels = [lb for _, lb in samples]
+    if multilabel.is_multi(samples):
+        return x.astype(np.float32), multilabel.targets(labels, num_classes) > 0.5
+    return x.astype(np.float32), np.array(labels)
 
 
 def export(
@@ -145,10 +154,11 @@ def export(
                 "or --out to choose another folder"
             )
         model = runmodel.load_model(target)  # checks labels.txt first
+        multi = model_lib.is_multi_label(model)
         needs_data = check or "int8" in quantize
         val = train = None
         if needs_data:
-            val, train = _data_for(target, data)
+            val, train = _data_for(target, data, multi)
         size = runmodel.model_image_size(model)
         say = progress or (lambda msg: None)
 
@@ -163,7 +173,12 @@ def export(
                 faults.point("export_written")
             if "saved_model" in formats:
                 say("writing saved_model/")
-                write_saved_model(model, tmp / "saved_model", target.labels)
+                write_saved_model(
+                    model,
+                    tmp / "saved_model",
+                    target.labels,
+                    _thresholds(target) if multi else None,
+                )
                 artifacts.append(
                     Artifact("saved_model", "saved_model", tmp / "saved_model")
                 )
@@ -188,10 +203,15 @@ def export(
                 artifacts.append(Artifact("onnx", "onnx", tmp / "model.onnx"))
             atomic_write(tmp / "labels.txt", "\n".join(target.labels) + "\n")
             write_json(tmp / "metadata.json", metadata(target, model, artifacts))
+            th_file = target.model_path.parent / "thresholds.json"
+            if multi and th_file.is_file():  # predict/evaluate on model.keras
+                atomic_write(tmp / "thresholds.json", th_file.read_text())
             report = None
             if check:
                 say(f"parity check on {min(parity_images, len(val))} images")
-                images, labels = _images(val, size, parity_images, seed=0)
+                images, labels = _images(
+                    val, size, parity_images, seed=0, num_classes=len(target.labels)
+                )
                 report = check_parity(
                     model,
                     artifacts,
@@ -200,6 +220,7 @@ def export(
                     tolerance=tolerance,
                     max_accuracy_drop=max_accuracy_drop,
                     min_agreement=min_agreement,
+                    thresholds=_thresholds(target) if multi else None,
                 )
                 write_json(tmp / "export_report.json", report)
         arts = [dataclasses.replace(a, path=out / a.path.name) for a in artifacts]
@@ -223,10 +244,20 @@ def _track(result: ExportResult, run_dir, warn) -> None:
     )
 
 
-def _data_for(target, data):
+def _thresholds(target) -> np.ndarray:
+    """A multi-label model's thresholds in output order (0.5 where none)."""
+    from finetune_cli.evaluate import labelsets
+
+    found = labelsets.read_thresholds(target.model_path.parent)
+    return labelsets.thresholds_for(target.labels, found)
+
+
+def _data_for(target, data, multi_label: bool = False):
     """(validation samples, training samples) with model label indices."""
     if data is not None:
-        pairs, _, _ = evaluation.resolve_data(target, data=data, split="val")
+        pairs, _, _ = evaluation.resolve_data(
+            target, data=data, split="val", multi_label=multi_label
+        )
         samples = evaluation.align_labels(pairs, target.labels)
         return samples, samples
     if target.run_dir is None:
@@ -242,9 +273,9 @@ def _data_for(target, data):
     index = split_lib.load(target.run_dir, ["val", "train"], allow_missing=True)
     if index is None:
         cfg = config_lib.load_run_config(target.run_dir)
-        index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+        index = data_lib.index_config(cfg)
     to_model = lambda split: evaluation.align_labels(  # noqa: E731
-        [(p, index.class_names[lb]) for p, lb in index.splits[split]], target.labels
+        evaluation.pairs_of(index, split), target.labels
     )
     return to_model("val"), to_model("train")
 
@@ -252,6 +283,13 @@ def _data_for(target, data):
 def _calibration(rec) -> dict:
     if rec is None:
         return {"method": "none"}
+    if rec.get("per_label"):
+        return {
+            "method": "temperature",
+            "per_label": True,
+            "temperatures": rec["temperatures"],
+            "note": "folded into the output layer: the probabilities are calibrated",
+        }
     return {
         "method": "temperature",
         "temperature": rec["temperature"],
@@ -265,6 +303,7 @@ def metadata(target, model, artifacts) -> dict:
     from finetune_cli.evaluate import calibration
 
     h, w = runmodel.model_image_size(model)
+    multi = model_lib.is_multi_label(model)
     run_metrics = None
     preprocess = None
     reject_below = None
@@ -298,12 +337,28 @@ def metadata(target, model, artifacts) -> dict:
             "color": "RGB",
             "note": "raw pixels; preprocessing is inside the model",
         },
-        "output": {"probabilities": [None, len(target.labels)]},
+        "output": {
+            "probabilities": [None, len(target.labels)],
+            "activation": "sigmoid" if multi else "softmax",
+        },
+        "task": "multi_label" if multi else "single_label",
         "preprocessing": preprocess,
         "calibration": _calibration(calibration.for_target(target)),
-        # Answer "unknown" when the top probability is below this (null:
-        # always a class): the run's calibration.reject_below.
-        "unknown": {"reject_below": reject_below, "label": "unknown"},
+        **(
+            {
+                # An image's labels: every one at or above its threshold
+                # (chosen on val by max F1); an empty set is "none of them".
+                "thresholds": dict(
+                    zip(target.labels, map(float, _thresholds(target)), strict=True)
+                )
+            }
+            if multi
+            else {
+                # Answer "unknown" when the top probability is below this
+                # (null: always a class): the run's calibration.reject_below.
+                "unknown": {"reject_below": reject_below, "label": "unknown"}
+            }
+        ),
         "source": {
             # The files themselves, not through the moving `latest` link.
             "model": str(target.model_path.resolve()),

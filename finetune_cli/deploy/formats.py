@@ -64,19 +64,26 @@ def write_keras(model, path: Path) -> None:
     model.save(path)
 
 
-def write_saved_model(model, path: Path, labels: list[str]) -> None:
-    """SavedModel with a pixels signature and an encoded-bytes signature."""
+def write_saved_model(model, path: Path, labels: list[str], thresholds=None) -> None:
+    """SavedModel with a pixels signature and an encoded-bytes signature.
+
+    With `thresholds` (a multi-label model's, in output order) both also
+    return `label_mask` [batch, labels]: each label at or above its
+    threshold (the image's label set)."""
 
     size = runmodel.model_image_size(model)
     label_table = tf.constant(labels)
 
     def outputs(probs):
         index = tf.argmax(probs, axis=-1, output_type=tf.int32)
-        return {
+        out = {
             "probabilities": probs,
             "class_index": index,
             "label": tf.gather(label_table, index),
         }
+        if thresholds is not None:
+            out["label_mask"] = probs >= tf.constant(thresholds, probs.dtype)
+        return out
 
     def serve(pixels):
         return outputs(model(pixels, training=False))

@@ -7,6 +7,12 @@ mean latency per image (batch 1). A float artifact fails when its
 difference exceeds the tolerance; a quantized one when its accuracy falls
 more than the allowed drop (or, when asked, its agreement is too low);
 `raise_on_failures` turns failures into a GateError (exit 4).
+
+A multi-label model (`thresholds` given) is compared on label sets: the
+agreement is the share of images whose set (every label at or above its
+threshold) is the Keras model's, and the accuracy the share whose set is
+the true one (subset accuracy); the probability difference is checked
+as for any model.
 """
 
 from __future__ import annotations
@@ -102,12 +108,24 @@ def check_parity(
     tolerance=1e-4,
     max_accuracy_drop=0.02,
     min_agreement=None,
+    thresholds=None,
 ) -> dict:
     """Run every artifact on `images` and compare with `reference` (Keras).
 
-    `labels` (model indices) may be None: quantized artifacts are then
-    gated on top-1 agreement (`min_agreement`, 0.97 when not given).
+    `labels` (model indices, or multi-hot rows with `thresholds`) may be
+    None: quantized artifacts are then gated on top-1 (label set)
+    agreement (`min_agreement`, 0.97 when not given).
     """
+
+    def answers(probs):
+        if thresholds is None:
+            return probs.argmax(1)
+        return probs >= np.asarray(thresholds)[None, :]
+
+    def same(a, b) -> np.ndarray:
+        a, b = np.asarray(a), np.asarray(b)
+        return np.all(a == b, axis=1) if a.ndim == 2 else a == b
+
     ref = np.concatenate(
         [
             np.asarray(reference(images[i : i + 1], training=False))
@@ -116,7 +134,7 @@ def check_parity(
     )
     rows, failures, notes = [], [], []
     n = len(images)
-    ref_acc = float(np.mean(ref.argmax(1) == labels)) if labels is not None else None
+    ref_acc = float(np.mean(same(answers(ref), labels))) if labels is not None else None
     if labels is None and min_agreement is None:
         min_agreement = 0.97
     quantized = any(a.quantized for a in artifacts)
@@ -137,7 +155,7 @@ def check_parity(
         latency = (time.perf_counter() - t0) / len(images) * 1000
         probs = np.concatenate(outs)
         diff = float(np.abs(probs - ref).max())
-        agree = float(np.mean(probs.argmax(1) == ref.argmax(1)))
+        agree = float(np.mean(same(answers(probs), answers(ref))))
         row = {
             "artifact": art.name,
             "format": art.format,
@@ -146,7 +164,7 @@ def check_parity(
             "max_abs_diff": diff,
             "top1_agreement": agree,
             "accuracy": (
-                float(np.mean(probs.argmax(1) == labels))
+                float(np.mean(same(answers(probs), labels)))
                 if labels is not None
                 else None
             ),
@@ -186,6 +204,7 @@ def check_parity(
         rows.append(row)
     return {
         "images": int(len(images)),
+        "compared_on": "label sets" if thresholds is not None else "top-1 class",
         "reference_accuracy": ref_acc,
         "tolerance": tolerance,
         "max_accuracy_drop": max_accuracy_drop,

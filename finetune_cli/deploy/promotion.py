@@ -39,7 +39,14 @@ from finetune_cli.files import now
 from finetune_cli.files import write_json
 
 RECORD = "promotion.json"
-VERSION_FILES = ("labels.txt", "config.yaml", "metrics.json", split_lib.FILE)
+# thresholds.json: a multi-label model is scored at its own thresholds.
+VERSION_FILES = (
+    "labels.txt",
+    "config.yaml",
+    "metrics.json",
+    split_lib.FILE,
+    "thresholds.json",
+)
 
 
 def _versions(link: Path) -> Path:

@@ -8,6 +8,11 @@ is softmax((W / T) x + b / T)), so `best.keras`, and every format
 exported from it, gives calibrated probabilities with no extra layer and
 no code of ours; the ranking of classes, and so accuracy, is unchanged.
 
+A multi-label model (a sigmoid per label) gets one temperature per label
+instead (`labelsets.fit_temperatures`), folded into that label's column,
+and its per-label thresholds are chosen after it (`labelsets.py`), saved
+in `thresholds.json`.
+
 The run records it in `calibration.json`: the temperature, the split and
 number of images it was fitted on, and ECE and log loss before and after
 on them. Since the logits are log-probabilities up to a constant,
@@ -145,7 +150,57 @@ def calibrate(model, dataset, split: str = "val") -> dict:
     return {**record(labels, probs, temperature, split), "model": "best.keras"}
 
 
+def after_training(model, dataset, method: str, class_names, multi_label: bool):
+    """What a run does with its best model once trained: calibrate it
+    (unless `method` is "none") and, for multi-label, choose the
+    thresholds after. Returns [(file name, record, line to show)]."""
+    if not multi_label:
+        if method == "none":
+            return []
+        rec = calibrate(model, dataset)
+        return [(FILE, rec, describe(rec))]
+    from finetune_cli.evaluate import labelsets
+
+    probs = np.asarray(model.predict(dataset, verbose=0), dtype=np.float64)
+    y = np.concatenate([np.asarray(t) for _, t in dataset]) > 0.5
+    found = []
+    if method != "none":
+        temps = labelsets.fit_temperatures(y, probs)
+        labelsets.fold_into(model, temps)
+        probs = labelsets.with_temperatures(probs, temps)
+        rec = {
+            "method": "temperature",
+            "per_label": True,
+            "split": "val",
+            "images": int(len(y)),
+            "temperatures": dict(zip(class_names, temps, strict=True)),
+            **labelsets.calibration_summary(y, probs, temps),
+            "model": "best.keras",
+        }
+        rec["temperature"] = float(np.exp(np.mean(np.log(temps))))
+        found.append((FILE, rec, describe(rec)))
+    th = labelsets.thresholds_record(y, probs, class_names)
+    mean_f1 = np.mean([v["f1"] for v in th["labels"].values()])
+    found.append(
+        (
+            labelsets.THRESHOLDS_FILE,
+            th,
+            f"thresholds: one per label, max F1 on val ({th['images']} images): "
+            f"mean F1 {mean_f1:.4f}",
+        )
+    )
+    return found
+
+
 def describe(rec: dict) -> str:
+    if rec.get("per_label"):
+        return (
+            f"calibration: a temperature per label (geometric mean "
+            f"{rec['temperature']:.3f}) fitted on {rec['split']} "
+            f"({rec['images']} images): ECE {rec['ece_before']:.4f} -> "
+            f"{rec['ece_after']:.4f}, log loss {rec['log_loss_before']:.4f} -> "
+            f"{rec['log_loss_after']:.4f}"
+        )
     return (
         f"calibration: temperature {rec['temperature']:.3f} fitted on "
         f"{rec['split']} ({rec['images']} images): ECE {rec['ece_before']:.4f} "

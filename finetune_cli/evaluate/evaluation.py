@@ -16,6 +16,9 @@ from typing import Optional
 import numpy as np
 
 from finetune_cli.data import index as data_lib
+from finetune_cli.data import multilabel
+from finetune_cli.evaluate import labelsets
+from finetune_cli.model import build as model_lib
 from finetune_cli.run import tracking
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
@@ -42,8 +45,11 @@ def resolve_data(
     seed: Optional[int] = None,
     allow_missing: bool = False,
     warn=None,
+    multi_label: bool = False,
 ):
-    """The (path, class name) pairs to evaluate and a description of them.
+    """The (path, class name) pairs to evaluate and a description of them
+    (for `multi_label`, (path, tuple of label names) pairs; `--data` must
+    then be a CSV of label sets, split on the run's data.label_separator).
 
     Precedence: `data` (a folder of class folders, a folder with train/val/
     test, or a CSV) > `config` > the run's recorded split (split.json: the
@@ -56,7 +62,13 @@ def resolve_data(
     if data is not None:
         data = Path(data)
         if data.suffix.lower() == ".csv":
-            section = config_lib.Data(csv=str(data))
+            section = config_lib.Data(csv=str(data), label_separator=_separator(target))
+        elif multi_label:
+            raise DataError(
+                f"--data {data}: a multi-label model is evaluated on a CSV "
+                "manifest whose label cells hold each image's labels; "
+                "expected a .csv file"
+            )
         else:
             section = config_lib.Data(dir=str(data))
         if not data.exists():
@@ -71,9 +83,11 @@ def resolve_data(
         if data.is_dir() and not (data / "train").is_dir():
             # A plain folder of class folders: every image is held out.
             index = data_lib.index_whole_folder(data, "--data")
-            return _pairs(index, "all"), f"{data}", "all"
-        index = data_lib.index_data(section, seed if seed is not None else 42)
-        return _pairs(index, split), str(data), split
+            return pairs_of(index, "all"), f"{data}", "all"
+        index = data_lib.index_data(
+            section, seed if seed is not None else 42, multi_label=multi_label
+        )
+        return pairs_of(index, split), str(data), split
     if config is None:
         if target.run_dir is None:
             raise ConfigError(
@@ -94,7 +108,7 @@ def resolve_data(
                 f"{recorded.source} (split recorded in "
                 f"{target.run_dir / split_lib.FILE})"
             )
-            return _pairs(recorded, split), source, split
+            return pairs_of(recorded, split), source, split
         if warn is not None:
             warn(
                 f"{target.run_dir} has no recorded file list (made by an "
@@ -102,17 +116,33 @@ def resolve_data(
                 "is only the same split if the folder has not changed"
             )
         config = config_lib.load_run_config(target.run_dir)
-    index = data_lib.index_data(config.data, config.experiment.seed)
+    index = data_lib.index_config(config)
     if split not in index.splits:
         raise DataError(
             f"--split {split}: the data has no {split} split (it has "
             f"{', '.join(index.splits)}); pass --split val or --data DIR"
         )
-    return _pairs(index, split), index.source, split
+    return pairs_of(index, split), index.source, split
 
 
-def _pairs(index, split):
-    return [(p, index.class_names[lb]) for p, lb in index.splits.get(split, [])]
+def pairs_of(index, split):
+    names = index.class_names
+    return [
+        (p, tuple(names[i] for i in lb) if isinstance(lb, tuple) else names[lb])
+        for p, lb in index.splits.get(split, [])
+    ]
+
+
+def _separator(target) -> str:
+    """The run's data.label_separator (`|` without a run)."""
+    if target.run_dir is None:
+        return "|"
+    from finetune_cli import config as config_lib
+
+    try:
+        return config_lib.load_run_config(target.run_dir).data.label_separator
+    except Exception:  # noqa: BLE001 - an older or damaged config: the default
+        return "|"
 
 
 def align_labels(pairs, model_classes) -> list[tuple[str, int]]:
@@ -122,9 +152,11 @@ def align_labels(pairs, model_classes) -> list[tuple[str, int]]:
         DataError: classes the model does not know, or model classes the
             data does not have, named.
     """
-    data_classes = sorted({c for _, c in pairs})
+    multi = bool(pairs) and isinstance(pairs[0][1], tuple)
+    data_classes = sorted({c for _, lb in pairs for c in (lb if multi else (lb,))})
     unknown = [c for c in data_classes if c not in model_classes]
-    missing = [c for c in model_classes if c not in data_classes]
+    # A multi-label split may lack a label (its AP is then undefined).
+    missing = [] if multi else [c for c in model_classes if c not in data_classes]
     if unknown or missing:
         parts = []
         if unknown:
@@ -136,6 +168,10 @@ def align_labels(pairs, model_classes) -> list[tuple[str, int]]:
             + "; ".join(parts)
             + f". Model classes: {list(model_classes)}"
         )
+    if multi:
+        return [
+            (p, tuple(sorted(model_classes.index(c) for c in lb))) for p, lb in pairs
+        ]
     return [(p, model_classes.index(c)) for p, c in pairs]
 
 
@@ -186,6 +222,14 @@ def evaluate(
         else contextlib.nullcontext()
     )
     with lock:
+        model = load_model(target)  # checks labels.txt against the outputs first
+        multi = model_lib.is_multi_label(model)
+        if multi and unknown is not None:
+            raise ConfigError(
+                "--unknown: a multi-label model answers an empty label set "
+                "for an image of none of its labels; it has no reject "
+                "threshold to measure. Evaluate without --unknown"
+            )
         pairs, source, split = resolve_data(
             target,
             config=config,
@@ -193,19 +237,24 @@ def evaluate(
             split=split,
             allow_missing=allow_missing,
             warn=warn,
+            multi_label=multi,
         )
         if not pairs:
             raise DataError(f"no images to evaluate in {source} ({split})")
-        model = load_model(target)  # checks labels.txt against the outputs first
         samples = align_labels(pairs, target.labels)
         files = [p for p, _ in samples]
-        labels = np.array([lb for _, lb in samples])
         probs = predict_files(model, files, batch_size, tta)
-        metrics = compute_metrics(labels, probs, target.labels, top_k)
+        if multi:
+            labels = multilabel.targets([lb for _, lb in samples], len(target.labels))
+            metrics = score(labels, probs, target, top_k)
+            metrics.update(_calibration_multi(target, labels, probs))
+        else:
+            labels = np.array([lb for _, lb in samples])
+            metrics = score(labels, probs, target, top_k)
+            metrics.update(
+                _confidence_metrics(target, model, labels, probs, batch_size, tta)
+            )
         metrics.update(model=str(target.model_path), data=source, split=split, tta=tta)
-        metrics.update(
-            _confidence_metrics(target, model, labels, probs, batch_size, tta)
-        )
         if unknown is not None:
             metrics["unknown"] = _unknown_metrics(
                 model, unknown, probs, coverage, batch_size, tta
@@ -216,11 +265,49 @@ def evaluate(
         out = Path(out)
         result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
         if write:
-            result.overlays = report_overlays(model, files, labels, probs)
+            if not multi:
+                result.overlays = report_overlays(model, files, labels, probs)
             write_report(result, target)
             if track and target.run_dir is not None:
                 _track(result, target.run_dir, warn)
         return result
+
+
+def score(labels, probs, target, top_k: int = 5) -> dict:
+    """The metrics of `probs` against `labels`: class indices (single
+    label), or multi-hot rows scored at the thresholds stored beside the
+    target's model (`labelsets.compute`)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        found = labelsets.read_thresholds(target.model_path.parent)
+        thresholds = labelsets.thresholds_for(target.labels, found)
+        metrics = labelsets.compute(labels, probs, thresholds, target.labels)
+        metrics["thresholds_from"] = (
+            str(target.model_path.parent / labelsets.THRESHOLDS_FILE)
+            if found
+            else "none stored: 0.5 for every label"
+        )
+        return metrics
+    return compute_metrics(labels, probs, target.labels, top_k)
+
+
+def _calibration_multi(target, y, probs) -> dict:
+    """Multi-label calibration before/after, when the run fitted it."""
+    rec = calibration.for_target(target)
+    if rec is None or not rec.get("per_label"):
+        return {}
+    temps = [float(rec["temperatures"].get(c, 1.0)) for c in target.labels]
+    before = labelsets.with_temperatures(probs, 1.0 / np.asarray(temps))
+    return {
+        "calibration": {
+            "temperature": float(rec["temperature"]),
+            "temperatures": dict(zip(target.labels, temps, strict=True)),
+            **labelsets.calibration_summary(y, probs, temps),
+            "fitted_on": f"{rec.get('split', 'val')} ({rec.get('images', '?')} images)",
+            "reliability_before": labelsets.reliability(y, before),
+            "reliability_after": labelsets.reliability(y, probs),
+        }
+    }
 
 
 def _confidence_metrics(target, model, labels, probs, batch_size, tta) -> dict:

@@ -61,6 +61,13 @@ def parse_gates(items, option: str) -> dict[str, float]:
 def check_gates(summary: dict, fail_under: dict, fail_over: dict) -> list[str]:
     """Messages for every failed gate (empty when all pass)."""
     failed = []
+    absent = [k for k in (*fail_under, *fail_over) if k not in summary]
+    if absent:
+        kind = "multi-label" if "map" in summary else "single-label"
+        raise ConfigError(
+            f"gate on {', '.join(absent)}: not measured for this {kind} model; "
+            f"its metrics are {', '.join(summary)}. Received: {absent[0]!r}"
+        )
     for key, threshold in fail_under.items():
         value = summary[key]
         if value < threshold:
@@ -99,6 +106,8 @@ def compare_unseen(
     """
     from finetune_cli.data import split as split_lib
 
+    if metric == "accuracy" and ev.metrics.get("task") == "multi_label":
+        metric = "map"  # the default metric, for a multi-label model
     keep = split_lib.unseen_by(other.run_dir, ev.files)
     record = {
         "model": str(other.model_path),
@@ -112,15 +121,26 @@ def compare_unseen(
             f"{other.model_path} trained or validated on every one of "
             "these images, so the two cannot be compared fairly"
         ), record
+    from finetune_cli.evaluate.evaluation import score
+
     labels = np.asarray(ev.labels)[keep]
-    new = compute_metrics(labels, ev.probs[keep], other.labels, ev.metrics["top_k"])
+    top_k = ev.metrics.get("top_k", 5)
+    # The new model at its own thresholds (multi-label), the old at its.
+    new = ev.metrics
+    if len(keep) != len(ev.files):
+        new = {"summary": _rescored(ev, keep, labels, top_k)}
     probs = predict_files(
         load_model(other),
         [ev.files[i] for i in keep],
         batch_size,
         ev.metrics.get("tta", "none"),  # both scored the same way
     )
-    old = compute_metrics(labels, probs, other.labels, ev.metrics["top_k"])
+    old = score(labels, probs, other, top_k)
+    if metric not in old["summary"]:
+        raise ConfigError(
+            f"--compare-metric {metric}: not measured for these models; their "
+            f"metrics are {', '.join(old['summary'])}. Received: {metric!r}"
+        )
     record.update(
         value=old["summary"][metric],
         new_value=new["summary"][metric],
@@ -128,6 +148,17 @@ def compare_unseen(
         new_metrics=new["summary"],
     )
     return compare(new, old, metric, tolerance), record
+
+
+def _rescored(ev: Evaluation, keep, labels, top_k) -> dict:
+    """`ev`'s summary on the images `keep` only."""
+    probs = ev.probs[keep]
+    if ev.metrics.get("task") == "multi_label":
+        from finetune_cli.evaluate import labelsets
+
+        th = [ev.metrics["thresholds"][c] for c in ev.metrics["classes"]]
+        return labelsets.compute(labels, probs, th, ev.metrics["classes"])["summary"]
+    return compute_metrics(labels, probs, ev.metrics["classes"], top_k)["summary"]
 
 
 def gate(

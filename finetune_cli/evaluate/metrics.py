@@ -12,7 +12,18 @@ import math
 import numpy as np
 
 # Metrics where lower is better: `--fail-under` makes no sense for them.
-LOWER_IS_BETTER = {"log_loss", "ece"}
+LOWER_IS_BETTER = {"log_loss", "ece", "hamming_loss"}
+# Multi-label models' summary (`labelsets.compute`): map, micro_f1,
+# subset_accuracy, hamming_loss, with macro_f1, log_loss and ece.
+MULTI_LABEL_KEYS = (
+    "map",
+    "micro_f1",
+    "macro_f1",
+    "subset_accuracy",
+    "hamming_loss",
+    "log_loss",
+    "ece",
+)
 METRIC_KEYS = (
     "accuracy",
     "top_k_accuracy",
@@ -24,6 +35,10 @@ METRIC_KEYS = (
     "weighted_precision",
     "weighted_recall",
     "weighted_f1",
+    "map",
+    "micro_f1",
+    "subset_accuracy",
+    "hamming_loss",
 )
 
 

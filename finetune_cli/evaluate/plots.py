@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 from pathlib import Path
 
@@ -199,3 +201,27 @@ def _save(fig, path, plt) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def img_tag(path: Path, alt: str) -> str:
+    """An <img> of a PNG file, embedded (base64)."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def thumbnail_tag(path: str, size: int = 96) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            b = io.BytesIO()
+            im.save(b, "JPEG", quality=85)
+    except Exception:  # noqa: BLE001 - a thumbnail is best effort
+        return "<span>(unreadable)</span>"
+    return (
+        '<img src="data:image/jpeg;base64,'
+        + base64.b64encode(b.getvalue()).decode()
+        + '">'
+    )

@@ -9,6 +9,14 @@ others are still predicted.
 Rows are written as they come: CSV (`file,label,confidence,top_k,error`,
 top_k as `label:probability;...`) or JSON (a list of objects), to a file
 (written to a temporary name and renamed when complete) or to stdout.
+
+A multi-label model's row answers a label set: every label whose
+probability is at or above its threshold (the run's `thresholds.json`, or
+an export's metadata; 0.5 without). `label` holds them, in the order of
+labels.txt, joined by `|` (empty
+when none is above: the image shows none of the labels), JSON rows also
+have them as a list under `labels`, and `confidence` is the top label's
+probability.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import tensorflow as tf
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
 from finetune_cli import faults
+from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
 from finetune_cli.files import atomic_path
 from finetune_cli.model.saved import load_model
@@ -151,11 +160,64 @@ def predict(
     `unknown` (and `rejected` true); `top_k` still lists the classes.
     None: the run's `calibration.reject_below` (none for a bare model);
     0: never."""
+    from finetune_cli.model.build import is_multi_label
+
     target = resolve_target(target_path)
+    model = load_model(target)
+    if is_multi_label(model):
+        if reject_below:
+            raise ConfigError(
+                "--reject-below: a multi-label model answers each label at its "
+                "own threshold (an image of none of the labels gets an empty "
+                f"set). Received: --reject-below {reject_below}"
+            )
+        from finetune_cli.evaluate import labelsets
+
+        found = labelsets.read_thresholds(target.model_path.parent)
+        th = labelsets.thresholds_for(target.labels, found)
+        return _label_set_rows(target, model, files, top_k, batch_size, tta, th)
     if reject_below is None:
         reject_below = run_reject_below(target)
-    model = load_model(target)
     return _rows(target, model, files, top_k, batch_size, tta, reject_below or 0.0)
+
+
+def _label_set_rows(target, model, files, top_k, batch_size, tta, th):
+    names = target.labels
+    k = min(top_k, len(names))
+    for path, p, error in iter_probabilities(model, files, batch_size, tta):
+        if error is not None:
+            yield _error_row(path, error)
+            continue
+        order = np.argsort(-p, kind="stable")
+        # In the model's label order, as evaluate's predictions.csv has them.
+        chosen = [name for i, name in enumerate(names) if p[i] >= th[i]]
+        yield {
+            "file": path,
+            "label": "|".join(chosen),
+            "labels": chosen,
+            "rejected": False,
+            "confidence": float(p[order[0]]),
+            "top_k": [
+                {
+                    "label": names[int(i)],
+                    "probability": float(p[i]),
+                    "threshold": float(th[i]),
+                }
+                for i in order[:k]
+            ],
+            "error": None,
+        }
+
+
+def _error_row(path, error) -> dict:
+    return {
+        "file": path,
+        "label": None,
+        "rejected": False,
+        "confidence": None,
+        "top_k": [],
+        "error": error,
+    }
 
 
 def run_reject_below(target) -> Optional[float]:
@@ -171,14 +233,7 @@ def _rows(target, model, files, top_k, batch_size, tta, reject) -> Iterator[dict
     k = min(top_k, len(target.labels))
     for path, p, error in iter_probabilities(model, files, batch_size, tta):
         if error is not None:
-            yield {
-                "file": path,
-                "label": None,
-                "rejected": False,
-                "confidence": None,
-                "top_k": [],
-                "error": error,
-            }
+            yield _error_row(path, error)
             continue
         top = np.argsort(-p, kind="stable")[:k]
         rejected = bool(p[top[0]] < reject)

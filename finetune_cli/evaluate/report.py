@@ -61,6 +61,13 @@ def write_report(ev: Evaluation, target: Target) -> None:
 
 def _write_into(out: Path, ev: Evaluation, target: Target) -> None:
     m = ev.metrics
+    if m.get("task") == "multi_label":
+        from finetune_cli.evaluate import labelsets_report
+
+        labelsets_report.write_into(
+            out, ev, target, lambda folder: _curves(target, folder)
+        )
+        return
     classes = m["classes"]
     write_json(out / "metrics.json", m)
     buf = io.StringIO()
@@ -99,13 +106,7 @@ def _write_into(out: Path, ev: Evaluation, target: Target) -> None:
     plots.confusion_matrix_png(
         np.array(m["confusion_matrix"]), classes, out / "confusion_matrix.png"
     )
-    history = target.run_dir / "history.csv" if target.run_dir else None
-    curves = None
-    if history is not None and history.is_file():
-        try:
-            curves = plots.curves_png(history, out / "curves.png")
-        except DamagedFile as e:  # a view of the run; the metrics stand
-            curves = str(e)
+    curves = _curves(target, out)
     if len(ev.labels):
         plots.coverage_png(ev.labels, ev.probs, out / "coverage.png")
     if "calibration" in m:
@@ -116,6 +117,18 @@ def _write_into(out: Path, ev: Evaluation, target: Target) -> None:
     for i, ov in enumerate(ev.overlays):
         atomic_write(out / "gradcam" / overlay_name(i, ov), ov.png)
     atomic_write(out / "report.html", render_html(ev, curves, out))
+
+
+def _curves(target, out: Path):
+    """The run's training curves in `out` (a path), why there are none (a
+    string), or None (not a run)."""
+    history = target.run_dir / "history.csv" if target.run_dir else None
+    if history is None or not history.is_file():
+        return None
+    try:
+        return plots.curves_png(history, out / "curves.png")
+    except DamagedFile as e:  # a view of the run; the metrics stand
+        return str(e)
 
 
 def overlay_name(i: int, ov) -> str:
@@ -160,7 +173,7 @@ folded into the model's output layer.</p>
 <tr><td>ECE</td><td>{num(c["ece_before"])}</td><td>{num(c["ece_after"])}</td></tr>
 <tr><td>log loss</td><td>{num(c["log_loss_before"])}</td>
 <td>{num(c["log_loss_after"])}</td></tr></table>
-{_img_tag(folder / "reliability.png", "reliability diagram")}"""
+{plots.img_tag(folder / "reliability.png", "reliability diagram")}"""
         )
     sel = m.get("selective")
     if sel is not None:
@@ -173,7 +186,7 @@ folded into the model's output layer.</p>
             f"""<h2 id="selective">Selective prediction</h2>
 <p>Answering only the most confident images: accuracy on those answered.</p>
 <table><tr><th>coverage</th><th>threshold</th><th>accuracy</th></tr>{rows}</table>
-{_img_tag(folder / "coverage.png", "accuracy against coverage")}"""
+{plots.img_tag(folder / "coverage.png", "accuracy against coverage")}"""
         )
     u = m.get("unknown")
     if u is not None:
@@ -191,29 +204,6 @@ answered) {num(u["rejected"])} of them are rejected as unknown.</p>
 {rows}</table>"""
         )
     return "\n".join(parts)
-
-
-def _img_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _thumbnail(path: str, size: int = 96) -> str:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            b = io.BytesIO()
-            im.save(b, "JPEG", quality=85)
-    except Exception:  # noqa: BLE001 - a thumbnail is best effort
-        return "<span>(unreadable)</span>"
-    return (
-        '<img src="data:image/jpeg;base64,'
-        + base64.b64encode(b.getvalue()).decode()
-        + '">'
-    )
 
 
 def worst_mistakes(ev: Evaluation, limit: int = 24):
@@ -251,7 +241,7 @@ def render_html(ev: Evaluation, curves: "Optional[Path] | str", folder=None) -> 
     )
     mistakes = (
         "".join(
-            f"<figure>{_thumbnail(f)}<figcaption>{e(Path(f).name)}<br>true "
+            f"<figure>{plots.thumbnail_tag(f)}<figcaption>{e(Path(f).name)}<br>true "
             f"<b>{e(classes[t])}</b><br>pred <b>{e(classes[p])}</b> ({c:.2f})"
             f"</figcaption></figure>"
             for f, t, p, c in worst_mistakes(ev)
@@ -261,7 +251,7 @@ def render_html(ev: Evaluation, curves: "Optional[Path] | str", folder=None) -> 
     curves_html = (
         f"<p>No training curves: {e(curves)}</p>"
         if isinstance(curves, str)
-        else _img_tag(curves, "training curves")
+        else plots.img_tag(curves, "training curves")
         if curves is not None
         else "<p>No training history (not a run folder).</p>"
     )
@@ -285,7 +275,7 @@ img {{ max-width: 100%; }}
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>
 {per_class}</table>
 <h2 id="confusion">Confusion matrix</h2>
-{_img_tag(folder / "confusion_matrix.png", "confusion matrix")}
+{plots.img_tag(folder / "confusion_matrix.png", "confusion matrix")}
 <h2 id="most-confused">Most confused pairs</h2>
 <table><tr><th>true</th><th>predicted</th><th>count</th><th>fraction of true</th></tr>
 {confused}</table>

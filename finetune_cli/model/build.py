@@ -184,13 +184,25 @@ def check_options(app, options: dict) -> None:
             )
 
 
+def is_multi_label(model) -> bool:
+    """Whether a model of ours answers label sets: its output layer is a
+    sigmoid per label (a softmax answers one class)."""
+    try:
+        layer = model.get_layer(OUTPUT_NAME)
+    except ValueError:
+        layer = model.layers[-1]
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", "") == "sigmoid"
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
-def build_head(head_cfg, num_classes: int):
-    """The head layers (from the config) and the float32 softmax output."""
+def build_head(head_cfg, num_classes: int, multi_label: bool = False):
+    """The head layers (from the config) and the float32 output: softmax
+    (one class an image), or sigmoid per label for `multi_label`."""
 
     layers = []
     for i, spec in enumerate(head_cfg):
@@ -211,7 +223,10 @@ def build_head(head_cfg, num_classes: int):
     # float32 output: softmax under float16 loses too much precision.
     layers.append(
         keras.layers.Dense(
-            num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME
+            num_classes,
+            activation="sigmoid" if multi_label else "softmax",
+            dtype="float32",
+            name=OUTPUT_NAME,
         )
     )
     return layers
@@ -232,7 +247,7 @@ def build_model(cfg, num_classes: int):
     # with the outer `training` during fit (keras-team/keras#20285), so the
     # BN policy is enforced through `trainable` in `apply_trainable`.
     x = base(x, training=False)
-    for layer in build_head(cfg.head, num_classes):
+    for layer in build_head(cfg.head, num_classes, cfg.task == "multi_label"):
         x = layer(x)
     model = keras.Model(inputs, x, name=f"{app.name.lower()}_classifier")
     return model, base

@@ -108,6 +108,11 @@ def audit(
         raise ConfigError(
             f"audit: {index.source} has one class; label errors need two or more"
         )
+    if index.multi_label:
+        raise ConfigError(
+            f"audit: {index.source} is multi-label (task: multi_label); the "
+            "audit's label-error ranking is single-label (one class an image)"
+        )
     environment.configure_runtime(cfg, environment.has_gpu())
     extractor = features.build_extractor(cfg)
     x, y, files, splits = [], [], [], []

@@ -14,7 +14,7 @@ KINDS += ("outlier", "unreadable")
 def render_html(result, per_kind: int = 60) -> str:
     """The report page: per kind of finding, its first `per_kind` with
     thumbnails (`result`: an `audit.AuditResult`)."""
-    from finetune_cli.evaluate.report import _thumbnail
+    from finetune_cli.evaluate.plots import thumbnail_tag
 
     e = html.escape
     counts = result.counts()
@@ -24,7 +24,7 @@ def render_html(result, per_kind: int = 60) -> str:
         if not shown:
             continue
         figures = "".join(
-            f"<figure>{_thumbnail(f.file) if kind != 'unreadable' else ''}"
+            f"<figure>{thumbnail_tag(f.file) if kind != 'unreadable' else ''}"
             f"<figcaption>{e(Path(f.file).name)}<br>{e(f.label)} "
             f"({f.score:.3f})<br>{e(f.other)}</figcaption></figure>"
             for f in shown

@@ -31,6 +31,7 @@ from finetune_cli.cache import features
 from finetune_cli.cache import heads
 from finetune_cli.cache.extract import cache_root
 from finetune_cli.data import index as data_lib
+from finetune_cli.data import multilabel
 from finetune_cli.data import pipeline
 from finetune_cli.data import preflight as preflight_lib
 from finetune_cli.errors import ConfigError
@@ -157,7 +158,7 @@ def select(cfg, candidates: list[Candidate], out) -> list[Candidate]:
 
     checks.check(cfg)
     cfg = _inference_batch(cfg, out)
-    index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+    index = data_lib.index_config(cfg)
     index, _, save_verdicts = preflight_lib.scan_images(index, cfg, out)
     save_verdicts()
     n_train, n_val = len(index.splits["train"]), len(index.splits["val"])
@@ -217,6 +218,11 @@ def _measure(c: Candidate, cfg, index, out) -> None:
         c.reused = r.reused if split == "train" else c.reused and r.reused
     c.images_per_s = base_speed(extractor, cfg, index)
     (xt, yt, _), (xv, yv, _) = sets["train"], sets["val"]
+    if index.multi_label:  # label sets from the index, scored by mAP
+        yt, yv = (
+            multilabel.targets(index.labels(s), len(index.class_names))
+            for s in ("train", "val")
+        )
     t0 = time.monotonic()
     probe, c.train_accuracy, c.val_accuracy = heads.train_probe(
         xt[0], yt, xv[0], yv, len(index.class_names), cfg.experiment.seed

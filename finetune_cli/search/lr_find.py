@@ -32,6 +32,7 @@ import numpy as np
 
 from finetune_cli.config import checks
 from finetune_cli.model import build as model_lib
+from finetune_cli.train import losses
 from finetune_cli.train import setup as setup_lib
 from finetune_cli.train.inputs import PhaseInputs
 from finetune_cli.train import summary as summary_lib
@@ -190,7 +191,7 @@ def lr_find(
     )
     fit_model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
+        loss=losses.loss_for(spec, **setup.task(phase - 1)),
     )
     with out.counter(steps, "lr-find", unit="steps", final=False) as progress:
         test = _RangeTest(min_lr, max_lr, steps, progress)

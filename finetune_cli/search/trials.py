@@ -53,7 +53,8 @@ class CachedTrials:
         keras.utils.set_random_seed(cfg.experiment.seed)
         inputs = keras.Input((self.dim,), name="features")
         x = inputs
-        for layer in model_lib.build_head(cfg.head, self.num_classes):
+        multi = self.index.multi_label
+        for layer in model_lib.build_head(cfg.head, self.num_classes, multi):
             x = layer(x)
         head = keras.Model(inputs, x, name="head")
         monitor = cfg.experiment.monitor
@@ -65,7 +66,17 @@ class CachedTrials:
         for plan in self.phases:
             phase = cfg.phases[plan.index]
             cached = self.cached[plan.path]
-            phases_lib.compile_phase(head, phase, steps, self.num_classes, False)
+            phases_lib.compile_phase(
+                head,
+                phase,
+                steps,
+                self.num_classes,
+                False,
+                multi_label=multi,
+                label_weight=phases_lib.resolve_label_weight(
+                    phase, plan.index, self.index
+                ),
+            )
             train = feature_training.feature_dataset(
                 *cached.train,
                 self.num_classes,

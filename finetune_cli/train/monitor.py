@@ -40,6 +40,7 @@ def better(metric: str, value: float, than: float) -> bool:
 
 TIE_BREAK = {
     "val_accuracy": "val_loss",
+    "val_map": "val_loss",
     "val_loss": "val_accuracy",
     "accuracy": "loss",
     "loss": "accuracy",

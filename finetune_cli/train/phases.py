@@ -19,6 +19,7 @@ from finetune_cli.cache import cut as cut_lib
 from finetune_cli import config as config_lib
 from finetune_cli.model import build as model_lib
 from finetune_cli.errors import ConfigError
+from finetune_cli.train import losses
 
 
 @dataclasses.dataclass
@@ -131,14 +132,34 @@ def feature_paths(cfg, plans, distributed: bool = False) -> list[str]:
 
 
 def resolve_class_weight(phase, index: int, data_index) -> Optional[dict]:
-    """Keras `class_weight` for a phase: None, balanced, or by class name."""
+    """Keras `class_weight` for a phase: None, balanced, or by class name.
+    None for a multi-label index, whose weights are the loss's
+    (`resolve_label_weight`)."""
     cw = phase.class_weight
-    if cw is None:
+    if cw is None or data_index.multi_label:
         return None
     counts = data_index.counts("train")
     n, k = sum(counts), len(counts)
     if cw == "auto":
         return {i: n / (k * c) for i, c in enumerate(counts) if c}
+    return _by_name(cw, index, data_index)
+
+
+def resolve_label_weight(phase, index: int, data_index) -> Optional[list]:
+    """Multi-label: the weight of each label's positives in the loss
+    (`losses.LabelWeightedBinaryCrossentropy`), or None. `auto`: a label's
+    negatives over its positives in the training split."""
+    cw = phase.class_weight
+    if cw is None or not data_index.multi_label:
+        return None
+    if cw == "auto":
+        n = len(data_index.splits["train"])
+        return [(n - c) / c if c else 1.0 for c in data_index.counts("train")]
+    weights = _by_name(cw, index, data_index)
+    return [weights[i] for i in range(len(data_index.class_names))]
+
+
+def _by_name(cw: dict, index: int, data_index) -> dict:
     unknown = sorted(set(cw) - set(data_index.class_names))
     if unknown:
         raise ConfigError(
@@ -194,19 +215,22 @@ def build_optimizer(phase, steps_per_epoch: int):
 
 
 def compile_phase(
-    model, phase, steps_per_epoch: int, num_classes: int, jit_compile: bool
+    model,
+    phase,
+    steps_per_epoch: int,
+    num_classes: int,
+    jit_compile: bool,
+    *,
+    multi_label: bool = False,
+    label_weight: Optional[list] = None,
 ) -> None:
     """Compile `model` for `phase` (a fresh optimizer; recompiling is what
-    makes Keras pick up changed `trainable` flags)."""
-    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    makes Keras pick up changed `trainable` flags), with the task's loss
+    and metrics (`losses.py`)."""
     model.compile(
         optimizer=build_optimizer(phase, steps_per_epoch),
-        loss=keras.losses.CategoricalCrossentropy(
-            label_smoothing=phase.label_smoothing
-        ),
-        metrics=metrics,
+        loss=losses.loss_for(phase, multi_label, label_weight),
+        metrics=losses.metrics_for(num_classes, multi_label),
         jit_compile=jit_compile,
     )
 

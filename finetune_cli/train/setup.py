@@ -51,10 +51,17 @@ class Setup:
     # (`phases[].image_size`): the same variables, in the same order, as
     # `model`, so weights pass between them as one list.
     twins: dict = dataclasses.field(default_factory=dict)
+    # Multi-label: per phase, the weight of each label's positives or None.
+    label_weights: list = dataclasses.field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.index.class_names)
+
+    def task(self, phase_index: int) -> dict:
+        """`phases.compile_phase`'s task arguments for a phase."""
+        weights = self.label_weights[phase_index] if self.label_weights else None
+        return {"multi_label": self.index.multi_label, "label_weight": weights}
 
     def model_for(self, plan) -> tuple:
         """(model, base) that `plan`'s phase trains, at its image size."""
@@ -89,10 +96,13 @@ def prepare(
     if resume is not None:
         index, skipped, save_verdicts = _recorded(resume), [], None
     else:
-        index = data_lib.index_data(cfg.data, cfg.experiment.seed)
+        index = data_lib.index_config(cfg)
         index, skipped, save_verdicts = preflight_lib.scan_images(index, cfg, out)
     class_weights = [
         phases_lib.resolve_class_weight(p, i, index) for i, p in enumerate(cfg.phases)
+    ]
+    label_weights = [
+        phases_lib.resolve_label_weight(p, i, index) for i, p in enumerate(cfg.phases)
     ]
     if len(index.class_names) < 2:
         raise DataError(
@@ -158,6 +168,7 @@ def prepare(
         topo,
         save_verdicts,
         twins,
+        label_weights,
     )
 
 

@@ -222,3 +222,18 @@ def epoch_line(epoch: int, logs: dict, lr: float, seconds: float) -> str:
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def done_line(metrics: dict, multi_label: bool) -> str:
+    """The last line of a run: its best epoch and, with a test split, the
+    test accuracy (mAP for a multi-label run)."""
+    line = "no best epoch (the monitor never gave a number)"
+    if metrics["best_value"] is not None:
+        line = (
+            f"best {metrics['monitor']} {metrics['best_value']:.4f} at epoch "
+            f"{metrics['best_epoch']}"
+        )
+    if "test" in metrics:
+        key = "map" if multi_label else "accuracy"
+        line += f"; test {key} {metrics['test'][key]:.4f}"
+    return f"done: {line}"

@@ -30,6 +30,8 @@ from finetune_cli.model import build as model_lib
 from finetune_cli.run import state as runstate
 from finetune_cli.run import tracking
 from finetune_cli.run.folder import RunDir
+from finetune_cli.data import multilabel
+from finetune_cli.config import loader as loader_lib
 from finetune_cli.train import callbacks as callbacks_lib
 from finetune_cli.train import phases as phases_lib
 from finetune_cli.train import setup as setup_lib
@@ -99,7 +101,7 @@ class Trainer:
                 t.run / runstate.FILE,
                 config=t.config_dict,
                 versions=t.versions,
-                normalize=_current_schema,
+                normalize=loader_lib.current_schema,
             )
         else:
             t.state.model = runstate.values(t.model.variables)
@@ -160,7 +162,12 @@ class Trainer:
             plan, st.epoch, phase_end, deterministic=self.runtime["deterministic"]
         )
         phases_lib.compile_phase(
-            fit_model, phase, self.steps, self.num_classes, self.runtime["xla"]
+            fit_model,
+            phase,
+            self.steps,
+            self.num_classes,
+            self.runtime["xla"],
+            **self.setup.task(plan.index),
         )
         tb = self.run / "tensorboard" if self.cfg.experiment.tensorboard else None
         callbacks = callbacks_lib.phase_callbacks(phase, tb)
@@ -307,13 +314,15 @@ class Trainer:
             "path": plan.path,
             "val_loss": float(results["loss"]),
             "val_accuracy": float(results["accuracy"]),
+            **({"val_map": float(results["map"])} if "map" in results else {}),
         }
         st.end_phase(entry, runstate.values(self.phase_model.variables))
         self.files.commit()
         faults.point("phase_end")
         self.files.write_phase_metrics()
+        shown = "val_map" if "val_map" in entry else "val_accuracy"
         self.out.success(
-            f"phase {entry['phase']}: val_accuracy {entry['val_accuracy']:.4f}, "
+            f"phase {entry['phase']}: {shown} {entry[shown]:.4f}, "
             f"val_loss {entry['val_loss']:.4f} (best epoch "
             f"{entry['best_epoch']}, {summary.plural(entry['epochs_run'], 'epoch')})"
         )
@@ -322,7 +331,6 @@ class Trainer:
 
     def _finalize(self) -> FinetuneResult:
         from finetune_cli.evaluate import calibration
-        from finetune_cli.evaluate import evaluation
 
         st, run, exp = self.state, self.run, self.cfg.experiment
         if st.stage != "finalize":
@@ -333,18 +341,28 @@ class Trainer:
         runstate.assign(
             self.model.variables, st.best_run_weights or st.model, "best weights"
         )
-        if self.cfg.calibration.method == "temperature":
-            rec = calibration.calibrate(self.model, self.inputs.val_dataset())
-            self.out.info(calibration.describe(rec))
+        for name, rec, line in calibration.after_training(
+            self.model,
+            self.inputs.val_dataset(),
+            self.cfg.calibration.method,
+            self.index.class_names,
+            self.index.multi_label,
+        ):
+            self.out.info(line)
             if self.topo.chief:
-                run.write_json(calibration.FILE, rec)
+                run.write_json(name, rec)
         self.files.save_model("best.keras")
         self.files.save_base_weights()
         # Only the loss and metrics are needed now (label smoothing as in
         # the last phase, so `loss` means what it meant during training).
         with self.topo.strategy.scope():
             phases_lib.compile_phase(
-                self.model, self.cfg.phases[-1], self.steps, self.num_classes, False
+                self.model,
+                self.cfg.phases[-1],
+                self.steps,
+                self.num_classes,
+                False,
+                **self.setup.task(len(self.cfg.phases) - 1),
             )
             final = self.model.evaluate(
                 self.inputs.val_dataset(), verbose=0, return_dict=True
@@ -366,15 +384,8 @@ class Trainer:
             # writes it: on the recorded test files. One pass of the model
             # over them gives the report and, through the loss compiled for
             # val above, Keras' test loss.
-            ev = evaluation.evaluate(run.path, split="test", name="test", track=False)
-            onehot = keras.ops.one_hot(ev.labels, self.num_classes)
-            loss = self.model.loss(onehot, ev.probs)
-            metrics["test"] = {
-                "loss": float(keras.ops.convert_to_numpy(loss)),
-                **ev.metrics["summary"],
-                "report": str(ev.out_dir / "report.html"),
-            }
-            self.out.info(f"test report: {ev.out_dir / 'report.html'}")
+            metrics["test"] = test_metrics(self.model, run.path, self.num_classes)
+            self.out.info(f"test report: {metrics['test']['report']}")
         if not self.topo.chief:
             self.out.success(f"{self.topo.task}: done; the chief wrote the run folder")
             return FinetuneResult(run.path, metrics, st.history)
@@ -384,25 +395,20 @@ class Trainer:
         run.set_status("completed")
         with contextlib.suppress(FileNotFoundError):
             (run / runstate.FILE).unlink()  # nothing left to resume
-        summary_line = "no best epoch (the monitor never gave a number)"
-        if st.best_run is not None:
-            summary_line = (
-                f"best {exp.monitor} {st.best_run:.4f} at epoch {st.best_run_epoch}"
-            )
-        if "test" in metrics:
-            summary_line += f"; test accuracy {metrics['test']['accuracy']:.4f}"
-        self.out.success(f"done: {summary_line}")
+        self.out.success(summary.done_line(metrics, self.index.multi_label))
         self.out.info(f"run folder: {run.path}")
         return FinetuneResult(run.path, metrics, st.history)
 
 
-def _current_schema(saved: dict) -> dict:
-    """A saved config in this version's form: keys added since, at their
-    defaults (a run started before them resumes)."""
-    from finetune_cli import config as config_lib
-    from finetune_cli.errors import ConfigError
+def test_metrics(model, run_path, num_classes: int) -> dict:
+    """The run's held-out report, exactly as `finetune-cli evaluate RUN`
+    writes it, and Keras' test loss from the loss `model` is compiled with."""
+    from finetune_cli.evaluate import evaluation
 
-    try:
-        return config_lib.validate(saved).model_dump(mode="json")
-    except ConfigError:
-        return saved
+    ev = evaluation.evaluate(run_path, split="test", name="test", track=False)
+    loss = model.loss(multilabel.rows(ev.labels, num_classes), ev.probs)
+    return {
+        "loss": float(keras.ops.convert_to_numpy(loss)),
+        **ev.metrics["summary"],
+        "report": str(ev.out_dir / "report.html"),
+    }
