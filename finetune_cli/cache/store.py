@@ -47,9 +47,12 @@ def key_fields(
     """Everything the features depend on, as a JSON-able dict."""
     app = applications.get(cfg.model.name)
     files = []
-    for path, _ in samples:
-        st = os.stat(path)
-        files.append([path, st.st_size, st.st_mtime_ns])
+    if getattr(samples, "digest", None) is not None:  # shards: the manifest
+        files.append(["records", samples.digest, len(samples)])
+    else:
+        for path, _ in samples:
+            st = os.stat(path)
+            files.append([path, st.st_size, st.st_mtime_ns])
     return {
         "application": app.name,
         "weights": _weights_identity(cfg),

@@ -39,8 +39,10 @@ def check(cfg) -> None:
         check_output_dir(cfg.feature_cache.dir, "feature_cache.dir")
     if cfg.data.dir is not None:
         check_data_dir(Path(cfg.data.dir))
-    else:
+    elif cfg.data.csv is not None:
         check_csv(Path(cfg.data.csv))
+    elif "://" not in cfg.data.records:  # a remote pack is read when indexed
+        check_records(Path(cfg.data.records))
     if cfg.model.weights not in ("imagenet", "none"):
         check_weights(cfg.model.weights)
     if cfg.runtime.distribute == "multi_worker":
@@ -48,6 +50,17 @@ def check(cfg) -> None:
 
         distribute.cluster()  # TF_CONFIG set and well formed
     check_memory(cfg)
+
+
+def check_records(path: Path) -> None:
+    """A local `data.records` folder holds a finished pack."""
+    if not path.is_dir():
+        raise DataError(f"data.records: folder not found: {path}")
+    if not (path / "manifest.json").is_file():
+        raise DataError(
+            f"data.records: {path} has no manifest.json: not a folder written "
+            "by `finetune-cli pack`, or a pack that did not finish; pack again"
+        )
 
 
 def check_tracking(cfg) -> None:

@@ -176,6 +176,9 @@ class Data(_Strict):
 
     dir: Optional[PathStr] = None
     csv: Optional[PathStr] = None
+    # A folder written by `finetune-cli pack` (TFRecord shards and their
+    # manifest, local or `gs://...`): the split is the manifest's.
+    records: Optional[PathStr] = None
     split: Split = Split()
     image_size: tuple[Int, Int] = (224, 224)
     # `auto`: the largest power-of-two batch that fits this device, found by
@@ -188,6 +191,10 @@ class Data(_Strict):
     # before training naming it; "skip" leaves it (the held-out copy) out
     # and lists it in the run folder (skipped_images.txt).
     on_bad_image: Literal["error", "skip"] = "error"
+    # Hash every image on every run (pre-flight, resume, evaluate) instead
+    # of trusting the verdict cache for files whose size and modification
+    # time are unchanged (a file rewritten in place with its mtime kept).
+    rehash: Bool = False
     # task: multi_label: the separator of the labels in the CSV's `label`
     # cell (`cat|dog`); an empty cell is an image with none of the labels.
     label_separator: str = Field("|", min_length=1, max_length=8)
@@ -210,11 +217,19 @@ class Data(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.dir is None) == (self.csv is None):
+        given = [x for x in (self.dir, self.csv, self.records) if x is not None]
+        if len(given) != 1:
             raise ValueError(
-                "set exactly one of `data.dir` (folder per class) or "
-                f"`data.csv` (path,label manifest). Received: dir={_short(self.dir)}, "
-                f"csv={_short(self.csv)}"
+                "set exactly one of `data.dir` (folder per class), `data.csv` "
+                "(path,label manifest) or `data.records` (shards written by "
+                f"`finetune-cli pack`). Received: dir={_short(self.dir)}, "
+                f"csv={_short(self.csv)}, records={_short(self.records)}"
+            )
+        if self.records is not None and self.fraction < 1:
+            raise ValueError(
+                "data.fraction keeps a share of each class's files; shards are "
+                "read whole: pack a smaller set instead. Received: "
+                f"fraction={self.fraction} with records"
             )
         return self
 
@@ -707,7 +722,7 @@ class Config(_Strict):
 
     def _check_task(self) -> None:
         multi = self.task == "multi_label"
-        if multi and self.data.csv is None:
+        if multi and self.data.csv is None and self.data.records is None:
             raise _KeyError(
                 ("data", "dir"),
                 "task: multi_label reads its labels from a CSV manifest: set "

@@ -21,6 +21,12 @@ def decode(raw):
     return _orient(image, orientation)
 
 
+def load_pixels(raw, image_size):
+    """Decode and resize encoded image bytes: float32, 0-255, [H, W, 3]
+    (a file's bytes, or a record's)."""
+    return tf.image.resize(decode(raw), image_size)
+
+
 # The EXIF block of a JPEG sits in an APP1 segment near the start, after
 # the marker "Exif\0\0". It is read with a few TensorFlow ops on the
 # first bytes, so the input pipeline stays in C++: reading it with Pillow

@@ -40,6 +40,13 @@ def index_config(cfg) -> DataIndex:
     )
 
 
+def is_records(folder) -> bool:
+    """Whether `folder` holds a pack (`manifest.json` of `records.py`)."""
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(f"{folder}/manifest.json")
+
+
 def index_data(data, seed: int, *, multi_label: bool = False) -> DataIndex:
     """Find and split the images declared by a `data` config section.
 
@@ -50,6 +57,10 @@ def index_data(data, seed: int, *, multi_label: bool = False) -> DataIndex:
     """
     from finetune_cli.data import manifest
 
+    if getattr(data, "records", None) is not None:
+        from finetune_cli.data import records
+
+        return records.index_records(data.records, multi_label=multi_label)
     if multi_label:
         index = manifest.index_multi_label(data, seed)
     elif data.csv is not None:

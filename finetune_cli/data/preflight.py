@@ -29,6 +29,8 @@ def scan_images(index, cfg, out):
     changed files. Returns (the index without them, [(path, why)], a
     function that saves the verdicts): the caller saves them once every
     other check has passed, so bad input leaves no file behind."""
+    if index.records is not None:  # every image was checked when packed
+        return index, [], lambda: None
     verdicts, save = scan_verdicts(index, cfg, out)
     index, skipped = preflight(index, cfg.data.on_bad_image, verdicts=verdicts)
     if skipped:
@@ -43,12 +45,51 @@ def scan_verdicts(index, cfg, out):
     """`image_verdicts` of every image of `index`, with a progress bar and
     the verdicts cached in the feature cache folder (when it is enabled):
     (path -> (why it cannot be used or None, SHA-256), save function)."""
-    cache = None
-    if cfg.feature_cache.enabled:
-        cache = Path(cfg.feature_cache.dir) / PREFLIGHT_CACHE
+    if index.records is not None:  # checked when packed
+        return {p: (None, None) for v in index.splits.values() for p, _ in v}, (
+            lambda: None
+        )
     paths = list(dict.fromkeys(p for v in index.splits.values() for p, _ in v))
     with out.counter(len(paths), "pre-flight") as progress:
-        return image_verdicts(paths, cache, progress)
+        return image_verdicts(paths, cache_file(cfg), progress, rehash=cfg.data.rehash)
+
+
+def cache_file(cfg):
+    """Where `cfg`'s verdicts are cached (None with the cache off)."""
+    if not cfg.feature_cache.enabled:
+        return None
+    return Path(cfg.feature_cache.dir) / PREFLIGHT_CACHE
+
+
+def read_cache(cache_file) -> dict:
+    """The cached verdicts by path ({} when there are none)."""
+    import json
+
+    if cache_file is None:
+        return {}
+    try:
+        files = json.loads(Path(cache_file).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # no cache yet, or unreadable: start again
+    return files if isinstance(files, dict) else {}
+
+
+def cached_digest(path, entry) -> str | None:
+    """The SHA-256 a verdict cache `entry` recorded for `path`, when the
+    file still has the size and modification time it had then (None
+    otherwise: it must be hashed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return entry["sha256"]
+    return None
 
 
 def check_image(path: str) -> str | None:
@@ -96,7 +137,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 PREFLIGHT_CACHE = "preflight.json"
 
 
-def image_verdicts(paths, cache_file=None, progress=None):
+def image_verdicts(paths, cache_file=None, progress=None, *, rehash: bool = False):
     """For each path: (why it cannot be used or None, SHA-256 of its bytes),
     and a function that saves the verdicts to `cache_file` (called by the
     caller once it is content with them).
@@ -104,27 +145,28 @@ def image_verdicts(paths, cache_file=None, progress=None):
     Decoding is the slow part (a quarter of a second for a 12-megapixel
     JPEG), so verdicts are kept in `cache_file`, keyed by path with the
     file's size, mtime and content hash: a rerun decodes only new or
-    changed files. Files are hashed and decoded in parallel threads (PIL
-    and hashlib release the GIL while they work).
+    changed files. A file whose size and modification time are those
+    cached is not read at all (its cached hash is trusted), so a rerun on
+    an unchanged folder costs a `stat` per file; `rehash` reads and hashes
+    every file again (a file changed in place with its mtime kept). Files
+    are hashed and decoded in parallel threads (PIL and hashlib release
+    the GIL while they work).
     """
     import concurrent.futures
-    import json
 
-    cache = {}
-    if cache_file is not None:
-        try:
-            cache = json.loads(Path(cache_file).read_text()).get("files", {})
-        except (OSError, ValueError, AttributeError):
-            cache = {}  # no cache yet, or unreadable: start again
+    cache = read_cache(cache_file)
 
     def one(path):
+        entry = cache.get(path)
+        known = None if rehash else cached_digest(path, entry)
+        if known is not None:
+            return path, entry, (entry.get("reason"), known)
         try:
             st = os.stat(path)
             digest = sha256_file(path)
         except OSError as e:
             return path, None, (f"cannot read: {e.strerror or e}", None)
         key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        entry = cache.get(path)
         if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()):
             return path, entry, (entry.get("reason"), digest)
         reason = check_image(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from typing import Optional
 
 from finetune_cli.errors import DataError
 
@@ -32,6 +33,9 @@ class DataIndex:
     fraction: float = 1.0
     # task: multi_label: each label is a tuple of class indices.
     multi_label: bool = False
+    # data.records: {"folder", "manifest_sha256"}; each split is a
+    # `records.RecordSamples` of record keys (`records.py`).
+    records: Optional[dict] = None
 
     def counts(self, split: str) -> list[int]:
         """Images per class (per label: the images carrying it)."""

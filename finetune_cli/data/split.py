@@ -42,8 +42,30 @@ FORMAT = "finetune-cli-split/2"
 
 
 def record(index: data_lib.DataIndex, skipped=()) -> dict:
-    """The split.json record of an index (digests computed where missing)."""
+    """The split.json record of an index (digests computed where missing).
+    An index of shards records the pack's folder and manifest digest
+    instead of its files (`records`)."""
     files = {}
+    if index.records is not None:
+        return {
+            "format": FORMAT,
+            **({"task": "multi_label"} if index.multi_label else {}),
+            "source": index.source,
+            "fraction": 1.0,
+            "classes": list(index.class_names),
+            "records": dict(index.records),
+            "splits": {
+                s: {
+                    "files": len(v),
+                    "per_class": dict(
+                        zip(index.class_names, index.counts(s), strict=True)
+                    ),
+                }
+                for s, v in index.splits.items()
+            },
+            "files": {},
+            "skipped": [],
+        }
     names = index.class_names
     for split, samples in index.splits.items():
         files[split] = [
@@ -154,10 +176,16 @@ def load(
     *,
     allow_missing: bool = False,
     warn: Optional[Callable[[str], None]] = None,
+    cache_file=None,
+    rehash: bool = False,
 ) -> Optional[data_lib.DataIndex]:
     """The recorded files of `splits` (default: all), checked on disk.
 
-    Every file must still exist with the same content (SHA-256).
+    Every file must still exist with the same content (SHA-256). A file
+    the pre-flight verdict cache (`cache_file`) knows, with the size and
+    modification time it had when hashed, is not hashed again (unless
+    `rehash`): a resume or an evaluation of an unchanged folder costs a
+    `stat` per file.
 
     Returns:
         A DataIndex of the recorded files (in recorded order), or None when
@@ -170,6 +198,8 @@ def load(
     rec = read(run_dir)
     if rec is None:
         return None
+    if rec.get("records"):
+        return _load_records(run_dir, rec, splits, rehash)
     classes = rec["classes"]
     multi = rec.get("task") == "multi_label"
     wanted = (
@@ -180,10 +210,11 @@ def load(
     out: dict[str, list[tuple[str, int]]] = {}
     digests: dict[str, str] = {}
     problems: list[str] = []
+    known = {} if rehash else preflight_lib.read_cache(cache_file)
     for split in wanted:
         kept = []
         for path, label, digest in rec["files"][split]:
-            why = _check(path, digest)
+            why = _check(path, digest, known.get(path))
             if why:
                 problems.append(f"{path} ({split}): {why}")
                 continue
@@ -218,9 +249,38 @@ def load(
     )
 
 
-def _check(path: str, digest: str) -> Optional[str]:
+def _load_records(run_dir, rec, splits, rehash: bool) -> data_lib.DataIndex:
+    """A run on shards: its pack, checked by the manifest's digest and the
+    shard files' sizes (their SHA-256 with `rehash`), not image by image."""
+    from finetune_cli.data import records
+
+    folder = rec["records"].get("folder")
+    manifest, digest = records.read_manifest(folder)
+    if digest != rec["records"].get("manifest_sha256"):
+        raise DataError(
+            f"{records.join(folder, records.MANIFEST)} changed since the run "
+            f"recorded it in {Path(run_dir) / FILE}: the shards were packed "
+            "again, so the run's held-out split may not be the same images. "
+            "Restore the pack, or judge the model on other images with --data"
+        )
+    problems = records.check_shards(folder, manifest, rehash=rehash)
+    if problems:
+        raise DataError(
+            f"{len(problems)} shard(s) of {folder} differ from its manifest: "
+            + "; ".join(problems[:5])
+            + ". Restore them, or pack the data again and start a new run"
+        )
+    index = records.index_records(folder)
+    if splits is not None:
+        index.splits = {s: v for s, v in index.splits.items() if s in splits}
+    return index
+
+
+def _check(path: str, digest: str, entry=None) -> Optional[str]:
     if not os.path.isfile(path):
         return "no longer exists"
+    if preflight_lib.cached_digest(path, entry) == digest:
+        return None
     if preflight_lib.sha256_file(path) != digest:
         return "content changed since the run recorded it"
     return None
@@ -231,6 +291,12 @@ def digests_of(run_dir, splits) -> set[str]:
     rec = read(run_dir)
     if rec is None:
         return set()
+    if rec.get("records"):
+        from finetune_cli.data import records
+
+        index = records.index_records(rec["records"]["folder"])
+        keys = [k for s in splits for k, _ in index.splits.get(s, [])]
+        return set(records.key_digests(keys).values()) if keys else set()
     return {d for s in splits for _, _, d in rec["files"].get(s, [])}
 
 
@@ -240,9 +306,13 @@ def unseen_by(reference_dir, files) -> list[int]:
     recorded no split."""
     if reference_dir is None:
         return list(range(len(files)))
+    from finetune_cli.data import records
+
     seen = digests_of(reference_dir, ("train", "val"))
+    keyed = [f for f in files if records.is_key(f)]
+    known = records.key_digests(keyed) if keyed else {}
     return [
         i
         for i, f in enumerate(files)
-        if not seen or preflight_lib.sha256_file(f) not in seen
+        if not seen or (known.get(f) or preflight_lib.sha256_file(f)) not in seen
     ]

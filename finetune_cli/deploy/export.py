@@ -52,6 +52,7 @@ import tensorflow as tf
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
 from finetune_cli.data import multilabel
+from finetune_cli.data import records
 from finetune_cli.model import build as model_lib
 from finetune_cli.evaluate import evaluation
 from finetune_cli.model import saved as runmodel
@@ -102,7 +103,11 @@ def _images(samples, size, limit: int, seed: int, num_classes: int = 0):
     if len(samples) > limit:
         idx = sorted(rng.choice(len(samples), limit, replace=False))
         samples = [samples[i] for i in idx]
-    x = np.stack([np.asarray(pipeline.load_image(p, size)) for p, _ in samples])
+    if records.is_key(samples[0][0]):  # a pack's records, read shard by shard
+        found = records.keyed_images([p for p, _ in samples], size)
+        x = np.stack([found[p] for p, _ in samples])
+    else:
+        x = np.stack([np.asarray(pipeline.load_image(p, size)) for p, _ in samples])
     labels = [lb for _, lb in samples]
     if multilabel.is_multi(samples):
         return x.astype(np.float32), multilabel.targets(labels, num_classes) > 0.5

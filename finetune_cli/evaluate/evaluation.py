@@ -17,6 +17,7 @@ import numpy as np
 
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import multilabel
+from finetune_cli.data import records
 from finetune_cli.evaluate import labelsets
 from finetune_cli.model import build as model_lib
 from finetune_cli.run import tracking
@@ -80,6 +81,14 @@ def resolve_data(
             )
         if data.is_dir() and data.suffix.lower() == ".csv":
             raise DataError(f"--data {data} is a folder; expected a .csv file")
+        if data.is_dir() and data_lib.is_records(data):
+            index = records.index_records(data, multi_label=multi_label)
+            if split not in index.splits:
+                raise DataError(
+                    f"--split {split}: {data} has no {split} split (it has "
+                    f"{', '.join(index.splits)})"
+                )
+            return pairs_of(index, split), str(data), split
         if data.is_dir() and not (data / "train").is_dir():
             # A plain folder of class folders: every image is held out.
             index = data_lib.index_whole_folder(data, "--data")
@@ -95,7 +104,11 @@ def resolve_data(
                 "--config CONFIG (or a run folder)"
             )
         recorded = split_lib.load(
-            target.run_dir, [split], allow_missing=allow_missing, warn=warn
+            target.run_dir,
+            [split],
+            allow_missing=allow_missing,
+            warn=warn,
+            **_hashing(target.run_dir),
         )
         if recorded is not None:
             if split not in recorded.splits:
@@ -131,6 +144,19 @@ def pairs_of(index, split):
         (p, tuple(names[i] for i in lb) if isinstance(lb, tuple) else names[lb])
         for p, lb in index.splits.get(split, [])
     ]
+
+
+def _hashing(run_dir) -> dict:
+    """`split.load`'s verdict cache and rehash setting, from the run's
+    config (none: every file hashed)."""
+    from finetune_cli import config as config_lib
+    from finetune_cli.data import preflight
+
+    try:
+        cfg = config_lib.load_run_config(run_dir)
+    except Exception:  # noqa: BLE001 - an older or damaged config: hash all
+        return {}
+    return {"cache_file": preflight.cache_file(cfg), "rehash": cfg.data.rehash}
 
 
 def _separator(target) -> str:
@@ -265,7 +291,8 @@ def evaluate(
         out = Path(out)
         result = Evaluation(metrics, out, probs, labels, files, run_dir=target.run_dir)
         if write:
-            if not multi:
+            # Grad-CAM reads images by path: not for the records of a pack.
+            if not multi and not records.is_key(files[0]):
                 result.overlays = report_overlays(model, files, labels, probs)
             write_report(result, target)
             if track and target.run_dir is not None:

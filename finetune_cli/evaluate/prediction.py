@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
+from finetune_cli.data import records
 from finetune_cli import faults
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
@@ -95,17 +96,17 @@ def iter_probabilities(
     """
     paths = [str(p) for p in paths]
     size = model_image_size(model)
-    ds = (
-        tf.data.Dataset.from_tensor_slices([pipeline.tf_path(p) for p in paths])
-        .map(
+    if paths and records.is_key(paths[0]):  # a split of data.records
+        ds = records.keyed_dataset(paths, size)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(
+            [pipeline.tf_path(p) for p in paths]
+        ).map(
             lambda p: (p, pipeline.load_image(p, size)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        .ignore_errors()
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    ds = ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
     i = 0
     for names, images in ds:
         probs = np.asarray(model.predict_on_batch(images), dtype=np.float64)

@@ -94,7 +94,7 @@ def prepare(
     out = out or Output()
     topo = topo or distribute.Topology("none", tf.distribute.get_strategy())
     if resume is not None:
-        index, skipped, save_verdicts = _recorded(resume), [], None
+        index, skipped, save_verdicts = _recorded(resume, cfg), [], None
     else:
         index = data_lib.index_config(cfg)
         index, skipped, save_verdicts = preflight_lib.scan_images(index, cfg, out)
@@ -184,11 +184,15 @@ def _recorded_batch(resume: Path) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def _recorded(resume: Path) -> data_lib.DataIndex:
+def _recorded(resume: Path, cfg) -> data_lib.DataIndex:
     run = RunDir(resume)
     if run.status().get("state") == "completed":
         raise ConfigError(f"--resume {resume}: the run is already completed")
-    index = split_lib.load(run.path)
+    index = split_lib.load(
+        run.path,
+        cache_file=preflight_lib.cache_file(cfg),
+        rehash=cfg.data.rehash,
+    )
     if index is None:
         raise ConfigError(
             f"--resume {resume}: the run has no recorded file list (it was "
