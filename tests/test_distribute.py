@@ -4,6 +4,7 @@ one device; a worker that dies stops the others, and --resume completes."""
 
 import csv
 import json
+import os
 import socket
 import tempfile
 import time
@@ -247,3 +248,46 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
     assert distribute.Topology("none", None).steps_per_epoch(17, 8) == 3
     two = distribute.Topology("multi_worker", None, replicas=2, workers=2)
     assert two.steps_per_epoch(17, 8) == 2  # full global batches only
+
+
+@pytest.mark.heavy
+def test_two_workers_train_from_shards(shapes_dir, tmp_path):
+    """data.records under multi_worker: each worker reads whole shards of
+    every epoch (4 train shards of 4 images, 2 a worker) and the chief
+    writes the one run folder, which records the pack's manifest."""
+    from finetune_cli import config as config_lib
+    from finetune_cli.console import Output
+    from finetune_cli.data.pack import pack_data
+
+    shards = tmp_path / "shards"
+    section = config_lib.Data(
+        dir=str(shapes_dir), split={"train": 0.5, "val": 0.25, "test": 0.25}
+    )
+    pack_data(
+        section,
+        shards,
+        seed=3,
+        multi_label=False,
+        shard_size=4,
+        out=Output(file=open(os.devnull, "w")),
+    )
+    cfg = write_config(
+        shapes_dir, tmp_path, "shards", distribute="multi_worker", worker_timeout=60
+    )
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"] = {"records": str(shards), "image_size": 32, "batch_size": 8}
+    cfg.write_text(yaml.safe_dump(raw))
+    ports = free_ports(2)
+    procs = [
+        launch(["finetune", str(cfg)], env={"TF_CONFIG": tf_config(ports, i)})
+        for i in range(2)
+    ]
+    for code, _, err in [finish(p) for p in procs]:
+        assert code == 0, err[-3000:]
+    (run,) = runs(tmp_path, "shards")
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    rec = json.loads((run / "split.json").read_text())
+    assert rec["records"]["folder"] == str(shards) and rec["files"] == {}
+    rows = history(run)
+    assert [r[0] for r in rows] == ["head"] * 2 + ["top"] * 2
+    assert all(np.isfinite(losses(rows)))

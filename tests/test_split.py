@@ -2,6 +2,7 @@
 happens to the data folder afterwards."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -141,3 +142,66 @@ def test_skipped_held_out_duplicate_counts_nowhere(tmp_path):
     assert str(dup) in (run / "skipped_images.txt").read_text()
     result = json.loads((run / "metrics.json").read_text())
     assert result["test"]["accuracy"] == metrics["summary"]["accuracy"]
+
+
+def test_an_unchanged_folder_is_not_hashed_again_unless_asked(
+    shapes_dir, tmp_path, monkeypatch
+):
+    """Pre-flight, resume and evaluate trust the verdict cache for files
+    whose size and mtime are unchanged: a rerun costs a stat per file."""
+    import shutil
+
+    from finetune_cli.data import index as data_lib
+    from finetune_cli.data import preflight
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    cache = tmp_path / "preflight.json"
+    index = data_lib.index_data(config_lib.Data(dir=str(data)), 0)
+    paths = [p for v in index.splits.values() for p, _ in v]
+    hashed = []
+    real = preflight.sha256_file
+    monkeypatch.setattr(
+        preflight, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a)
+    )
+    first, save = preflight.image_verdicts(paths, cache)
+    save()
+    assert len(hashed) == len(paths)
+    hashed.clear()
+    again, _ = preflight.image_verdicts(paths, cache)
+    assert hashed == [] and again == first
+    # A file rewritten (new mtime) is hashed and decoded again; only it.
+    changed = paths[0]
+    os.utime(changed, ns=(1, 1))
+    preflight.image_verdicts(paths, cache)
+    assert hashed == [changed]
+    hashed.clear()
+    preflight.image_verdicts(paths, cache, rehash=True)
+    assert sorted(hashed) == sorted(paths)
+
+    # The recorded split of a run: checked by the same cache.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / split_lib.FILE).write_text(
+        json.dumps(
+            split_lib.record(
+                dataclasses.replace(index, digests={p: v[1] for p, v in first.items()})
+            )
+        )
+    )
+    os.utime(changed, ns=(2, 2))  # not in the cache as it is now
+    hashed.clear()
+    split_lib.load(run, cache_file=cache)
+    assert hashed == [changed]
+    hashed.clear()
+    split_lib.load(run, cache_file=cache, rehash=True)
+    assert len(hashed) == len(paths)
+    # Content changed with the mtime put back: only a rehash sees it.
+    st = os.stat(paths[1])
+    raw = bytearray(open(paths[1], "rb").read())
+    raw[-1] ^= 0xFF  # the same size
+    open(paths[1], "wb").write(bytes(raw))
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    split_lib.load(run, cache_file=cache)  # size and mtime: trusted
+    with pytest.raises(Exception, match="content changed"):
+        split_lib.load(run, cache_file=cache, rehash=True)
