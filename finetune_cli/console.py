@@ -49,15 +49,18 @@ class Output:
         verbose: bool = False,
     ):
         self.console = Console(
-            file=file or sys.stdout, highlight=False, soft_wrap=False
+            file=file or sys.stdout, highlight=False, emoji=False, soft_wrap=False
         )
         # Messages are never wrapped: one error is one line in a log.
-        self.err = Console(file=err_file or sys.stderr, highlight=False, soft_wrap=True)
+        self.err = Console(
+            file=err_file or sys.stderr, highlight=False, emoji=False, soft_wrap=True
+        )
         self.plain = (not self.console.is_terminal) if plain is None else plain
         if self.plain:
             self.console = Console(
                 file=file or sys.stdout,
                 highlight=False,
+                emoji=False,
                 no_color=True,
                 force_terminal=False,
                 # Plain lines are for logs and greps: a table row stays
@@ -82,6 +85,7 @@ class Output:
             width=PLAIN_WIDTH,
             force_terminal=False,
             highlight=False,
+            emoji=False,
             soft_wrap=True,
         )
 
@@ -182,7 +186,9 @@ class Output:
 
     def text(self, text: str) -> None:
         """Raw text (YAML, JSON) to stdout, even with --quiet."""
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(
+            text, markup=False, highlight=False, emoji=False, soft_wrap=True
+        )
 
     # -- progress ---------------------------------------------------------
 

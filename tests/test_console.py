@@ -107,3 +107,12 @@ def test_small_numbers_are_short():
         "0",
         "1e-2",
     ]
+
+
+def test_paths_with_colons_are_shown_as_written():
+    """rich turns `:ram:` into an emoji unless told not to: a path
+    `records:ram://bucket` must stay a path, in a terminal and in a log."""
+    for plain in (True, False):
+        buf = io.StringIO()
+        Output(file=buf, plain=plain).info("records:ram://bucket/x :smile:")
+        assert "records:ram://bucket/x :smile:" in buf.getvalue()

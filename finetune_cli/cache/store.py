@@ -38,7 +38,9 @@ def _weights_identity(cfg) -> str:
         return f"imagenet (keras {keras.__version__})"
     if w == "none":
         return f"none (random, seed {cfg.experiment.seed})"
-    return f"sha256:{preflight_lib.sha256_file(w)}"
+    from finetune_cli import remote
+
+    return f"sha256:{preflight_lib.sha256_file(remote.fetch(w))}"
 
 
 def key_fields(

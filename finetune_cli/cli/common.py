@@ -54,7 +54,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for err
 
 
 RunOrModelArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         help="A run folder or a .keras file with labels.txt beside it.",
         show_default=False,

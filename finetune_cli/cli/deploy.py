@@ -27,7 +27,7 @@ app = typer.Typer()
 @app.command("export", cls=Command)
 def export_(
     target: Annotated[
-        Path,
+        str,
         typer.Argument(
             help="A run folder (uses best.keras) or a .keras file with labels.txt "
             "beside it.",
@@ -47,8 +47,8 @@ def export_(
         ),
     ] = "none",
     out_dir: Annotated[
-        Optional[Path],
-        typer.Option("--out", help="Output folder. Default: RUN/export."),
+        Optional[str],
+        typer.Option("--out", help="Output folder (or gs://...). Default: RUN/export."),
     ] = None,
     force: Annotated[
         bool, typer.Option(help="Replace an existing export folder.")
@@ -177,7 +177,7 @@ def export_(
             for note in report["notes"]:
                 out.warn(note)
         parity_lib.raise_on_failures(report, result.out_dir)
-        out.success(f"exported to {result.out_dir}")
+        out.success(f"exported to {result.remote_dir or result.out_dir}")
 
     run_command(out, debug, job)
 

@@ -109,7 +109,7 @@ def _render_evaluation(out: Output, ev) -> None:
 @app.command(cls=Command)
 def evaluate(
     target: Annotated[
-        Path,
+        str,
         typer.Argument(
             help="A run folder (uses best.keras) or a .keras file with labels.txt "
             "beside it.",

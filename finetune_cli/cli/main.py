@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 import typer.core
 
+from finetune_cli.cli import data
 from finetune_cli.cli import deploy
 from finetune_cli.cli import evaluate
 from finetune_cli.cli import models
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 # In a newcomer's order: prepare, train, use, ship, then the groups.
 app.add_typer(prepare.app)
+app.add_typer(data.app)
 app.add_typer(train.app)
 app.add_typer(evaluate.app)
 app.add_typer(predict.app)

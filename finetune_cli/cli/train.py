@@ -52,14 +52,14 @@ def finetune(
         ),
     ] = None,
     resume: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
             help="Complete an interrupted run in its folder, from its last "
             "saved state (uses the run's own config.yaml and split)."
         ),
     ] = None,
     promote_to: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
             help="After training, make this link point at the new model if it "
             "passes --fail-under and is not worse than the one promoted."
@@ -107,9 +107,15 @@ def finetune(
                 raise_config("--set cannot change a run being resumed")
             from finetune_cli.config import load_run_config
 
-            if not resume.is_dir():
+            from finetune_cli import remote
+
+            run_dir = Path(resume)
+            if remote.is_remote(resume):  # a run folder on object storage
+                quiet_tensorflow()
+                run_dir, _ = remote.local_run(resume)
+            if not run_dir.is_dir():
                 raise_config(f"--resume {resume}: no such run folder")
-            cfg = load_run_config(resume)
+            cfg = load_run_config(run_dir)
         else:
             cfg = load_config_file(config, set_)
         if time_limit is not None:
@@ -134,7 +140,13 @@ def finetune(
         quiet_tensorflow()
         from finetune_cli.train.job import finetune as run
 
-        result = run(cfg, out, argv=sys.argv, resume=resume, time_limit=time_limit)
+        result = run(
+            cfg,
+            out,
+            argv=sys.argv,
+            resume=None if resume is None else run_dir,
+            time_limit=time_limit,
+        )
         if promote_to is not None and result.run_dir is not None:
             from finetune_cli.deploy import promotion
 

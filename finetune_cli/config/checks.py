@@ -33,18 +33,32 @@ ACTIVATION_FACTOR = 16
 
 def check(cfg) -> None:
     """Raise ConfigError or DataError for the first problem found."""
-    check_output_dir(cfg.experiment.output_dir, "experiment.output_dir")
+    from finetune_cli import remote
+
+    out_dir = cfg.experiment.output_dir
+    if remote.is_remote(out_dir):  # written in a local mirror, then uploaded
+        out_dir = remote.mirror_of(out_dir)
+    check_output_dir(out_dir, "experiment.output_dir")
     check_tracking(cfg)
     if cfg.feature_cache.enabled:
+        if remote.is_remote(cfg.feature_cache.dir):
+            raise ConfigError(
+                "feature_cache.dir: the feature cache is read at random and "
+                "rewritten in place: keep it on a local disk. Received: "
+                f"feature_cache.dir={cfg.feature_cache.dir!r}"
+            )
         check_output_dir(cfg.feature_cache.dir, "feature_cache.dir")
-    if cfg.data.dir is not None:
+    source = cfg.data.dir or cfg.data.csv or cfg.data.records
+    if remote.is_remote(source):
+        pass  # fetched (dir, csv) or streamed (records) when indexed
+    elif cfg.data.dir is not None:
         check_data_dir(Path(cfg.data.dir))
     elif cfg.data.csv is not None:
         check_csv(Path(cfg.data.csv))
-    elif "://" not in cfg.data.records:  # a remote pack is read when indexed
+    else:
         check_records(Path(cfg.data.records))
     if cfg.model.weights not in ("imagenet", "none"):
-        check_weights(cfg.model.weights)
+        check_weights(remote.fetch(cfg.model.weights))
     if cfg.runtime.distribute == "multi_worker":
         from finetune_cli.runtime import distribute
 

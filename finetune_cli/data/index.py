@@ -55,8 +55,15 @@ def index_data(data, seed: int, *, multi_label: bool = False) -> DataIndex:
     Raises:
         DataError: naming the folder, CSV row or class at fault.
     """
+    from finetune_cli import remote
     from finetune_cli.data import manifest
 
+    if remote.is_remote(data.dir):  # a local mirror of the folder
+        data = data.model_copy(
+            update={"dir": str(remote.pull(data.dir, remote.mirror_of(data.dir)))}
+        )
+    if remote.is_remote(data.csv):  # the CSV and the files it names
+        data = data.model_copy(update={"csv": remote.pull_csv(data.csv)})
     if getattr(data, "records", None) is not None:
         from finetune_cli.data import records
 

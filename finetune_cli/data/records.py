@@ -60,6 +60,17 @@ class RecordSamples(list):
         self.counts = list(counts)
         self.digest = digest  # the manifest's SHA-256
 
+    def __add__(self, other):
+        """Two splits of one pack (train + val): still records of it."""
+        if getattr(other, "digest", None) != self.digest:
+            return list(self) + list(other)
+        return RecordSamples(
+            list(self) + list(other),
+            self.shards + other.shards,
+            self.counts + other.counts,
+            self.digest,
+        )
+
 
 def join(folder, name: str) -> str:
     folder = str(folder)

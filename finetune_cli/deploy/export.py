@@ -49,6 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune_cli import remote
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import pipeline
 from finetune_cli.data import multilabel
@@ -94,6 +95,7 @@ class ExportResult:
     out_dir: Path
     artifacts: list[Artifact]
     report: Optional[dict]
+    remote_dir: Optional[str] = None  # where a remote --out was uploaded
 
 
 def _images(samples, size, limit: int, seed: int, num_classes: int = 0):
@@ -144,6 +146,18 @@ def export(
                 "pip install 'finetune-cli[onnx]' (tf2onnx, onnxruntime)"
             ) from None
     base_dir = target.run_dir or target.model_path.parent
+    # A remote --out (or a remote run's export/) is written in a local
+    # mirror and uploaded once checked (`remote.py`).
+    remote_out = str(out) if remote.is_remote(out) else None
+    if remote_out is None and out is None and target.remote is not None:
+        remote_out = remote.join(target.remote, "export")
+    if remote_out is not None and out is not None:
+        out = remote.mirror_of(remote_out)
+        if tf.io.gfile.exists(remote_out) and not force:
+            raise ConfigError(
+                f"{remote_out} already exists; pass --force to replace it "
+                "or --out to choose another folder"
+            )
     out = Path(out) if out is not None else Path(base_dir) / "export"
     # Not while another command writes into the run folder, nor while
     # another export writes this folder (each waits for nothing: exit 6).
@@ -235,6 +249,9 @@ def export(
         result = ExportResult(out, arts, report)
         if target.run_dir is not None:
             _track(result, target.run_dir, warn)
+        if remote_out is not None:
+            remote.push(out, remote_out)
+            result.remote_dir = remote_out
         return result
 
 

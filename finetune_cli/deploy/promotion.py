@@ -65,6 +65,13 @@ def check_target(promote_to) -> None:
             and is not a promotion link of ours.
         StorageError: its folder is on a read-only disk or not writable.
     """
+    if "://" in str(promote_to):
+        raise ConfigError(
+            f"--promote-to {promote_to}: a promotion is a local link swapped "
+            "in one rename, which object storage has no equivalent of; "
+            "promote to a local or mounted folder. Received: "
+            f"--promote-to {promote_to}"
+        )
     link = Path(promote_to)
     for parent in reversed(link.parents):
         if parent.exists() and not parent.is_dir():

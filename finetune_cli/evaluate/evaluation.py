@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from finetune_cli import remote
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import multilabel
 from finetune_cli.data import records
@@ -285,6 +286,9 @@ def evaluate(
             metrics["unknown"] = _unknown_metrics(
                 model, unknown, probs, coverage, batch_size, tta
             )
+        remote_out = str(out) if remote.is_remote(out) else None
+        if remote_out is not None:  # written here, then uploaded
+            out = remote.mirror_of(remote_out)
         if out is None:
             base = Path(target.run_dir or target.model_path.parent) / "eval"
             out = base / name if name is not None else _unused(base, split)
@@ -297,6 +301,10 @@ def evaluate(
             write_report(result, target)
             if track and target.run_dir is not None:
                 _track(result, target.run_dir, warn)
+            if remote_out is not None:
+                remote.push(out, remote_out)
+            elif target.remote is not None:  # a remote run: its eval/ too
+                remote.push(target.model_path.parent, target.remote)
         return result
 
 

@@ -85,10 +85,12 @@ def build_base(model_cfg, image_size):
     elif weights == "imagenet":
         keras_weights = "imagenet"
     else:
+        from finetune_cli import remote
         from finetune_cli.model import weights as weights_lib
 
-        weights_lib.check_weights(weights)
-        keras_weights = weights
+        # A weights file on object storage: a local copy (kept, by size).
+        keras_weights = remote.fetch(weights)
+        weights_lib.check_weights(keras_weights)
     h, w = image_size
     check_options(app, model_cfg.options)
     try:

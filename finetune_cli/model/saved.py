@@ -37,6 +37,9 @@ class Target:
     model_path: Path
     labels: list[str]
     run_dir: Optional[Path]
+    # A remote run folder (or model's folder) this local mirror stands for:
+    # what is written into it is uploaded there (`remote.push`).
+    remote: Optional[str] = None
 
 
 def resolve_target(path) -> Target:
@@ -45,7 +48,9 @@ def resolve_target(path) -> Target:
     Raises:
         ConfigError: the path is neither, or labels.txt is missing.
     """
-    path = Path(path)
+    from finetune_cli import remote
+
+    path, origin = remote.local_run(path)
     if path.is_dir():
         model_path = path / "best.keras"
         if not model_path.is_file():
@@ -76,7 +81,7 @@ def resolve_target(path) -> Target:
         raise damaged(labels_path, "empty", LABELS_TODO)
     if len(set(labels)) != len(labels):
         raise damaged(labels_path, "a class name appears twice", LABELS_TODO)
-    return Target(model_path, labels, run_dir)
+    return Target(model_path, labels, run_dir, origin)
 
 
 def _finished(run: Path) -> bool:

@@ -36,7 +36,15 @@ class Checkpoints:
         rename that makes it visible): a run that dies before its first
         epoch is resumable too."""
         t = self.t
-        run.write_text("config.yaml", to_yaml(t.cfg))
+        # The config as given (a remote output_dir, not its local mirror).
+        saved = t.cfg.model_copy(
+            update={
+                "experiment": t.cfg.experiment.model_copy(
+                    update={"output_dir": t.config_dict["experiment"]["output_dir"]}
+                )
+            }
+        )
+        run.write_text("config.yaml", to_yaml(saved))
         run.write_text("labels.txt", "\n".join(t.index.class_names) + "\n")
         run.write_json("environment.json", t.env)
         run.write_json(split_lib.FILE, split_lib.record(t.index, skipped))
@@ -52,6 +60,8 @@ class Checkpoints:
         t.state.save(
             self.run / runstate.FILE, config=t.config_dict, versions=t.versions
         )
+        if t.sync is not None:  # a remote run folder: upload what changed
+            t.sync()
 
     def save_model(self, name: str, weights=None) -> None:
         """Save the full model (with `weights`, if given) atomically."""

@@ -53,6 +53,7 @@ from finetune_cli.run.lock import pid_alive
 from finetune_cli.run.lock import run_lock
 from finetune_cli.signals import sigterm_as_interrupt
 from finetune_cli.files import storage_error
+from finetune_cli import remote
 from finetune_cli.runtime import distribute
 from finetune_cli.train.budget import Budget
 from finetune_cli.train.trainer import FinetuneResult
@@ -63,7 +64,7 @@ def finetune(
     cfg,
     out: Optional[Output] = None,
     argv=None,
-    resume: Optional[Path] = None,
+    resume=None,
     time_limit=None,
 ) -> FinetuneResult:
     """Fine-tune a model as a config declares; see the module docstring.
@@ -81,6 +82,23 @@ def finetune(
     """
     budget = Budget(cfg.experiment.time_limit if time_limit is None else time_limit)
     out = out or Output()
+    # A run folder on object storage is written in a local mirror and
+    # uploaded after every commit (`run/remote.py`).
+    remote_out = (
+        cfg.experiment.output_dir
+        if remote.is_remote(cfg.experiment.output_dir)
+        else None
+    )
+    if remote_out is not None:
+        if resume is not None:
+            resume, _ = remote.local_run(resume)
+        cfg = cfg.model_copy(
+            update={
+                "experiment": cfg.experiment.model_copy(
+                    update={"output_dir": str(remote.mirror_of(remote_out))}
+                )
+            }
+        )
     exp = cfg.experiment
     if resume is None:
         checks.check(cfg)
@@ -88,7 +106,7 @@ def finetune(
         checks.check_output_dir(exp.output_dir, "experiment.output_dir")
         checks.check_tracking(cfg)
         if cfg.model.weights not in ("imagenet", "none"):
-            check_weights(cfg.model.weights)
+            check_weights(remote.fetch(cfg.model.weights))
     if budget.limit is not None and cfg.runtime.distribute == "multi_worker":
         raise ConfigError(
             "experiment.time_limit: not with runtime.distribute: multi_worker "
@@ -115,8 +133,12 @@ def finetune(
             for p in exp_dir.iterdir():
                 if (p / STATUS_FILE).is_file() and not p.is_symlink():
                     RunDir(p).settle()  # dead runs read as interrupted
-            trainer = Trainer.prepare(cfg, out, argv, resume, topo, budget=budget)
-            return run_guarded(trainer)
+            trainer = Trainer.prepare(
+                cfg, out, argv, resume, topo, budget=budget, remote_out=remote_out
+            )
+            if remote_out is None:
+                return run_guarded(trainer)
+            return _synced(trainer, remote_out)
     finally:
         for p in reversed(made):
             with contextlib.suppress(OSError):
@@ -150,6 +172,23 @@ def _finetune_worker(cfg, out, argv, resume, topo) -> FinetuneResult:
             )
             result = run_guarded(trainer)
     return dataclasses.replace(result, run_dir=None)
+
+
+def _synced(trainer: Trainer, remote_out: str) -> FinetuneResult:
+    """`run_guarded`, uploading the run folder after every commit and at
+    the end, however it ends; a completed run becomes `latest`."""
+    name = trainer.cfg.experiment.name
+    where = remote.join(remote_out, name, trainer.run.path.name)
+    trainer.sync = lambda: remote.push(trainer.run.path, where)
+    trainer.sync()  # the new run's config, split and state, at once
+    try:
+        result = run_guarded(trainer)
+        trainer.out.info(f"run folder uploaded: {where}")
+        return dataclasses.replace(result, remote_dir=where)
+    finally:
+        remote.push(trainer.run.path, where)
+        if trainer.run.status().get("state") == "completed":
+            remote.point_latest(remote.join(remote_out, name), trainer.run.path.name)
 
 
 def _remove_dead_workers_folders() -> None:

@@ -12,9 +12,6 @@ inputs: the setup (`setup.py`: data, model, plans), the data of each phase
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from pathlib import Path
 from typing import Optional
 
 import keras
@@ -25,14 +22,14 @@ from finetune_cli import faults
 from finetune_cli.data import pipeline
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import DataError
-from finetune_cli.evaluate import plots
 from finetune_cli.model import build as model_lib
 from finetune_cli.run import state as runstate
 from finetune_cli.run import tracking
 from finetune_cli.run.folder import RunDir
-from finetune_cli.data import multilabel
 from finetune_cli.config import loader as loader_lib
 from finetune_cli.train import callbacks as callbacks_lib
+from finetune_cli.train import finish
+from finetune_cli.train.finish import FinetuneResult
 from finetune_cli.train import phases as phases_lib
 from finetune_cli.train import setup as setup_lib
 from finetune_cli.train import summary
@@ -40,13 +37,6 @@ from finetune_cli.train.budget import Budget
 from finetune_cli.train.checkpoints import Checkpoints
 from finetune_cli.train.inputs import PhaseInputs
 from finetune_cli.train.monitor import improved
-
-
-@dataclasses.dataclass
-class FinetuneResult:
-    run_dir: Path
-    metrics: dict
-    history: list[dict]
 
 
 class Trainer:
@@ -73,6 +63,7 @@ class Trainer:
         self.files = Checkpoints(self)
         self.tracking = tracking.RunTracking(out.warn, out.info)
         self.budget = budget or Budget(None)
+        self.sync = None  # uploads a remote run folder (train/job.py)
         self._header_shown = False  # the epoch table's header, once a fit
         # The model the current phase trains: `model`, or its twin at the
         # phase's image size (the same variables, so the state's weights
@@ -81,7 +72,15 @@ class Trainer:
 
     @classmethod
     def prepare(
-        cls, cfg, out, argv=None, resume=None, topo=None, config_dict=None, budget=None
+        cls,
+        cfg,
+        out,
+        argv=None,
+        resume=None,
+        topo=None,
+        config_dict=None,
+        budget=None,
+        remote_out=None,
     ) -> "Trainer":
         """Check everything, build the model; create the run folder (a new
         run) or load its state (a resume).
@@ -95,6 +94,8 @@ class Trainer:
         t = cls(s, out, runstate.RunState(), resume is not None, budget)
         if config_dict is not None:
             t.config_dict = config_dict
+        if remote_out is not None:  # the run's config names the remote folder
+            t.config_dict["experiment"]["output_dir"] = remote_out
         if resume is not None:
             t.run = RunDir(resume)
             t.state = runstate.load(
@@ -330,85 +331,4 @@ class Trainer:
     # -- the end ----------------------------------------------------------
 
     def _finalize(self) -> FinetuneResult:
-        from finetune_cli.evaluate import calibration
-
-        st, run, exp = self.state, self.run, self.cfg.experiment
-        if st.stage != "finalize":
-            st.stage = "finalize"
-            self.files.commit()
-        faults.point("before_final_eval")
-        # The run's model is its best epoch overall.
-        runstate.assign(
-            self.model.variables, st.best_run_weights or st.model, "best weights"
-        )
-        for name, rec, line in calibration.after_training(
-            self.model,
-            self.inputs.val_dataset(),
-            self.cfg.calibration.method,
-            self.index.class_names,
-            self.index.multi_label,
-        ):
-            self.out.info(line)
-            if self.topo.chief:
-                run.write_json(name, rec)
-        self.files.save_model("best.keras")
-        self.files.save_base_weights()
-        # Only the loss and metrics are needed now (label smoothing as in
-        # the last phase, so `loss` means what it meant during training).
-        with self.topo.strategy.scope():
-            phases_lib.compile_phase(
-                self.model,
-                self.cfg.phases[-1],
-                self.steps,
-                self.num_classes,
-                False,
-                **self.setup.task(len(self.cfg.phases) - 1),
-            )
-            final = self.model.evaluate(
-                self.inputs.val_dataset(), verbose=0, return_dict=True
-            )
-        metrics = {
-            "monitor": exp.monitor,
-            "best_epoch": st.best_run_epoch,
-            "best_value": st.best_run,
-            "phases": st.phase_metrics,
-            "classes": self.index.class_names,
-            "val": {"loss": float(final["loss"]), "accuracy": float(final["accuracy"])},
-        }
-        if self.topo.chief:
-            # In the run folder too: a run without a test split has no
-            # evaluation report to carry the curves.
-            plots.curves_png(run / "history.csv", run / "curves.png")
-        if self.index.splits.get("test") and self.topo.chief:
-            # The held-out report, exactly as `finetune-cli evaluate RUN`
-            # writes it: on the recorded test files. One pass of the model
-            # over them gives the report and, through the loss compiled for
-            # val above, Keras' test loss.
-            metrics["test"] = test_metrics(self.model, run.path, self.num_classes)
-            self.out.info(f"test report: {metrics['test']['report']}")
-        if not self.topo.chief:
-            self.out.success(f"{self.topo.task}: done; the chief wrote the run folder")
-            return FinetuneResult(run.path, metrics, st.history)
-        run.write_json("metrics.json", metrics)
-        self.tracking.end(self, metrics)
-        run.mark_latest()
-        run.set_status("completed")
-        with contextlib.suppress(FileNotFoundError):
-            (run / runstate.FILE).unlink()  # nothing left to resume
-        self.out.success(summary.done_line(metrics, self.index.multi_label))
-        self.out.info(f"run folder: {run.path}")
-        return FinetuneResult(run.path, metrics, st.history)
-
-
-def test_metrics(model, run_path, num_classes: int) -> dict:
-    """The run's held-out report, exactly as `finetune-cli evaluate RUN`
-    writes it, and Keras' test loss from the loss `model` is compiled with."""
-    from finetune_cli.evaluate import evaluation
-
-    ev = evaluation.evaluate(run_path, split="test", name="test", track=False)
-    loss = model.loss(multilabel.rows(ev.labels, num_classes), ev.probs)
-    return {
-        "loss": float(keras.ops.convert_to_numpy(loss)),
-        **ev.metrics["summary"],
-        "report": str(ev.out_dir / "report.html"),
-    }
+        return finish.finalize(self)
