@@ -22,6 +22,7 @@ COMMANDS = [
     ["promote"],
     ["init"],
     ["synth"],
+    ["pack"],
     ["runs", "list"],
     ["config", "show"],
     ["config", "validate"],

@@ -291,3 +291,40 @@ def test_two_workers_train_from_shards(shapes_dir, tmp_path):
     rows = history(run)
     assert [r[0] for r in rows] == ["head"] * 2 + ["top"] * 2
     assert all(np.isfinite(losses(rows)))
+
+
+def test_the_cluster_recipes_are_what_the_tool_accepts(monkeypatch):
+    """The Kubernetes TFJob recipe's config validates, its command is ours,
+    and TF_CONFIG as the training operator and Ray Train set it is read."""
+    from finetune_cli import config as config_lib
+    from finetune_cli.runtime import distribute
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "cluster"
+    docs = list(yaml.safe_load_all((root / "tfjob.yaml").read_text()))
+    config_map, job = docs
+    assert job["kind"] == "TFJob"
+    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+    (container,) = worker["template"]["spec"]["containers"]
+    assert container["name"] == "tensorflow"
+    assert container["command"][:2] == ["finetune-cli", "finetune"]
+    cfg = config_lib.validate(yaml.safe_load(config_map["data"]["flowers.yaml"]))
+    assert cfg.runtime.distribute == "multi_worker"
+    assert cfg.data.records.startswith("gs://")
+    assert cfg.experiment.output_dir.startswith("gs://")
+    # TF_CONFIG of pod worker-1 as the operator sets it ("environment" too),
+    # and of Ray's worker 0.
+    workers = [f"flowers-finetune-worker-{i}.default.svc:2222" for i in range(2)]
+    operator = {
+        "cluster": {"worker": workers},
+        "task": {"type": "worker", "index": 1},
+        "environment": "cloud",
+    }
+    monkeypatch.setenv("TF_CONFIG", json.dumps(operator))
+    assert distribute.cluster() == ({"worker": workers}, "worker", 1)
+    ray = {"cluster": {"worker": ["10.0.0.1:5000", "10.0.0.2:5000"]}}
+    ray["task"] = {"type": "worker", "index": 0}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(ray))
+    assert distribute.cluster()[1:] == ("worker", 0)
+    source = (root / "ray_train.py").read_text()
+    compile(source, "ray_train.py", "exec")
+    assert "TensorflowTrainer" in source and '"finetune"' in source
