@@ -263,3 +263,47 @@ def pull_csv(csv_path: str) -> str:
     tmp.write_bytes(raw)
     os.replace(tmp, target)
     return str(target)
+
+
+_MIRRORED: dict = {}
+
+
+def local_dir(path) -> Path:
+    """A folder to read and write in place: `path` itself when local; for a
+    remote one (the feature cache), its mirror, pulled on first use in this
+    process (changed files only) and pushed at the end of each command
+    (`flush`) and when the process ends. Eviction (`feature_cache.max_size`)
+    frees the mirror, not the remote folder."""
+    if not is_remote(path):
+        return Path(path)
+    key = str(path).rstrip("/")
+    if key not in _MIRRORED:
+        import atexit
+
+        local = mirror_of(key)
+        if _gfile().isdir(key):
+            pull(key, local)
+        local.mkdir(parents=True, exist_ok=True)
+        atexit.register(_push_at_exit, local, key)
+        _MIRRORED[key] = local
+    return _MIRRORED[key]
+
+
+def mirrored() -> list:
+    """The remote folders this process mirrors (`local_dir`)."""
+    return list(_MIRRORED)
+
+
+def flush() -> None:
+    """Upload every mirrored folder now (each command's end, `cli`)."""
+    for key, local in _MIRRORED.items():
+        push(local, key)
+
+
+def _push_at_exit(local: Path, remote: str) -> None:
+    import sys
+
+    try:
+        push(local, remote)
+    except Exception as e:  # noqa: BLE001 - a cache: say so, never fail for it
+        print(f"warning: could not upload {local} to {remote}: {e}", file=sys.stderr)

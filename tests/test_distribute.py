@@ -251,10 +251,12 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
 
 
 @pytest.mark.heavy
-def test_two_workers_train_from_shards(shapes_dir, tmp_path):
+def test_two_workers_train_from_shards_into_a_remote_run_folder(shapes_dir, tmp_path):
     """data.records under multi_worker: each worker reads whole shards of
-    every epoch (4 train shards of 4 images, 2 a worker) and the chief
-    writes the one run folder, which records the pack's manifest."""
+    every epoch (4 train shards of 4 images, 2 a worker), and the chief
+    writes the one run folder through tf.io.gfile to a URL (file://: a
+    scheme both processes share, where ram:// lives in one process; the
+    code paths are those of gs://), uploaded after every epoch."""
     from finetune_cli import config as config_lib
     from finetune_cli.console import Output
     from finetune_cli.data.pack import pack_data
@@ -276,21 +278,26 @@ def test_two_workers_train_from_shards(shapes_dir, tmp_path):
     )
     raw = yaml.safe_load(cfg.read_text())
     raw["data"] = {"records": str(shards), "image_size": 32, "batch_size": 8}
+    raw["experiment"]["output_dir"] = f"file://{tmp_path}/bucket/runs"
     cfg.write_text(yaml.safe_dump(raw))
     ports = free_ports(2)
+    mirror = {"FINETUNE_CLI_MIRROR": str(tmp_path / "mirror")}
     procs = [
-        launch(["finetune", str(cfg)], env={"TF_CONFIG": tf_config(ports, i)})
+        launch(["finetune", str(cfg)], env={"TF_CONFIG": tf_config(ports, i), **mirror})
         for i in range(2)
     ]
     for code, _, err in [finish(p) for p in procs]:
         assert code == 0, err[-3000:]
-    (run,) = runs(tmp_path, "shards")
+    root = tmp_path / "bucket" / "runs" / "shards"
+    (run,) = [p for p in root.iterdir() if p.name[0].isdigit()]
+    assert (root / "latest.txt").read_text().strip() == run.name
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     rec = json.loads((run / "split.json").read_text())
     assert rec["records"]["folder"] == str(shards) and rec["files"] == {}
     rows = history(run)
     assert [r[0] for r in rows] == ["head"] * 2 + ["top"] * 2
     assert all(np.isfinite(losses(rows)))
+    assert (run / "best.keras").is_file() and (run / "eval/test/report.html").is_file()
 
 
 def test_the_cluster_recipes_are_what_the_tool_accepts(monkeypatch):

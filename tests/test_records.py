@@ -218,3 +218,16 @@ def test_a_run_on_shards_resumes_after_a_kill_and_is_judged_on_its_manifest(
     pack_data(section, own, seed=9, multi_label=False, shard_size=4, out=quiet())
     r = runner.invoke(app, ["evaluate", str(run)])
     assert r.exit_code == EXIT_DATA and "manifest.json changed" in r.output
+
+
+def test_predict_reads_a_pack_given_as_its_folder(shards, tmp_path, shapes_dir):
+    from conftest import constant_model
+
+    model = constant_model(tmp_path, "const", 2, shapes_dir)
+    out = tmp_path / "preds.json"
+    r = CliRunner().invoke(app, ["predict", str(model), str(shards), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    keys = [k for v in records.index_records(shards).splits.values() for k, _ in v]
+    assert [row["file"] for row in rows] == keys  # every record, in order
+    assert {row["label"] for row in rows} == {"star"} and len(rows) == 32

@@ -108,6 +108,7 @@ def test_a_run_on_object_storage_stops_resumes_and_is_evaluated_there(
     raw["experiment"].update(output_dir=f"{bucket}/runs", time_limit="150s")
     raw["data"] = {"records": f"{bucket}/shards", "image_size": 32, "batch_size": 8}
     raw["model"]["weights"] = f"{bucket}/lively.weights.h5"
+    raw["feature_cache"] = {"dir": f"{bucket}/features"}
     raw["phases"] = [
         {"name": "head", "epochs": 2, "learning_rate": 1e-2},
         {"name": "top", "epochs": 2, "trainable": {"top": 6}, "learning_rate": 1e-3},
@@ -126,6 +127,8 @@ def test_a_run_on_object_storage_stops_resumes_and_is_evaluated_there(
     saved = yaml.safe_load(read(run + "/config.yaml"))
     assert saved["experiment"]["output_dir"] == f"{bucket}/runs"
 
+    # The feature cache went to the bucket at the command's end.
+    assert tf.io.gfile.glob(f"{bucket}/features/t/*")
     shutil.rmtree(mirror)  # another machine: only the bucket has the run
     faults._ticks[0] = 0
     r = runner.invoke(

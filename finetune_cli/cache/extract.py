@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune_cli import remote
+
 
 from finetune_cli.data import index as data_lib
 from finetune_cli.data import preflight as preflight_lib
@@ -52,4 +54,4 @@ def extract_command(cfg, out, split: str = "all", out_dir=None) -> list[ExtractR
 
 
 def cache_root(cfg) -> Path:
-    return Path(cfg.feature_cache.dir) / cfg.experiment.name
+    return remote.local_dir(cfg.feature_cache.dir) / cfg.experiment.name

@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune_cli import remote
 from finetune_cli.config.schema import per_image
 from finetune_cli.model import applications
 from finetune_cli.data import pipeline
@@ -140,7 +141,7 @@ class ExtractResult:
 def evict(cfg, out) -> None:
     """Keep the cache folder within `feature_cache.max_size`, once a command
     has all the entries it needs (those it used are kept)."""
-    root = Path(cfg.feature_cache.dir)
+    root = remote.local_dir(cfg.feature_cache.dir)
     limit = int(cfg.feature_cache.max_size)
     for folder in store.enforce_limit(root, limit, store.USED):
         out.info(

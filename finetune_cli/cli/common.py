@@ -123,6 +123,19 @@ def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _flush_mirrors(out: Output) -> None:
+    """Upload the local mirrors of remote folders a command used (a remote
+    feature cache), however the command ended."""
+    import sys
+
+    remote = sys.modules.get("finetune_cli.remote")
+    if remote is not None and remote.mirrored():
+        try:
+            remote.flush()
+        except Exception as e:  # noqa: BLE001 - a cache: never fail the command
+            out.warn(f"could not upload a remote feature cache: {e}")
+
+
 def run_command(out: Output, debug: bool, fn):
     """Call `fn`, turning our errors into one message and an exit code.
 
@@ -132,7 +145,10 @@ def run_command(out: Output, debug: bool, fn):
     """
     try:
         with sigterm_as_interrupt():
-            return fn()
+            try:
+                return fn()
+            finally:
+                _flush_mirrors(out)
     except FinetuneError as e:
         if debug:
             raise

@@ -11,6 +11,7 @@ import typer
 from finetune_cli.console import Output
 from finetune_cli.cli.help import Command
 from finetune_cli.cli.common import DebugOpt
+from finetune_cli.cli.common import PlainOpt
 from finetune_cli.cli.common import QuietOpt
 from finetune_cli.cli.common import quiet_tensorflow
 from finetune_cli.cli.common import run_command
@@ -119,6 +120,7 @@ def pack(
     force: Annotated[bool, typer.Option(help="Replace SHARDS if it exists.")] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    plain: PlainOpt = None,
 ):
     """Pack images into TFRecord shards and a manifest (data.records).
 
@@ -128,7 +130,7 @@ def pack(
 
     Example: finetune-cli pack data/flower_photos --out data/flowers-shards
     """
-    out = Output(quiet=quiet)
+    out = Output(quiet=quiet, plain=plain)
 
     def job():
         from finetune_cli import config as config_lib

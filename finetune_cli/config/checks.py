@@ -41,13 +41,10 @@ def check(cfg) -> None:
     check_output_dir(out_dir, "experiment.output_dir")
     check_tracking(cfg)
     if cfg.feature_cache.enabled:
-        if remote.is_remote(cfg.feature_cache.dir):
-            raise ConfigError(
-                "feature_cache.dir: the feature cache is read at random and "
-                "rewritten in place: keep it on a local disk. Received: "
-                f"feature_cache.dir={cfg.feature_cache.dir!r}"
-            )
-        check_output_dir(cfg.feature_cache.dir, "feature_cache.dir")
+        cache_dir = cfg.feature_cache.dir
+        if remote.is_remote(cache_dir):  # used in a local mirror (remote.py)
+            cache_dir = remote.mirror_of(cache_dir)
+        check_output_dir(cache_dir, "feature_cache.dir")
     source = cfg.data.dir or cfg.data.csv or cfg.data.records
     if remote.is_remote(source):
         pass  # fetched (dir, csv) or streamed (records) when indexed

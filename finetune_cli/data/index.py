@@ -42,9 +42,9 @@ def index_config(cfg) -> DataIndex:
 
 def is_records(folder) -> bool:
     """Whether `folder` holds a pack (`manifest.json` of `records.py`)."""
-    import tensorflow as tf
+    from finetune_cli.data import records
 
-    return tf.io.gfile.exists(f"{folder}/manifest.json")
+    return records.is_pack(folder)
 
 
 def index_data(data, seed: int, *, multi_label: bool = False) -> DataIndex:

@@ -58,7 +58,9 @@ def cache_file(cfg):
     """Where `cfg`'s verdicts are cached (None with the cache off)."""
     if not cfg.feature_cache.enabled:
         return None
-    return Path(cfg.feature_cache.dir) / PREFLIGHT_CACHE
+    from finetune_cli import remote
+
+    return remote.local_dir(cfg.feature_cache.dir) / PREFLIGHT_CACHE
 
 
 def read_cache(cache_file) -> dict:

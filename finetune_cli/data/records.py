@@ -77,6 +77,11 @@ def join(folder, name: str) -> str:
     return posixpath.join(folder, name) if "://" in folder else f"{folder}/{name}"
 
 
+def is_pack(folder) -> bool:
+    """Whether `folder` holds a pack (its `manifest.json`)."""
+    return tf.io.gfile.exists(join(folder, MANIFEST))
+
+
 def is_key(path) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX)
 

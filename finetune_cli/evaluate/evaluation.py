@@ -157,6 +157,8 @@ def _hashing(run_dir) -> dict:
         cfg = config_lib.load_run_config(run_dir)
     except Exception:  # noqa: BLE001 - an older or damaged config: hash all
         return {}
+    if remote.is_remote(cfg.feature_cache.dir) or not cfg.feature_cache.enabled:
+        return {"rehash": cfg.data.rehash}  # not a whole cache for one file
     return {"cache_file": preflight.cache_file(cfg), "rehash": cfg.data.rehash}
 
 

@@ -50,7 +50,8 @@ IMAGE_EXTENSIONS = data_lib.IMAGE_EXTENSIONS
 
 
 def collect_images(inputs, not_images: list | None = None) -> list[str]:
-    """Image files from paths and folders (recursively), in a stable order.
+    """Image files from paths and folders (recursively), in a stable order;
+    a folder written by `pack` gives its records (keys `records:...`).
 
     Files in a folder whose extension is not an image's are left out and,
     when `not_images` is a list, appended to it (so the caller can say so).
@@ -58,6 +59,10 @@ def collect_images(inputs, not_images: list | None = None) -> list[str]:
     files = []
     for item in inputs:
         p = Path(item)
+        if records.is_pack(item):  # a pack: every record of every split
+            index = records.index_records(item)
+            files += [k for samples in index.splits.values() for k, _ in samples]
+            continue
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if not f.is_file():
