@@ -7,8 +7,12 @@
      "classes": [...], "source": "data/flowers",
      "splits": {"train": {"images": 2351, "per_class": {...}}, ...},
      "shards": [{"file": "train-00000.tfrecord", "split": "train",
-                 "images": 1024, "bytes": ..., "sha256": "..."}, ...],
+                 "images": 1024, "bytes": ..., "sha256": "...",
+                 "labels": [3, 0, ...]}, ...],
      "skipped": [[path, why], ...]}
+
+The labels are in the manifest too (a class index per image, or a list for
+a multi-label set), so indexing a pack reads the manifest, not the shards.
 
 Each example holds `image` (the file's encoded bytes, as they were),
 `labels` (int64 class indices: one, or a multi-label set), `sha256` (of the
@@ -150,13 +154,19 @@ def pack(index, out_dir, *, shard_size: int = 1024, skipped=(), progress=None) -
                 while block := f.read(1 << 20):
                     digest.update(block)
             gfile.rename(tmp, final, overwrite=True)
+            part = items[start : start + shard_size]
             shards.append(
                 {
                     "file": name,
                     "split": split,
-                    "images": len(items[start : start + shard_size]),
+                    "images": len(part),
                     "bytes": gfile.stat(final).length,
                     "sha256": digest.hexdigest(),
+                    # The labels in shard order: indexing a pack reads the
+                    # manifest alone, not the image bytes.
+                    "labels": [
+                        list(lb) if isinstance(lb, tuple) else lb for _, lb in part
+                    ],
                 }
             )
     manifest = {
@@ -252,15 +262,16 @@ def index_records(folder, *, multi_label: Optional[bool] = None):
 
 
 def _read_labels(folder, manifest) -> dict:
-    """Every shard's labels in order (one quick pass over the shards:
-    only the `labels` feature is parsed)."""
-    spec = {"labels": tf.io.VarLenFeature(tf.int64)}
+    """Every shard's labels in order, as lists (from the manifest)."""
     out = {}
     for s in manifest["shards"]:
-        ds = tf.data.TFRecordDataset(join(folder, s["file"])).map(
-            lambda r: tf.sparse.to_dense(tf.io.parse_single_example(r, spec)["labels"])
-        )
-        out[s["file"]] = [[int(v) for v in x] for x in ds.as_numpy_iterator()]
+        labels = s.get("labels")
+        if not isinstance(labels, list):
+            raise DataError(
+                f"data.records: {join(folder, MANIFEST)} lists no labels for "
+                f"{s.get('file')}; pack the data again"
+            )
+        out[s["file"]] = [lb if isinstance(lb, list) else [lb] for lb in labels]
         if len(out[s["file"]]) != s["images"]:
             raise DataError(
                 f"data.records: {join(folder, s['file'])} holds "
