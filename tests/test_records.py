@@ -231,3 +231,24 @@ def test_predict_reads_a_pack_given_as_its_folder(shards, tmp_path, shapes_dir):
     keys = [k for v in records.index_records(shards).splits.values() for k, _ in v]
     assert [row["file"] for row in rows] == keys  # every record, in order
     assert {row["label"] for row in rows} == {"star"} and len(rows) == 32
+
+
+def test_a_multi_label_csv_packs_into_label_sets(tmp_path):
+    from test_multilabel import write_csv
+
+    csv = write_csv(tmp_path, [["a|b"], [""], ["b"], ["a"]] * 5)
+    section = config_lib.Data(csv=str(csv))
+    out = tmp_path / "shards"
+    manifest = pack_data(
+        section, out, seed=1, multi_label=True, shard_size=8, out=quiet()
+    )
+    assert manifest["task"] == "multi_label"
+    idx = records.index_records(out, multi_label=True)
+    from_csv = data_lib.index_data(section, 1, multi_label=True)
+    assert sorted(lb for v in idx.splits.values() for _, lb in v) == sorted(
+        lb for v in from_csv.splits.values() for _, lb in v
+    )
+    ds = pipeline.make_dataset(idx.splits["train"], 2, (4, 4), 64)
+    rows = np.concatenate([y for _, y in ds.as_numpy_iterator()])
+    want = [[1.0 * (0 in lb), 1.0 * (1 in lb)] for _, lb in idx.splits["train"]]
+    assert rows.tolist() == want  # multi-hot, empty sets as zeros
