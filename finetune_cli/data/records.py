@@ -174,13 +174,7 @@ def pack(index, out_dir, *, shard_size: int = 1024, skipped=(), progress=None) -
         "task": "multi_label" if index.multi_label else "single_label",
         "classes": list(index.class_names),
         "source": index.source,
-        "splits": {
-            s: {
-                "images": len(v),
-                "per_class": dict(zip(index.class_names, index.counts(s), strict=True)),
-            }
-            for s, v in index.splits.items()
-        },
+        "splits": index.per_split("images"),
         "shards": shards,
         "skipped": [list(x) for x in skipped],
     }

@@ -45,6 +45,17 @@ class DataIndex:
                 counts[i] += 1
         return counts
 
+    def per_split(self, count: str = "files") -> dict:
+        """{split: {count: images, "per_class": {class: images}}}, as
+        split.json and a pack's manifest record them."""
+        return {
+            s: {
+                count: len(v),
+                "per_class": dict(zip(self.class_names, self.counts(s), strict=True)),
+            }
+            for s, v in self.splits.items()
+        }
+
     def label_name(self, label) -> str:
         """A label as written in a CSV: a class name, or names joined by
         `|` (an empty string for an image with no label)."""

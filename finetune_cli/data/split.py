@@ -54,15 +54,7 @@ def record(index: data_lib.DataIndex, skipped=()) -> dict:
             "fraction": 1.0,
             "classes": list(index.class_names),
             "records": dict(index.records),
-            "splits": {
-                s: {
-                    "files": len(v),
-                    "per_class": dict(
-                        zip(index.class_names, index.counts(s), strict=True)
-                    ),
-                }
-                for s, v in index.splits.items()
-            },
+            "splits": index.per_split("files"),
             "files": {},
             "skipped": [],
         }
@@ -82,13 +74,7 @@ def record(index: data_lib.DataIndex, skipped=()) -> dict:
         "source": index.source,
         "fraction": index.fraction,
         "classes": list(index.class_names),
-        "splits": {
-            s: {
-                "files": len(v),
-                "per_class": dict(zip(index.class_names, index.counts(s), strict=True)),
-            }
-            for s, v in index.splits.items()
-        },
+        "splits": index.per_split("files"),
         "files": files,
         "skipped": [list(item) for item in skipped],
     }

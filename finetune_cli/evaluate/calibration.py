@@ -75,23 +75,9 @@ def fit_temperature(probs, labels) -> float:
 def reliability(labels, probs, bins: int = 15) -> list[dict]:
     """Per confidence bin (the ECE's): its range, mean confidence,
     accuracy and number of images (empty bins left out)."""
-    conf = np.asarray(probs).max(axis=1)
-    correct = np.asarray(probs).argmax(axis=1) == np.asarray(labels)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    rows = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            rows.append(
-                {
-                    "low": float(lo),
-                    "high": float(hi),
-                    "confidence": float(conf[inside].mean()),
-                    "accuracy": float(correct[inside].mean()),
-                    "count": int(inside.sum()),
-                }
-            )
-    return rows
+    probs = np.asarray(probs)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    return metrics_lib.reliability_bins(probs.max(axis=1), correct, bins)
 
 
 def summary(labels, probs, temperature: float) -> dict:

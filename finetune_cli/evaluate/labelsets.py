@@ -231,23 +231,9 @@ def binary_log_loss(y, probs) -> float:
 def reliability(y, probs, bins: int = 15) -> list[dict]:
     """Per probability bin over every (image, label) pair: mean predicted
     probability, the share that are positive, and the count."""
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    pos = np.asarray(y, dtype=np.float64).ravel()
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    rows = []
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-        inside = (p >= lo) & (p <= hi) if i == 0 else (p > lo) & (p <= hi)
-        if inside.any():
-            rows.append(
-                {
-                    "low": float(lo),
-                    "high": float(hi),
-                    "confidence": float(p[inside].mean()),
-                    "accuracy": float(pos[inside].mean()),
-                    "count": int(inside.sum()),
-                }
-            )
-    return rows
+    from finetune_cli.evaluate.metrics import reliability_bins
+
+    return reliability_bins(probs, y, bins)
 
 
 def binary_ece(y, probs, bins: int = 15) -> float:

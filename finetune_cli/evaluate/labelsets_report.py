@@ -124,25 +124,10 @@ def render_html(ev, pred, curves, folder: Path) -> str:
 <tr><td>log loss</td><td>{num(c["log_loss_before"])}</td>
 <td>{num(c["log_loss_after"])}</td></tr></table>
 {plots.img_tag(folder / "reliability.png", "reliability diagram")}"""
-    curves_html = (
-        f"<p>No training curves: {e(curves)}</p>"
-        if isinstance(curves, str)
-        else plots.img_tag(curves, "training curves")
-        if curves is not None
-        else "<p>No training history (not a run folder).</p>"
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>finetune-cli evaluation (multi-label)</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 11px; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>Evaluation (multi-label)</h1>
+    curves_html = plots.curves_html(curves)
+    return (
+        plots.page_head("finetune-cli evaluation (multi-label)")
+        + f"""<h1>Evaluation (multi-label)</h1>
 <p>Model: <code>{e(m["model"])}</code><br>Data: <code>{e(str(m["data"]))}</code>
  (split {e(m["split"])}), {m["num_samples"]} images, {len(classes)} labels.
 Thresholds: {e(m["thresholds_from"])}.</p>
@@ -158,3 +143,4 @@ Thresholds: {e(m["thresholds_from"])}.</p>
 <div>{mistakes}</div>
 </body></html>
 """
+    )

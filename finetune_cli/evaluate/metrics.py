@@ -104,6 +104,29 @@ def expected_calibration_error(y_true, probs, bins: int = 15) -> float:
     return float(ece)
 
 
+def reliability_bins(confidence, hit, bins: int = 15) -> list[dict]:
+    """Per equal-width bin of `confidence` (the first bin includes 0): its
+    range, the mean confidence, the share of `hit` and the count (empty
+    bins left out): the rows of a reliability diagram and of the ECE."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hit = np.asarray(hit, dtype=np.float64).ravel()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        inside = (conf >= lo) & (conf <= hi) if i == 0 else (conf > lo) & (conf <= hi)
+        if inside.any():
+            rows.append(
+                {
+                    "low": float(lo),
+                    "high": float(hi),
+                    "confidence": float(conf[inside].mean()),
+                    "accuracy": float(hit[inside].mean()),
+                    "count": int(inside.sum()),
+                }
+            )
+    return rows
+
+
 def compute_metrics(y_true, probs, class_names, top_k: int = 5) -> dict:
     """Every metric of the report from labels and predicted probabilities."""
     y_true = np.asarray(y_true)

@@ -225,3 +225,29 @@ def thumbnail_tag(path: str, size: int = 96) -> str:
         + base64.b64encode(b.getvalue()).decode()
         + '">'
     )
+
+
+def curves_html(curves) -> str:
+    """The training curves of a report: the plot (a path), why there is
+    none (a string), or none at all (not a run)."""
+    if isinstance(curves, str):
+        return f"<p>No training curves: {html.escape(curves)}</p>"
+    if curves is None:
+        return "<p>No training history (not a run folder).</p>"
+    return img_tag(curves, "training curves")
+
+
+def page_head(title: str) -> str:
+    """The start of a self-contained report page, up to <body>."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 11px; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+"""

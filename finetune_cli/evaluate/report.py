@@ -248,25 +248,10 @@ def render_html(ev: Evaluation, curves: "Optional[Path] | str", folder=None) -> 
         )
         or "<p>No misclassified images.</p>"
     )
-    curves_html = (
-        f"<p>No training curves: {e(curves)}</p>"
-        if isinstance(curves, str)
-        else plots.img_tag(curves, "training curves")
-        if curves is not None
-        else "<p>No training history (not a run folder).</p>"
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>finetune-cli evaluation</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 11px; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>Evaluation</h1>
+    curves_html = plots.curves_html(curves)
+    return (
+        plots.page_head("finetune-cli evaluation")
+        + f"""<h1>Evaluation</h1>
 <p>Model: <code>{e(m["model"])}</code><br>Data: <code>{e(str(m["data"]))}</code>
  (split {e(m["split"])}), {m["num_samples"]} images, {len(classes)} classes.</p>
 <h2 id="summary">Summary</h2>
@@ -289,3 +274,4 @@ img {{ max-width: 100%; }}
 {_gradcam_html(ev)}
 </body></html>
 """
+    )
