@@ -128,6 +128,12 @@ def push(local, remote) -> int:
     return sent
 
 
+def write_pointer(dest: str, target: str) -> None:
+    """A text pointer (`latest.txt`, a promotion's `DIR.txt`), replaced
+    whole."""
+    _write_text(dest, target + "\n")
+
+
 def _write_text(dest: str, text: str) -> None:
     gfile = _gfile()
     gfile.makedirs(posixpath.dirname(dest))
@@ -194,16 +200,16 @@ def local_run(path) -> tuple[Path, str | None]:
         return Path(path), None
     gfile = _gfile()
     path = str(path).rstrip("/")
+    name = None
     if path.endswith(".keras"):
-        folder = posixpath.dirname(path)
-        mirror = pull(folder, run_mirror(folder))
-        return mirror / posixpath.basename(path), folder
-    # A pointer first: a prefix-keyed store (ram://) calls `latest` a folder
-    # when `latest.txt` exists.
+        path, name = posixpath.dirname(path), posixpath.basename(path)
+    # A pointer first (`latest.txt`, a promotion's `DIR.txt`): a prefix-keyed
+    # store (ram://) calls `latest` a folder when `latest.txt` exists.
     if gfile.exists(path + ".txt"):
         with gfile.GFile(path + ".txt") as f:
             path = join(posixpath.dirname(path), f.read().strip())
-    return pull(path, run_mirror(path)), path
+    mirror = pull(path, run_mirror(path))
+    return (mirror / name if name else mirror), path
 
 
 def fetch(path) -> str:

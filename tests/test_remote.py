@@ -157,5 +157,14 @@ def test_a_run_on_object_storage_stops_resumes_and_is_evaluated_there(
     meta = json.loads(read(f"{bucket}/export/metadata.json"))
     assert meta["class_names"] == ["circle", "square", "star", "triangle"]
     assert tf.io.gfile.exists(f"{bucket}/export/model.keras")
-    r = runner.invoke(app, ["finetune", str(cfg), "--promote-to", f"{bucket}/prod"])
-    assert r.exit_code == 2 and "object storage" in r.output
+    # Promotion to object storage: versions, then the pointer as the switch.
+    r = runner.invoke(app, ["promote", run, "--to", f"{bucket}/prod", "--plain"])
+    assert r.exit_code == 0, r.output
+    target = read(f"{bucket}/prod.txt").decode().strip()
+    assert target.startswith("prod.versions/")
+    assert tf.io.gfile.exists(f"{bucket}/{target}/model.keras")
+    assert json.loads(read(run + "/promotion.json"))["promoted"] is True
+    shutil.rmtree(mirror)
+    image = str(next(shapes_dir.rglob("*.png")))
+    r = runner.invoke(app, ["predict", f"{bucket}/prod/model.keras", image])
+    assert r.exit_code == 0 and "predicted 1 of 1" in r.output, r.output

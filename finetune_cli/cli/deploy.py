@@ -285,13 +285,13 @@ def _render_benchmark(out, report: dict) -> None:
 @app.command(cls=Command)
 def promote(
     run_dir: Annotated[
-        Path, typer.Argument(help="A completed run folder.", show_default=False)
+        str, typer.Argument(help="A completed run folder.", show_default=False)
     ],
     to: Annotated[
-        Path,
+        str,
         typer.Option(
             "--to",
-            help="The promotion link (e.g. /srv/models/flowers).",
+            help="The promotion link (e.g. /srv/models/flowers, or gs://...).",
             show_default=False,
         ),
     ],
@@ -314,9 +314,17 @@ def promote(
         from finetune_cli.deploy import promotion
         from finetune_cli.run.folder import RunDir
 
+        from finetune_cli import remote
+
         thresholds = gates.parse_gates(fail_under, "--fail-under")
-        run = RunDir(run_dir)
-        if not run_dir.is_dir():
+        run_remote = None
+        if remote.is_remote(run_dir):  # a run folder on object storage
+            quiet_tensorflow()
+            path, run_remote = remote.local_run(run_dir)
+        else:
+            path = Path(run_dir)
+        run = RunDir(path)
+        if not path.is_dir():
             raise_config(f"{run_dir}: not a run folder (no such folder)")
         state = run.live_status(run.read_status()).get("state")
         if state != "completed":
@@ -326,12 +334,13 @@ def promote(
             )
         quiet_tensorflow()
         promotion.run_promotion(
-            run_dir,
+            path,
             to,
             out,
             fail_under=thresholds,
             compare=compare_to_promoted,
             tolerance=tolerance,
+            run_remote=run_remote,
         )
 
     run_command(out, debug, job)

@@ -157,6 +157,7 @@ def finetune(
                 fail_under=thresholds,
                 compare=compare_to_promoted,
                 tolerance=tolerance,
+                run_remote=result.remote_dir,
             )
 
     run_command(out, debug, job)

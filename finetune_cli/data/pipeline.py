@@ -151,6 +151,21 @@ def make_dataset(
                 return load_image(p, size), tf.one_hot(y, num_classes)
 
         base = tf.data.Dataset.from_tensor_slices((paths, labels))
+        paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+    seed64 = tf.constant(seed, tf.int64)
+
+    def shuffled_windows(ds, window: int, e):
+        # Examples shuffled `window` at a time, each window by a stateless
+        # permutation of (seed, epoch, window): the order is a function of
+        # those alone, whatever the global seed.
+        def permute(w, rows):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(tf.shape(rows)[0]),
+                seed=tf.stack([seed64 * 1_000_003 + e, w]),
+            )
+            return tf.data.Dataset.from_tensor_slices(tf.gather(rows, order))
+
+        return ds.batch(window).enumerate().flat_map(permute)
 
     def pipeline(ds, epoch=None):
         ds = ds.map(
@@ -194,10 +209,8 @@ def make_dataset(
         files = records.shuffled_shards(samples, seed, e)
         if shard[1] > 1:
             files = files.shard(shard[1], shard[0])
-        ds = records.examples(samples, files=files).shuffle(
-            min(max(n, 1), SHUFFLE_BUFFER),
-            seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
-            reshuffle_each_iteration=False,
+        ds = shuffled_windows(
+            records.examples(samples, files=files), min(max(n, 1), SHUFFLE_BUFFER), e
         )
         if per_epoch is not None:  # shards are uneven: never run short
             ds = ds.repeat().take(per_epoch)
@@ -206,10 +219,14 @@ def make_dataset(
     def epoch_files(e):
         if from_records:
             return epoch_records(e)
-        files = base.shuffle(
-            n,
-            seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
-            reshuffle_each_iteration=False,
+        # Stateless: an op seed that is a tensor meets TensorFlow's global
+        # seed in random_seed.get_seed, which fails when that is 0
+        # (experiment.seed: 0) by comparing (0, tensor) with (0, 0).
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, e])
+        )
+        files = tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: (tf.gather(paths_t, i), tf.gather(labels_t, i))
         )
         if shard[1] > 1:
             files = files.shard(shard[1], shard[0])

@@ -83,6 +83,8 @@ def join(folder, name: str) -> str:
 
 def is_pack(folder) -> bool:
     """Whether `folder` holds a pack (its `manifest.json`)."""
+    if "://" not in str(folder):  # a local name may not be UTF-8: os knows it
+        return os.path.isfile(os.path.join(folder, MANIFEST))
     return tf.io.gfile.exists(join(folder, MANIFEST))
 
 

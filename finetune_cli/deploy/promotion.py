@@ -1,7 +1,11 @@
 """Promotion for cron retraining: replace the served model only if better.
 
 `DIR` (the promoted model) is a symbolic link to a complete version folder
-under `DIR.versions/`, and `DIR.previous` links to the one before. Each
+under `DIR.versions/`, and `DIR.previous` links to the one before. On
+object storage (`gs://.../DIR`), which has no links, the promotion is made
+in a local mirror and uploaded: `DIR.versions/` first, then the text
+pointers `DIR.previous.txt` and `DIR.txt` (the version's path relative to
+the folder), `DIR.txt` last: replacing that one object is the switch. Each
 version folder holds `model.keras`, `labels.txt`, `config.yaml`,
 `metrics.json`, `split.json` and `promotion.json`.
 
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune_cli import faults
+from finetune_cli import remote
 from finetune_cli.data import split as split_lib
 from finetune_cli.errors import ConfigError
 from finetune_cli.errors import GateError
@@ -65,13 +70,8 @@ def check_target(promote_to) -> None:
             and is not a promotion link of ours.
         StorageError: its folder is on a read-only disk or not writable.
     """
-    if "://" in str(promote_to):
-        raise ConfigError(
-            f"--promote-to {promote_to}: a promotion is a local link swapped "
-            "in one rename, which object storage has no equivalent of; "
-            "promote to a local or mounted folder. Received: "
-            f"--promote-to {promote_to}"
-        )
+    if remote.is_remote(promote_to):  # checked on its local mirror
+        promote_to = mirror_link(promote_to)
     link = Path(promote_to)
     for parent in reversed(link.parents):
         if parent.exists() and not parent.is_dir():
@@ -268,11 +268,40 @@ def run_promotion(
     compare=True,
     tolerance=0.005,
     wait: float = 3600.0,
+    run_remote: Optional[str] = None,
 ) -> Path:
     """Decide, then promote or raise GateError (exit 4) saying why.
 
     Waits up to `wait` seconds for another promotion to the same target.
+    A target on object storage is promoted in its local mirror
+    (`mirror_link`), then uploaded (`push_link`); `run_remote`: the run
+    folder `run_dir` mirrors, where its `promotion.json` is uploaded.
     """
+    if run_remote is not None:
+        try:
+            return run_promotion(
+                run_dir,
+                promote_to,
+                out,
+                fail_under=fail_under,
+                compare=compare,
+                tolerance=tolerance,
+                wait=wait,
+            )
+        finally:
+            remote.push(run_dir, run_remote)
+    if remote.is_remote(promote_to):
+        final = run_promotion(
+            run_dir,
+            mirror_link(promote_to),
+            out,
+            fail_under=fail_under,
+            compare=compare,
+            tolerance=tolerance,
+            wait=wait,
+        )
+        push_link(mirror_link(promote_to, pull=False), promote_to)
+        return final
     link = Path(promote_to)
     check_target(link)
     lock = Lock(
@@ -308,3 +337,42 @@ def run_promotion(
         final = promote(run_dir, link, record)
     out.success(f"promoted {run_dir} -> {link} ({final.name})")
     return final
+
+
+def mirror_link(remote_link, *, pull: bool = True) -> Path:
+    """The local mirror of a promotion target on object storage:
+    `<name>.versions/` pulled, and `<name>` and `<name>.previous` links
+    made from the pointers `<name>.txt` and `<name>.previous.txt`."""
+    remote_link = str(remote_link).rstrip("/")
+    parent, name = remote_link.rsplit("/", 1)
+    local = remote.mirror_of(parent) / name
+    if not pull:
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    import tensorflow as tf
+
+    versions = remote.join(parent, f"{name}.versions")
+    if tf.io.gfile.isdir(versions):
+        remote.pull(versions, local.parent / f"{name}.versions")
+    for link_name in (name, f"{name}.previous"):
+        pointer = remote.join(parent, f"{link_name}.txt")
+        if tf.io.gfile.exists(pointer):
+            with tf.io.gfile.GFile(pointer) as f:
+                target = f.read().strip()
+            _swap_link(local.parent / link_name, local.parent / target)
+    return local
+
+
+def push_link(local: Path, remote_link) -> None:
+    """Upload a mirrored promotion: the version folders, then the pointers
+    (`<name>.txt` last: one object, replaced whole, is the switch a reader
+    of object storage sees)."""
+    remote_link = str(remote_link).rstrip("/")
+    parent = remote_link.rsplit("/", 1)[0]
+    remote.push(local.parent / f"{local.name}.versions", f"{remote_link}.versions")
+    for link_name in (f"{local.name}.previous", local.name):
+        path = local.parent / link_name
+        if path.is_symlink():
+            remote.write_pointer(
+                remote.join(parent, f"{link_name}.txt"), os.readlink(path)
+            )
