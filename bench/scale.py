@@ -10,8 +10,9 @@ its pack (`finetune-cli pack`, `data.records`):
   features at 32 px, from the command's start to its first epoch row
   (the base runs over every image: the feature cache is cold);
 - evaluate: `evaluate RUN` on the recorded test split;
-- resume start-up: a run killed after its first epoch (fault
-  injection), resumed: from the command's start to the next epoch row;
+- resume start-up: a two-epoch run killed after its first epoch (fault
+  injection), resumed: from the command's start to the next epoch row
+  (the feature cache is warm by then);
 - peak memory of the `finetune` process and the size of `split.json`.
 
 Ratios are against the smallest size's folder, measured in the same run.
@@ -96,7 +97,8 @@ def config(work: Path, name: str, data: dict, epochs: int) -> Path:
             "options": {"alpha": 0.35},
         },
         "phases": [{"name": "head", "epochs": epochs}],
-        "feature_cache": {"dir": str(work / f"features-{name}")},
+        # One cache per data set: the resumed run's extraction is warm.
+        "feature_cache": {"dir": str(work / f"features-{name.split('-resume')[0]}")},
         "calibration": "none",
     }
     path = work / f"{name}.yaml"

@@ -25,6 +25,7 @@ def exported(finished_run, tmp_path_factory):
     return run
 
 
+@pytest.mark.heavy
 def test_every_format_is_scored_on_the_test_split_timed_and_sized(exported):
     result = runner.invoke(app, ["benchmark", str(exported), "--json", "--batch", "4"])
     assert result.exit_code == 0, result.output
@@ -43,6 +44,7 @@ def test_every_format_is_scored_on_the_test_split_timed_and_sized(exported):
         assert r["size_bytes"] == (exported / "export" / r["file"]).stat().st_size
 
 
+@pytest.mark.heavy
 def test_the_accuracy_gate_names_each_format_below_it_and_keeps_the_files(exported):
     folder = exported / "export"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}

@@ -213,6 +213,7 @@ def test_cli_json_and_gates(run_dir):
     assert result.exit_code == 2 and "did you mean 'accuracy'" in result.output
 
 
+@pytest.mark.heavy
 def test_compare_to_fails_when_worse_on_same_data(tmp_path, shapes_dir):
     # Unbalanced held-out folder: 1 circle, 3 of each other class.
     data = tmp_path / "holdout"
@@ -350,6 +351,7 @@ def test_evaluate_split_config_and_compare_metric(run_dir, tmp_path):
     assert result.exit_code == 2 and "macro_f1" in result.output
 
 
+@pytest.mark.heavy
 def test_evaluate_without_a_name_never_replaces_an_earlier_report(
     finished_run, tmp_path
 ):

@@ -111,6 +111,7 @@ def test_a_class_name_that_cannot_be_a_line_of_labels_txt_is_refused(
     _no_run(tmp_path)
 
 
+@pytest.mark.heavy
 def test_multi_frame_and_extreme_aspect_ratio_images_train(data, tmp_path):
     frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(

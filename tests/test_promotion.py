@@ -107,6 +107,7 @@ def test_better_promoted_worse_refused(setup, tmp_path):
     assert link.resolve() == second
 
 
+@pytest.mark.heavy
 def test_cli_promote_gate_exit_code_and_runs_list(setup, tmp_path):
     tmp, raw, _ = setup
     path = tmp_path / "c.yaml"
@@ -224,6 +225,7 @@ def test_a_kill_at_each_promotion_step_leaves_link_and_records_true(
     assert (tmp_path / "served.previous").resolve().name in names
 
 
+@pytest.mark.heavy
 def test_two_promoters_are_serialised(setup, tmp_path):
     _, _, run = setup
     link = tmp_path / "served"

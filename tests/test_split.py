@@ -115,6 +115,7 @@ def test_a_vanished_or_changed_test_image_is_named(trained, tmp_path):
         shutil.copy(backup / "edited", edited)
 
 
+@pytest.mark.heavy
 def test_skipped_held_out_duplicate_counts_nowhere(tmp_path):
     """A test image that duplicates a training image is skipped by the
     pre-flight check; the end-of-run metrics must not count it."""

@@ -164,6 +164,7 @@ def test_corrupt_image_is_caught_before_training_or_skipped(tmp_path):
     assert split["skipped"][0][0].endswith("broken.jpg")
 
 
+@pytest.mark.heavy
 def test_val_loss_monitor_xla_and_no_feature_cache(shapes_dir, tmp_path, monkeypatch):
     import keras
 
@@ -245,6 +246,7 @@ def test_best_epoch_ties_go_to_the_better_other_metric():
     assert monitor_lib.improved("val_accuracy", rows[2], rows, 2) is False
 
 
+@pytest.mark.heavy
 def test_test_loss_is_the_last_phase_loss_on_the_report_probabilities(
     shapes_dir, tmp_path, monkeypatch
 ):
