@@ -176,12 +176,7 @@ def get_activations(
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order `pipeline.make_dataset` reads files in epoch `epoch`."""
-    ds = tf.data.Dataset.range(n).shuffle(
-        n,
-        seed=tf.constant(seed, tf.int64) * 1_000_003 + epoch,
-        reshuffle_each_iteration=False,
-    )
-    return np.fromiter(ds.as_numpy_iterator(), np.int64, count=n)
+    return np.asarray(pipeline.epoch_order(n, seed, epoch), dtype=np.int64)
 
 
 @dataclasses.dataclass

@@ -222,10 +222,7 @@ def make_dataset(
         # Stateless: an op seed that is a tensor meets TensorFlow's global
         # seed in random_seed.get_seed, which fails when that is 0
         # (experiment.seed: 0) by comparing (0, tensor) with (0, 0).
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, e])
-        )
-        files = tf.data.Dataset.from_tensor_slices(order).map(
+        files = tf.data.Dataset.from_tensor_slices(epoch_order(n, seed, e)).map(
             lambda i: (tf.gather(paths_t, i), tf.gather(labels_t, i))
         )
         if shard[1] > 1:
@@ -251,6 +248,16 @@ def make_dataset(
         options.deterministic = True
         ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_order(n: int, seed: int, epoch):
+    """The order `make_dataset` reads `n` files in epoch `epoch`: a
+    stateless permutation of (seed, epoch) (what a cache of activations
+    reads its rows in, too)."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64),
+        seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]),
+    )
 
 
 def with_sample_weights(ds, class_weight: dict, num_classes: int):
