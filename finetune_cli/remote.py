@@ -87,6 +87,15 @@ def _stamp(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _download(src: str, dest: Path) -> None:
+    """`src` to the local `dest`, whole or not at all (a temporary name,
+    then renamed)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    _gfile().copy(src, str(tmp), overwrite=True)
+    os.replace(tmp, dest)
+
+
 def push(local, remote) -> int:
     """Upload the files under `local` that changed (size or mtime) since
     they were last sent, each under a temporary name then renamed, the run
@@ -101,7 +110,7 @@ def push(local, remote) -> int:
             link = Path(dirpath) / d
             if link.is_symlink() and not d.startswith("."):
                 rel = link.relative_to(local).as_posix()
-                _write_text(join(remote, rel + ".txt"), os.readlink(link) + "\n")
+                write_pointer(join(remote, rel + ".txt"), os.readlink(link))
         dirnames[:] = sorted(
             d
             for d in dirnames
@@ -131,10 +140,12 @@ def push(local, remote) -> int:
 def write_pointer(dest: str, target: str) -> None:
     """A text pointer (`latest.txt`, a promotion's `DIR.txt`), replaced
     whole."""
-    _write_text(dest, target + "\n")
+    write_text(dest, target + "\n")
 
 
-def _write_text(dest: str, text: str) -> None:
+def write_text(dest: str, text: str) -> None:
+    """`text` into the file `dest` (local or remote) under a temporary
+    name, then renamed."""
     gfile = _gfile()
     gfile.makedirs(posixpath.dirname(dest))
     with gfile.GFile(dest + ".partial", "w") as f:
@@ -167,19 +178,11 @@ def pull(remote, local) -> Path:
             seen = [st.length, st.mtime_nsec]
             if dest.is_file() and state.get("remote:" + rel) == seen:
                 continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{name}.partial")
-            gfile.copy(src, str(tmp), overwrite=True)
-            os.replace(tmp, dest)
+            _download(src, dest)
             state["remote:" + rel] = seen
             state[rel] = _stamp(dest)  # what it is here: not to send back
     _save_state(local, state)
     return local
-
-
-def point_latest(remote_experiment: str, name: str) -> None:
-    """`<experiment>/latest.txt` on object storage: the latest run's name."""
-    _write_text(join(remote_experiment, "latest.txt"), name + "\n")
 
 
 def run_mirror(remote_run: str) -> Path:
@@ -223,10 +226,7 @@ def fetch(path) -> str:
 
         raise ConfigError(f"{path}: file not found")
     if not dest.is_file() or dest.stat().st_size != gfile.stat(str(path)).length:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        gfile.copy(str(path), str(tmp), overwrite=True)
-        os.replace(tmp, dest)
+        _download(str(path), dest)
     return str(dest)
 
 
@@ -253,17 +253,10 @@ def pull_csv(csv_path: str) -> str:
         if not rel or "://" in rel or rel.startswith("/"):
             continue  # the CSV check names it
         src, dest = join(folder, rel), local / rel
-        if (
-            dest.is_file()
-            and gfile.exists(src)
-            and (dest.stat().st_size == gfile.stat(src).length)
-        ):
-            continue
-        if gfile.exists(src):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.partial")
-            gfile.copy(src, str(tmp), overwrite=True)
-            os.replace(tmp, dest)
+        if not gfile.exists(src):
+            continue  # the CSV check names it (the local copy is not there)
+        if not dest.is_file() or dest.stat().st_size != gfile.stat(src).length:
+            _download(src, dest)
     target = local / posixpath.basename(csv_path)
     tmp = target.with_name(f".{target.name}.partial")
     tmp.write_bytes(raw)
@@ -293,11 +286,6 @@ def local_dir(path) -> Path:
         atexit.register(_push_at_exit, local, key)
         _MIRRORED[key] = local
     return _MIRRORED[key]
-
-
-def mirrored() -> list:
-    """The remote folders this process mirrors (`local_dir`)."""
-    return list(_MIRRORED)
 
 
 def flush() -> None:

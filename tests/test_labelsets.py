@@ -94,7 +94,9 @@ def test_folding_the_temperatures_equals_tempering_the_outputs():
     x = np.random.default_rng(1).normal(size=(20, 6)).astype("float32") * 3
     before = model.predict(x, verbose=0)
     temps = [0.5, 2.0, 4.0]
-    labelsets.fold_into(model, temps)
+    from finetune_cli.evaluate import calibration
+
+    calibration.fold_into(model, temps)
     after = model.predict(x, verbose=0)
     np.testing.assert_allclose(
         after, labelsets.with_temperatures(before, temps), atol=1e-5

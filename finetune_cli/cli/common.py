@@ -128,8 +128,8 @@ def _flush_mirrors(out: Output) -> None:
     feature cache), however the command ended."""
     import sys
 
-    remote = sys.modules.get("finetune_cli.remote")
-    if remote is not None and remote.mirrored():
+    remote = sys.modules.get("finetune_cli.remote")  # not imported: none used
+    if remote is not None:
         try:
             remote.flush()
         except Exception as e:  # noqa: BLE001 - a cache: never fail the command

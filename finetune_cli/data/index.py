@@ -40,13 +40,6 @@ def index_config(cfg) -> DataIndex:
     )
 
 
-def is_records(folder) -> bool:
-    """Whether `folder` holds a pack (`manifest.json` of `records.py`)."""
-    from finetune_cli.data import records
-
-    return records.is_pack(folder)
-
-
 def index_data(data, seed: int, *, multi_label: bool = False) -> DataIndex:
     """Find and split the images declared by a `data` config section.
 

@@ -150,8 +150,10 @@ def make_dataset(
             def load(p, y):
                 return load_image(p, size), tf.one_hot(y, num_classes)
 
-        base = tf.data.Dataset.from_tensor_slices((paths, labels))
+        # One copy of the paths and labels: the whole list in order, and
+        # gathered by each epoch's permutation.
         paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+        base = tf.data.Dataset.from_tensor_slices((paths_t, labels_t))
     seed64 = tf.constant(seed, tf.int64)
 
     def shuffled_windows(ds, window: int, e):
@@ -206,7 +208,11 @@ def make_dataset(
         # Whole shards go to each input pipeline (file-level sharding),
         # in an order of (seed, epoch); examples are then shuffled in a
         # buffer of encoded bytes, seeded the same way.
-        files = records.shuffled_shards(samples, seed, e)
+        files = tf.data.Dataset.from_tensor_slices(
+            tf.gather(
+                tf.constant(samples.shards), epoch_order(len(samples.shards), seed, e)
+            )
+        )
         if shard[1] > 1:
             files = files.shard(shard[1], shard[0])
         ds = shuffled_windows(

@@ -45,6 +45,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from finetune_cli import remote
 from finetune_cli.data import samples as samples_lib
 from finetune_cli.data.decode import load_pixels
 from finetune_cli.errors import DataError
@@ -56,12 +57,11 @@ PREFIX = "records:"
 
 class RecordSamples(list):
     """A split read from shards: (key, label) pairs in shard order, and the
-    shard files (`shards`) with their number of examples (`counts`)."""
+    shard files (`shards`) that hold them."""
 
-    def __init__(self, items, shards, counts, digest: str):
+    def __init__(self, items, shards, digest: str):
         super().__init__(items)
         self.shards = list(shards)
-        self.counts = list(counts)
         self.digest = digest  # the manifest's SHA-256
 
     def __add__(self, other):
@@ -69,10 +69,7 @@ class RecordSamples(list):
         if getattr(other, "digest", None) != self.digest:
             return list(self) + list(other)
         return RecordSamples(
-            list(self) + list(other),
-            self.shards + other.shards,
-            self.counts + other.counts,
-            self.digest,
+            list(self) + list(other), self.shards + other.shards, self.digest
         )
 
 
@@ -104,18 +101,14 @@ def parse_key(k: str) -> tuple[str, int]:
 # -- writing -----------------------------------------------------------------
 
 
-def _example(raw: bytes, labels, split: str, path: str) -> bytes:
+def _example(raw: bytes, labels, split: str, path: str, digest: str) -> bytes:
     f = tf.train.Feature
     return tf.train.Example(
         features=tf.train.Features(
             feature={
                 "image": f(bytes_list=tf.train.BytesList(value=[raw])),
                 "labels": f(int64_list=tf.train.Int64List(value=list(labels))),
-                "sha256": f(
-                    bytes_list=tf.train.BytesList(
-                        value=[hashlib.sha256(raw).hexdigest().encode()]
-                    )
-                ),
+                "sha256": f(bytes_list=tf.train.BytesList(value=[digest.encode()])),
                 "split": f(bytes_list=tf.train.BytesList(value=[split.encode()])),
                 "path": f(bytes_list=tf.train.BytesList(value=[path.encode()])),
             }
@@ -139,31 +132,28 @@ def pack(index, out_dir, *, shard_size: int = 1024, skipped=(), progress=None) -
         items = list(items)
         random.Random(f"pack:{split}").shuffle(items)
         for s, start in enumerate(range(0, len(items), shard_size)):
+            part = items[start : start + shard_size]
             name = f"{split}-{s:05d}.tfrecord"
             final = join(out_dir, name)
-            tmp = final + ".partial"
-            digest = hashlib.sha256()
-            with tf.io.TFRecordWriter(tmp) as w:
-                for path, label in items[start : start + shard_size]:
+            with tf.io.TFRecordWriter(final + ".partial") as w:
+                for path, label in part:
                     with gfile.GFile(path, "rb") as f:
                         raw = f.read()
                     labels = label if isinstance(label, tuple) else (label,)
-                    w.write(_example(raw, labels, split, path))
+                    # The pre-flight hashed every file already.
+                    digest = index.digests.get(path) or hashlib.sha256(raw).hexdigest()
+                    w.write(_example(raw, labels, split, path, digest))
                     done += 1
                     if progress is not None:
                         progress(done, total)
-            with gfile.GFile(tmp, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-            gfile.rename(tmp, final, overwrite=True)
-            part = items[start : start + shard_size]
+            gfile.rename(final + ".partial", final, overwrite=True)
             shards.append(
                 {
                     "file": name,
                     "split": split,
                     "images": len(part),
                     "bytes": gfile.stat(final).length,
-                    "sha256": digest.hexdigest(),
+                    "sha256": file_sha256(final),
                     # The labels in shard order: indexing a pack reads the
                     # manifest alone, not the image bytes.
                     "labels": [
@@ -180,11 +170,17 @@ def pack(index, out_dir, *, shard_size: int = 1024, skipped=(), progress=None) -
         "shards": shards,
         "skipped": [list(x) for x in skipped],
     }
-    text = json.dumps(manifest, indent=1)
-    with gfile.GFile(join(out_dir, MANIFEST + ".partial"), "w") as f:
-        f.write(text)
-    gfile.rename(join(out_dir, MANIFEST + ".partial"), join(out_dir, MANIFEST), True)
+    remote.write_text(join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a (local or remote) file's bytes."""
+    h = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 # -- reading -----------------------------------------------------------------
@@ -243,10 +239,7 @@ def index_records(folder, *, multi_label: Optional[bool] = None):
             for n, lb in enumerate(labels[s["file"]]):
                 items.append((key(path, n), tuple(lb) if multi else lb[0]))
         splits[split] = RecordSamples(
-            items,
-            [join(folder, s["file"]) for s in shards],
-            [s["images"] for s in shards],
-            digest,
+            items, [join(folder, s["file"]) for s in shards], digest
         )
     return samples_lib.DataIndex(
         list(manifest["classes"]),
@@ -289,13 +282,8 @@ def check_shards(folder, manifest, *, rehash: bool = False) -> list[str]:
         if tf.io.gfile.stat(path).length != s["bytes"]:
             problems.append(f"{path}: size changed")
             continue
-        if rehash:
-            h = hashlib.sha256()
-            with tf.io.gfile.GFile(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            if h.hexdigest() != s["sha256"]:
-                problems.append(f"{path}: content changed")
+        if rehash and file_sha256(path) != s["sha256"]:
+            problems.append(f"{path}: content changed")
     return problems
 
 
@@ -327,18 +315,6 @@ def examples(samples: RecordSamples, *, files=None, parallel: bool = True):
         cycle_length=max(1, min(8, len(samples.shards))),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
-    )
-
-
-def shuffled_shards(samples: RecordSamples, seed: int, epoch):
-    """The split's shard files in an order that is a function of (seed,
-    epoch) alone (a resumed run reads them as an uninterrupted one)."""
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(len(samples.shards)),
-        seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]),
-    )
-    return tf.data.Dataset.from_tensor_slices(
-        tf.gather(tf.constant(samples.shards), order)
     )
 
 

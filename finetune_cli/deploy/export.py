@@ -56,6 +56,7 @@ from finetune_cli.data import multilabel
 from finetune_cli.data import records
 from finetune_cli.model import build as model_lib
 from finetune_cli.evaluate import evaluation
+from finetune_cli.evaluate import labelsets
 from finetune_cli.model import saved as runmodel
 from finetune_cli.run import tracking
 from finetune_cli.errors import ConfigError
@@ -174,6 +175,8 @@ def export(
             )
         model = runmodel.load_model(target)  # checks labels.txt first
         multi = model_lib.is_multi_label(model)
+        # A multi-label model's thresholds, and the file they are read from.
+        thresholds, th_file = labelsets.for_target(target) if multi else (None, None)
         needs_data = check or "int8" in quantize
         val = train = None
         if needs_data:
@@ -196,7 +199,7 @@ def export(
                     model,
                     tmp / "saved_model",
                     target.labels,
-                    _thresholds(target) if multi else None,
+                    thresholds,
                 )
                 artifacts.append(
                     Artifact("saved_model", "saved_model", tmp / "saved_model")
@@ -221,10 +224,12 @@ def export(
                 write_onnx(model, tmp / "model.onnx", opset)
                 artifacts.append(Artifact("onnx", "onnx", tmp / "model.onnx"))
             atomic_write(tmp / "labels.txt", "\n".join(target.labels) + "\n")
-            write_json(tmp / "metadata.json", metadata(target, model, artifacts))
-            th_file = target.model_path.parent / "thresholds.json"
-            if multi and th_file.is_file():  # predict/evaluate on model.keras
-                atomic_write(tmp / "thresholds.json", th_file.read_text())
+            write_json(
+                tmp / "metadata.json",
+                metadata(target, model, artifacts, thresholds=thresholds),
+            )
+            if th_file is not None:  # predict/evaluate on model.keras
+                atomic_write(tmp / th_file.name, th_file.read_text())
             report = None
             if check:
                 say(f"parity check on {min(parity_images, len(val))} images")
@@ -239,7 +244,7 @@ def export(
                     tolerance=tolerance,
                     max_accuracy_drop=max_accuracy_drop,
                     min_agreement=min_agreement,
-                    thresholds=_thresholds(target) if multi else None,
+                    thresholds=thresholds,
                 )
                 write_json(tmp / "export_report.json", report)
         arts = [dataclasses.replace(a, path=out / a.path.name) for a in artifacts]
@@ -264,14 +269,6 @@ def _track(result: ExportResult, run_dir, warn) -> None:
         warn=warn,
         tags={"finetune.export": str(result.out_dir)},
     )
-
-
-def _thresholds(target) -> np.ndarray:
-    """A multi-label model's thresholds in output order (0.5 where none)."""
-    from finetune_cli.evaluate import labelsets
-
-    found = labelsets.read_thresholds(target.model_path.parent)
-    return labelsets.thresholds_for(target.labels, found)
 
 
 def _data_for(target, data, multi_label: bool = False):
@@ -319,13 +316,17 @@ def _calibration(rec) -> dict:
     }
 
 
-def metadata(target, model, artifacts) -> dict:
+def metadata(target, model, artifacts, thresholds=None) -> dict:
+    """What `metadata.json` holds; `thresholds`: a multi-label model's (read
+    from beside it when not given)."""
     from finetune_cli import __version__
 
     from finetune_cli.evaluate import calibration
 
     h, w = runmodel.model_image_size(model)
     multi = model_lib.is_multi_label(model)
+    if multi and thresholds is None:
+        thresholds, _ = labelsets.for_target(target)
     run_metrics = None
     preprocess = None
     reject_below = None
@@ -371,7 +372,7 @@ def metadata(target, model, artifacts) -> dict:
                 # An image's labels: every one at or above its threshold
                 # (chosen on val by max F1); an empty set is "none of them".
                 "thresholds": dict(
-                    zip(target.labels, map(float, _thresholds(target)), strict=True)
+                    zip(target.labels, map(float, thresholds), strict=True)
                 )
             }
             if multi

@@ -93,7 +93,10 @@ def summary(labels, probs, temperature: float) -> dict:
 
 
 def fold_into(model, temperature: float, layer_name: str = "predictions") -> None:
-    """Divide the output layer's kernel and bias by `temperature`."""
+    """Divide the output layer's kernel and bias by `temperature`: one for
+    every output, or one per output (an array, each column by its own)."""
+    if not np.isscalar(temperature):
+        temperature = np.asarray(temperature, dtype="float32")
     layer = model.get_layer(layer_name)
     for w in layer.weights:
         w.assign(w.numpy() / temperature)
@@ -152,7 +155,7 @@ def after_training(model, dataset, method: str, class_names, multi_label: bool):
     found = []
     if method != "none":
         temps = labelsets.fit_temperatures(y, probs)
-        labelsets.fold_into(model, temps)
+        fold_into(model, temps)
         probs = labelsets.with_temperatures(probs, temps)
         rec = {
             "method": "temperature",

@@ -82,7 +82,7 @@ def resolve_data(
             )
         if data.is_dir() and data.suffix.lower() == ".csv":
             raise DataError(f"--data {data} is a folder; expected a .csv file")
-        if data.is_dir() and data_lib.is_records(data):
+        if data.is_dir() and records.is_pack(data):
             index = records.index_records(data, multi_label=multi_label)
             if split not in index.splits:
                 raise DataError(
@@ -275,14 +275,14 @@ def evaluate(
         probs = predict_files(model, files, batch_size, tta)
         if multi:
             labels = multilabel.targets([lb for _, lb in samples], len(target.labels))
-            metrics = score(labels, probs, target, top_k)
-            metrics.update(_calibration_multi(target, labels, probs))
         else:
             labels = np.array([lb for _, lb in samples])
-            metrics = score(labels, probs, target, top_k)
-            metrics.update(
-                _confidence_metrics(target, model, labels, probs, batch_size, tta)
-            )
+        metrics = score(labels, probs, target, top_k)
+        metrics.update(
+            _calibration_multi(target, labels, probs)
+            if multi
+            else _confidence_metrics(target, model, labels, probs, batch_size, tta)
+        )
         metrics.update(model=str(target.model_path), data=source, split=split, tta=tta)
         if unknown is not None:
             metrics["unknown"] = _unknown_metrics(
@@ -316,13 +316,10 @@ def score(labels, probs, target, top_k: int = 5) -> dict:
     target's model (`labelsets.compute`)."""
     labels = np.asarray(labels)
     if labels.ndim == 2:
-        found = labelsets.read_thresholds(target.model_path.parent)
-        thresholds = labelsets.thresholds_for(target.labels, found)
+        thresholds, found = labelsets.for_target(target)
         metrics = labelsets.compute(labels, probs, thresholds, target.labels)
         metrics["thresholds_from"] = (
-            str(target.model_path.parent / labelsets.THRESHOLDS_FILE)
-            if found
-            else "none stored: 0.5 for every label"
+            str(found) if found else "none stored: 0.5 for every label"
         )
         return metrics
     return compute_metrics(labels, probs, target.labels, top_k)

@@ -17,7 +17,8 @@ image's answer is the set of labels at or above their thresholds.
   loss over every (image, label) pair.
 - **Calibration**: one temperature per label, each fitted on val by
   minimising that label's binary log loss of sigmoid(z / T), folded into
-  the output layer's column of that label (kernel and bias divided by it).
+  the output layer's column of that label (kernel and bias divided by it:
+  `calibration.fold_into` with one temperature per output).
 """
 
 from __future__ import annotations
@@ -75,14 +76,6 @@ def fit_temperatures(y, probs) -> list[float]:
     return out
 
 
-def fold_into(model, temperatures, layer_name: str = "predictions") -> None:
-    """Divide each label's column of the output layer by its temperature."""
-    layer = model.get_layer(layer_name)
-    t = np.asarray(temperatures, dtype="float32")
-    for w in layer.weights:
-        w.assign(w.numpy() / t)  # kernel [d, c] and bias [c] broadcast
-
-
 def best_threshold(y, scores) -> tuple[float, float]:
     """(threshold, F1) maximising one label's F1; (0.5, F1 at 0.5) when it
     has no positive."""
@@ -128,23 +121,18 @@ def thresholds_record(y, probs, class_names, split: str = "val") -> dict:
     }
 
 
-def read_thresholds(folder) -> Optional[dict]:
-    """{label: threshold} from `folder`/thresholds.json, or None."""
-    if folder is None:
-        return None
-    path = Path(folder) / THRESHOLDS_FILE
+def for_target(target) -> tuple[np.ndarray, Optional[Path]]:
+    """A saved model's thresholds in output order (0.5 where none was
+    chosen), from `thresholds.json` beside it, and that file (None when
+    there is none)."""
+    path = target.model_path.parent / THRESHOLDS_FILE
     if not path.is_file():
-        return None
+        return np.full(len(target.labels), 0.5), None
     from finetune_cli.files import read_json
 
     rec = read_json(path, todo="restore it, or train again to choose them")
-    return {k: float(v["threshold"]) for k, v in rec["labels"].items()}
-
-
-def thresholds_for(class_names, found: Optional[dict]) -> np.ndarray:
-    """The thresholds in output order (0.5 where none was chosen)."""
-    found = found or {}
-    return np.array([found.get(c, 0.5) for c in class_names], dtype=np.float64)
+    found = {k: float(v["threshold"]) for k, v in rec["labels"].items()}
+    return np.array([found.get(c, 0.5) for c in target.labels], np.float64), path
 
 
 def label_sets(probs, thresholds) -> np.ndarray:

@@ -179,8 +179,7 @@ def predict(
             )
         from finetune_cli.evaluate import labelsets
 
-        found = labelsets.read_thresholds(target.model_path.parent)
-        th = labelsets.thresholds_for(target.labels, found)
+        th, _ = labelsets.for_target(target)
         return _label_set_rows(target, model, files, top_k, batch_size, tta, th)
     if reject_below is None:
         reject_below = run_reject_below(target)

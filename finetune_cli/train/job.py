@@ -83,7 +83,7 @@ def finetune(
     budget = Budget(cfg.experiment.time_limit if time_limit is None else time_limit)
     out = out or Output()
     # A run folder on object storage is written in a local mirror and
-    # uploaded after every commit (`run/remote.py`).
+    # uploaded after every commit (`finetune_cli/remote.py`).
     remote_out = (
         cfg.experiment.output_dir
         if remote.is_remote(cfg.experiment.output_dir)
@@ -188,7 +188,9 @@ def _synced(trainer: Trainer, remote_out: str) -> FinetuneResult:
     finally:
         remote.push(trainer.run.path, where)
         if trainer.run.status().get("state") == "completed":
-            remote.point_latest(remote.join(remote_out, name), trainer.run.path.name)
+            remote.write_pointer(
+                remote.join(remote_out, name, "latest.txt"), trainer.run.path.name
+            )
 
 
 def _remove_dead_workers_folders() -> None:
